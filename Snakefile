@@ -1,0 +1,20 @@
+# Kiln: raw data -> cleaned Arrow dataset -> tokens -> 4-bit QLoRA -> merged model -> evaluation.
+#   snakemake --cores 1            every experiment in config/config.yaml
+#   snakemake --cores 1 -n         what would run, and why
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/model.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

