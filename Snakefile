@@ -1,12 +1,15 @@
 # Kiln: raw data -> cleaned Arrow dataset -> tokens -> 4-bit QLoRA -> merged model -> evaluation.
 #   snakemake --cores 1            every experiment in config/config.yaml
 #   snakemake --cores 1 -n         what would run, and why
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded default, found next to this file whatever the working directory.
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "rules/common.smk"

@@ -12,14 +12,22 @@ from kiln.config import (  # noqa: E402
     source_config,
     tokenization_key,
     tokenization_settings,
+    tokenizer_source,
     local_files,
     validate,
 )
 
+# A --configfile is a whole Kiln config: it replaces the embedded default rather than being
+# deep-merged into it (which would add the default's datasets and experiments to the user's).
+if workflow.config_settings.configfiles:
+    config.clear()
+    config.update(workflow.config_settings.overwrite_config)
 try:
-    config = validate(config)
+    resolved = validate(config)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
+config.clear()
+config.update(resolved)
 
 R = config["results"]
 
@@ -64,10 +72,12 @@ def clean_shards(wildcards):
 
 
 def base_model_inputs(wildcards):
-    model = config["models"][wildcards.model]
-    if model["kind"] == "random":
-        return {"tokenizer": f"{R}/base/{model['tokenizer_from']}"}
-    return {}
+    source = tokenizer_source(config, wildcards.model)
+    if source is None:
+        return {}
+    if source in config["models"]:
+        return {"tokenizer": f"{R}/base/{source}"}
+    return {"tokenizer": source}
 
 
 def tokenized_dir(experiment):
@@ -76,8 +86,10 @@ def tokenized_dir(experiment):
 
 
 def experiment_outputs(experiment):
-    return [f"{tokenized_dir(experiment)}.json"] + [
-        f"{R}/data/{config['experiments'][experiment]['dataset']}/dataset_stats.json"
+    return [
+        f"{R}/{experiment}/metrics.json",
+        f"{R}/{experiment}/merge_report.json",
+        f"{R}/{experiment}/loss.png",
     ]
 
 

@@ -18,3 +18,81 @@ rule base_model:
         "../envs/model.yaml"
     script:
         "../scripts/base_model.py"
+
+
+rule train:
+    """4-bit QLoRA (or LoRA) with TRL's SFTTrainer; resumes from its own checkpoints."""
+    input:
+        tokenized=lambda w: tokenized_dir(w.experiment),
+        base=lambda w: f"{R}/base/{config['experiments'][w.experiment]['model']}",
+        data_stats=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset_stats.json",
+        code=code("train", "backends"),
+    output:
+        adapter=directory(f"{R}/{{experiment}}/adapter"),
+        steps=f"{R}/{{experiment}}/train_log.jsonl",
+        loss_png=f"{R}/{{experiment}}/loss.png",
+        summary=f"{R}/{{experiment}}/train_summary.json",
+    params:
+        training=lambda w: config["experiments"][w.experiment]["training"],
+        tokenize=lambda w: config["experiments"][w.experiment]["tokenize"],
+        # Outside every declared output: Snakemake deletes a failed job's outputs, not these.
+        checkpoints=lambda w: f"{R}/checkpoints/{w.experiment}",
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+    log:
+        f"{R}/logs/train/{{experiment}}.log",
+    benchmark:
+        f"{R}/benchmarks/train/{{experiment}}.tsv"
+    conda:
+        "../envs/model.yaml"
+    script:
+        "../scripts/train.py"
+
+
+rule merge:
+    """Adapter merged into the 16-bit base; logits checked against base + adapter."""
+    input:
+        adapter=f"{R}/{{experiment}}/adapter",
+        dataset=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset",
+        code=code("merge"),
+    output:
+        merged=directory(f"{R}/{{experiment}}/merged"),
+        report=f"{R}/{{experiment}}/merge_report.json",
+    params:
+        onto=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_onto"],
+        dtype=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_dtype"],
+    threads: workflow.cores
+    log:
+        f"{R}/logs/merge/{{experiment}}.log",
+    benchmark:
+        f"{R}/benchmarks/merge/{{experiment}}.tsv"
+    conda:
+        "../envs/model.yaml"
+    script:
+        "../scripts/merge.py"
+
+
+rule evaluate:
+    """Base, merged and adapter-on-4-bit models side by side on the test split."""
+    input:
+        dataset=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset",
+        tokenized=lambda w: tokenized_dir(w.experiment),
+        base=lambda w: f"{R}/base/{config['experiments'][w.experiment]['model']}",
+        merged=f"{R}/{{experiment}}/merged",
+        adapter=f"{R}/{{experiment}}/adapter",
+        code=code("evaluate"),
+    output:
+        metrics=f"{R}/{{experiment}}/metrics.json",
+        samples=f"{R}/{{experiment}}/samples.jsonl",
+    params:
+        settings=lambda w: config["experiments"][w.experiment]["evaluate"],
+    threads: workflow.cores
+    log:
+        f"{R}/logs/evaluate/{{experiment}}.log",
+    benchmark:
+        f"{R}/benchmarks/evaluate/{{experiment}}.tsv"
+    conda:
+        "../envs/model.yaml"
+    script:
+        "../scripts/evaluate.py"

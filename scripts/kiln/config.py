@@ -76,13 +76,17 @@ def _check_references(cfg: dict) -> None:
         if split["validation"] + split["test"] >= 1:
             raise ConfigError(f"config: datasets.{name}.build: validation + test must be below 1")
     for name, model in cfg["models"].items():
-        if model["kind"] == "random" and model["tokenizer_from"] not in cfg["models"]:
+        if model["kind"] != "random":
+            continue
+        ref = model["tokenizer_from"]
+        if ref in cfg["models"]:
+            if cfg["models"][ref]["kind"] == "random":
+                raise ConfigError(f"config: models.{name}.tokenizer_from: must name a model with real weights")
+        elif not os.path.isdir(ref):
             raise ConfigError(
-                f"config: models.{name}.tokenizer_from: '{model['tokenizer_from']}' is not a model "
-                f"in `models` (known: {', '.join(sorted(cfg['models']))})"
+                f"config: models.{name}.tokenizer_from: '{ref}' is neither a model in `models` "
+                f"(known: {', '.join(sorted(cfg['models']))}) nor a folder with a saved tokenizer"
             )
-        if model["kind"] == "random" and cfg["models"][model["tokenizer_from"]]["kind"] == "random":
-            raise ConfigError(f"config: models.{name}.tokenizer_from: must name a model with real weights")
     for name, exp in cfg["experiments"].items():
         for key, table in (("dataset", "datasets"), ("model", "models")):
             if exp[key] not in cfg[table]:
@@ -90,6 +94,12 @@ def _check_references(cfg: dict) -> None:
                     f"config: experiments.{name}.{key}: '{exp[key]}' is not in `{table}` "
                     f"(known: {', '.join(sorted(cfg[table]))})"
                 )
+
+
+def tokenizer_source(cfg: dict, model: str) -> str | None:
+    """For a random-weights model: the model name or folder its tokenizer comes from."""
+    spec = cfg["models"][model]
+    return spec.get("tokenizer_from") if spec["kind"] == "random" else None
 
 
 def short_hash(value: Any, n: int = 8) -> str:

@@ -72,7 +72,8 @@ def _message(rng: random.Random, order: dict) -> str:
 
 
 def _record(user: str, answer: str) -> dict:
-    return {"messages": [{"role": "user", "content": f"{INSTRUCTION}\n\n{user}"},
+    return {"messages": [{"role": "system", "content": INSTRUCTION},
+                         {"role": "user", "content": user},
                          {"role": "assistant", "content": answer}]}
 
 
@@ -98,7 +99,7 @@ def generate(rows: int, seed: int = 0, mess_rate: float = 0.1) -> list[dict]:
                 continue
             if mess == "near_duplicate":
                 prev = json.loads(json.dumps(rng.choice(out)))
-                prev["messages"][0]["content"] = prev["messages"][0]["content"].replace(". ", ".  ", 1) + " "
+                prev["messages"][1]["content"] = prev["messages"][1]["content"].replace(". ", ".  ", 1) + " "
                 out.append(prev)
                 continue
             if mess == "empty_answer":

@@ -1,0 +1,95 @@
+"""Training backends: which stack loads the model for QLoRA, and why it was chosen.
+
+``hf``: transformers + bitsandbytes NF4 + PEFT LoRA (TRL wraps the model). ``unsloth``: Unsloth's
+FastLanguageModel (CUDA only; it patches transformers, so it must be imported first, in this process
+only). ``auto`` picks unsloth when CUDA is present and unsloth imports, else hf.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def resolve_backend(requested: str) -> tuple[str, str]:
+    """Return (backend, reason)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if requested == "hf":
+        return "hf", "requested in config"
+    if requested == "unsloth":
+        if not cuda or not has_unsloth:
+            raise RuntimeError(
+                "training.backend is 'unsloth' but "
+                + ("CUDA is not available" if not cuda else "the package 'unsloth' is not installed")
+                + "; install the `gpu` extra on a CUDA machine, or set training.backend: auto")
+        return "unsloth", "requested in config"
+    if cuda and has_unsloth:
+        return "unsloth", "auto: CUDA is available and unsloth is installed"
+    return "hf", "auto: " + ("unsloth is not installed" if cuda else "no CUDA device (CPU run)")
+
+
+def resolve_dtype(requested: str):
+    """auto: bfloat16 on a CUDA card that has it, float32 otherwise (CPU NF4 + bf16 diverged)."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def lora_config(settings: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
+                      lora_dropout=settings["lora_dropout"], target_modules=settings["target_modules"],
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def bnb_config(dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def load_hf(base_dir: str, settings: dict, dtype):
+    """(model, peft_config): TRL applies the LoRA config (and k-bit preparation) itself."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype}
+    if settings["quantization"] == "nf4":
+        kwargs["quantization_config"] = bnb_config(dtype)
+    kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    return model, lora_config(settings)
+
+
+def load_unsloth(base_dir: str, settings: dict, dtype, max_seq_len: int):
+    """(model, None): the model comes back already wrapped with LoRA by Unsloth."""
+    from unsloth import FastLanguageModel  # noqa: I001 (must precede transformers in this process)
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=base_dir, max_seq_length=max_seq_len, dtype=dtype,
+        load_in_4bit=settings["quantization"] == "nf4")
+    target = settings["target_modules"]
+    if target == "all-linear":
+        target = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = FastLanguageModel.get_peft_model(
+        model, r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
+        target_modules=target, bias="none", random_state=settings["seed"],
+        use_gradient_checkpointing="unsloth" if settings["gradient_checkpointing"] else False)
+    return model, None
+
+
+def load_for_training(backend: str, base_dir: str, settings: dict, dtype, max_seq_len: int):
+    if backend == "unsloth":
+        return load_unsloth(base_dir, settings, dtype, max_seq_len)
+    return load_hf(base_dir, settings, dtype)

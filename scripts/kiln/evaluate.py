@@ -1,0 +1,162 @@
+"""Evaluate base and fine-tuned models side by side on the test split.
+
+Models: ``base`` (the prepared base model), ``tuned`` (the merged model), and ``adapter_4bit`` (the
+adapter on the NF4 base, as trained) so drift from merging is visible. Metrics for each: loss and
+perplexity on assistant tokens; batched greedy generation scored by exact match, and for JSON
+answers valid-JSON rate and per-field accuracy, for free text chrF.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def parse_json(text: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def score(predictions: list[str], references: list[str]) -> dict:
+    """Task metrics: exact match always; JSON metrics when references are JSON objects, else chrF."""
+    n = len(references)
+    refs = [parse_json(r) for r in references]
+    json_task = n > 0 and all(isinstance(r, dict) for r in refs)
+    out: dict = {"n": n}
+    if json_task:
+        preds = [parse_json(p.strip()) for p in predictions]
+        out["exact_match"] = sum(p == r for p, r in zip(preds, refs, strict=True)) / n
+        out["valid_json"] = sum(isinstance(p, dict) for p in preds) / n
+        fields = sorted({k for r in refs for k in r})
+        out["field_accuracy"] = {
+            f: sum(isinstance(p, dict) and p.get(f) == r.get(f) for p, r in zip(preds, refs, strict=True)) / n
+            for f in fields}
+        out["mean_field_accuracy"] = sum(out["field_accuracy"].values()) / max(1, len(fields))
+    else:
+        from sacrebleu.metrics import CHRF
+
+        out["exact_match"] = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / n
+        out["chrf"] = CHRF().corpus_score(predictions, [references]).score if n else 0.0
+    return out
+
+
+def prompts_and_references(test, tokenizer, max_samples: int):
+    """Each chat row's turns before its final answer, rendered for generation, and that answer."""
+    prompts, refs, rows = [], [], []
+    for row in test.select(range(min(max_samples, len(test)))):
+        if row["kind"] != "chat":
+            continue
+        prompts.append(tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False,
+                                                     add_generation_prompt=True))
+        refs.append(row["messages"][-1]["content"])
+        rows.append(row)
+    return prompts, refs, rows
+
+
+def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Batched greedy generation (left padding), stopping at the end-of-turn token."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        outputs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return outputs
+
+
+def masked_loss(model, tokenized_test, pad_id: int, batch_size: int = 16) -> dict:
+    """Mean negative log-likelihood of the trainable (assistant) tokens, and its perplexity."""
+    import torch
+
+    total, count = 0.0, 0
+    for i in range(0, len(tokenized_test), batch_size):
+        rows = tokenized_test[i:i + batch_size]
+        length = max(len(x) for x in rows["input_ids"])
+        ids = torch.full((len(rows["input_ids"]), length), pad_id)
+        labels = torch.full_like(ids, -100)
+        attn = torch.zeros_like(ids)
+        for j, (x, m) in enumerate(zip(rows["input_ids"], rows["assistant_masks"], strict=True)):
+            ids[j, :len(x)] = torch.tensor(x)
+            attn[j, :len(x)] = 1
+            labels[j, :len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), -100)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits.float()
+        shift = labels[:, 1:].to(model.device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift.reshape(-1),
+                                                ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((shift != -100).sum())
+    loss = total / max(1, count)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": count}
+
+
+def load_model(kind: str, base_dir: str, merged_dir: str, adapter_dir: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if kind == "base":
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device).eval()
+    if kind == "tuned":
+        return AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(device).eval()
+    from peft import PeftModel
+
+    from kiln.backends import bnb_config
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, quantization_config=bnb_config(dtype),
+                                                device_map={"": device})
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def evaluate(dataset_dir: str, tokenized_dir: str, base_dir: str, merged_dir: str, adapter_dir: str,
+             metrics_path: str, samples_path: str, settings: dict, experiment: str = "",
+             models: tuple[str, ...] = ("base", "tuned", "adapter_4bit")) -> dict:
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    test = datasets.load_from_disk(dataset_dir)["test"]
+    tokenized_test = datasets.load_from_disk(tokenized_dir)["test"]
+    if "seq_lengths" in tokenized_test.column_names:  # packed: score each row on its own
+        raise ValueError("evaluation needs the unpacked test split; set tokenize.packing only for training")
+    prompts, refs, rows = prompts_and_references(test, tokenizer, settings["max_samples"])
+    metrics: dict = {"experiment": experiment, "test_rows": len(test), "generated_rows": len(prompts)}
+    outputs = {}
+    for kind in models:
+        t0 = time.perf_counter()
+        model = load_model(kind, base_dir, merged_dir, adapter_dir)
+        m = masked_loss(model, tokenized_test, tokenizer.pad_token_id)
+        outputs[kind] = generate(model, tokenizer, prompts, settings["batch_size"], settings["max_new_tokens"])
+        m.update(score(outputs[kind], refs))
+        m["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        metrics[kind] = m
+        log.info("%s: loss %.4f, exact match %.3f", kind, m["loss"], m["exact_match"])
+        del model
+    if "base" in metrics and "tuned" in metrics:
+        metrics["delta_tuned_minus_base"] = {
+            k: metrics["tuned"][k] - metrics["base"][k] for k in ("loss", "exact_match")}
+    if "tuned" in metrics and "adapter_4bit" in metrics:
+        agree = sum(a == b for a, b in zip(outputs["tuned"], outputs["adapter_4bit"], strict=True))
+        metrics["merge_drift"] = {
+            "loss_tuned_minus_adapter_4bit": metrics["tuned"]["loss"] - metrics["adapter_4bit"]["loss"],
+            "identical_generations": agree / max(1, len(prompts))}
+    Path(metrics_path).write_text(json.dumps(metrics, indent=2))
+    with open(samples_path, "w") as fh:
+        for i, (row, ref) in enumerate(zip(rows, refs, strict=True)):
+            fh.write(json.dumps({"kiln_id": row["kiln_id"], "prompt": row["messages"][-2]["content"],
+                                 "reference": ref, **{k: outputs[k][i] for k in outputs}},
+                                ensure_ascii=False) + "\n")
+    return metrics

@@ -1,0 +1,115 @@
+"""Merge a LoRA adapter into its base model and prove the merged model is the same function.
+
+Idempotent: everything needed (base model folder, quantization, dtype) is read from the
+``kiln_training.json`` that training saved beside the adapter. The policy is recorded: merge onto the
+original 16-bit weights, or onto the NF4-dequantized weights the adapter was trained against.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+MAX_MERGE_ERROR_RATIO = 0.05  # merge error relative to the adapter's own effect on the logits
+
+
+def resolve_merge_dtype(requested: str):
+    import torch
+
+    if requested == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, requested)
+
+
+def load_base(base_dir: str, onto: str, device: str):
+    """The base model in float32: its original weights, or the NF4 round trip of them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if onto == "original":
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
+    from kiln.backends import bnb_config
+
+    quantized = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, quantization_config=bnb_config(torch.float32), device_map={"": device})
+    return quantized.dequantize().to(torch.float32)
+
+
+def validation_prompts(dataset_dir: str, tokenizer, n: int) -> list[str]:
+    import datasets
+
+    dd = datasets.load_from_disk(dataset_dir)
+    split = dd["validation"] if len(dd["validation"]) else dd["train"]
+    rows = split.select(range(min(n, len(split))))
+    return [tokenizer.apply_chat_template(m, tokenize=False) if k == "chat" else m[0]["content"]
+            for m, k in zip(rows["messages"], rows["kind"], strict=True)]
+
+
+def _logits(model, batch):
+    import torch
+
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def merge_adapter(adapter_dir: str, out_dir: str, report_path: str, dataset_dir: str, onto: str = "original",
+                  dtype: str = "auto", n_samples: int = 8) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
+
+    trained = json.loads((Path(adapter_dir) / "kiln_training.json").read_text())
+    base_dir = trained["base_model_dir"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    save_dtype = resolve_merge_dtype(dtype)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+
+    model = PeftModel.from_pretrained(load_base(base_dir, onto, device), adapter_dir).eval()
+    texts = validation_prompts(dataset_dir, tokenizer, n_samples)
+    tokenizer.padding_side = "right"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    mask = batch["attention_mask"].bool()
+    with model.disable_adapter():
+        base_logits = _logits(model, batch)[mask]
+    ref_logits = _logits(model, batch)[mask]
+
+    merged = model.merge_and_unload().to(save_dtype)
+    merged.generation_config = GenerationConfig.from_pretrained(base_dir)
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(out_dir)
+    del model, merged
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(device).eval()
+    merged_logits = _logits(reloaded, batch)[mask]
+    diff = (merged_logits - ref_logits).abs()
+    effect = (ref_logits - base_logits).abs().mean().item()
+    ratio = diff.mean().item() / effect if effect > 0 else 0.0
+
+    # The merged folder must work with the plain transformers API, and stop at the end of a turn.
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hello."}], tokenize=False, add_generation_prompt=True)
+    generator = pipeline("text-generation", model=out_dir, tokenizer=out_dir, device=device)
+    full = generator(prompt, max_new_tokens=48, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    out = list(full)[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]):]
+    eos_id = reloaded.generation_config.eos_token_id
+    eos_ids = set(eos_id if isinstance(eos_id, list) else [eos_id])
+    report = {
+        "adapter": str(adapter_dir), "base_model_dir": base_dir, "merge_onto": onto,
+        "saved_dtype": str(save_dtype).removeprefix("torch."), "samples": len(texts),
+        "tokens_compared": int(mask.sum()),
+        "max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
+        "adapter_effect_mean_abs_logit": effect, "merge_error_ratio": ratio,
+        "pipeline_generated_tokens": len(out), "pipeline_stopped_at_eos": bool(out and out[-1] in eos_ids),
+        "eos_token": tokenizer.eos_token, "generation_eos_token_id": eos_id,
+    }
+    Path(report_path).write_text(json.dumps(report, indent=2))
+    if ratio > MAX_MERGE_ERROR_RATIO:
+        raise RuntimeError(
+            f"merged model does not match base + adapter: mean |logit diff| {diff.mean().item():.4g} is "
+            f"{ratio:.1%} of the adapter's own effect ({effect:.4g}); see {report_path}")
+    log.info("merged %s onto %s weights: max |diff| %.3g, error %.2f%% of the adapter effect",
+             adapter_dir, onto, report["max_abs_logit_diff"], 100 * ratio)
+    return report

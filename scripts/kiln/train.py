@@ -1,0 +1,262 @@
+"""QLoRA training recipe: tokenized data + base model -> LoRA adapter, step log, loss curve.
+
+Reads top to bottom: settings -> backend -> resume decision -> model -> trainer -> train -> save.
+
+Supports: NF4 4-bit base weights with double quantization (or none: plain LoRA), PEFT LoRA on
+configured modules, TRL SFTTrainer on pre-tokenized data (loss on assistant tokens via the
+``assistant_masks`` column), periodic validation, early stopping, seeded runs and checkpoints.
+
+Saves: the adapter (safetensors + adapter_config.json) with ``kiln_training.json`` beside it (the
+resolved config, base model and dtype: everything merge needs), a JSONL step log, a loss PNG and a
+summary (tokens, wall time, peak memory).
+
+Resume: checkpoints live in a folder Snakemake does not own, keyed by a fingerprint of the inputs
+(data, base weights, settings). A rerun with the same key resumes from the last checkpoint; a
+different key sets the old checkpoints aside (with a message) and starts again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from kiln.backends import load_for_training, resolve_backend, resolve_dtype
+
+log = logging.getLogger(__name__)
+RUN_KEY = "kiln_run_key.json"
+STEP_LOG = "steps.jsonl"
+
+
+def run_key(data_fingerprints: dict, base_identity: dict, tokenize: dict, settings: dict) -> dict:
+    return {"data": data_fingerprints, "base_weights": base_identity.get("weights"),
+            "tokenize": tokenize, "training": settings}
+
+
+def prepare_checkpoints(ckpt_dir: Path, key: dict) -> str | None:
+    """The checkpoint to resume from, or None. Checkpoints made from other inputs are set aside."""
+    key_file = ckpt_dir / RUN_KEY
+    checkpoints = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if ckpt_dir.exists() and key_file.exists() and json.loads(key_file.read_text()) == key:
+        if checkpoints:
+            log.info("resuming from %s (same data, base weights and settings)", checkpoints[-1])
+            return str(checkpoints[-1])
+    elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        stale = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("checkpoints in %s were made from other inputs or settings; moved to %s and "
+                    "starting from step 0", ckpt_dir, stale)
+        shutil.move(str(ckpt_dir), str(stale))
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(key, indent=2, sort_keys=True))
+    return None
+
+
+def _step_logger(path: Path, start_step: int):
+    """A TrainerCallback writing one JSON line per logged step (loss, lr, grad norm, tokens/s)."""
+    from transformers import TrainerCallback
+
+    # Keep only lines up to the resume point, so a resumed run logs each step exactly once.
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= start_step]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+    class StepLog(TrainerCallback):
+        def __init__(self):
+            self.t0, self.tokens0 = time.perf_counter(), None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            row = {"step": state.global_step, "time": round(time.time(), 3), **logs}
+            if "loss" in logs and self.tokens0 is not None and now > self.t0:
+                row["tokens_per_s"] = round((tokens - self.tokens0) / (now - self.t0), 1)
+            if "loss" in logs:
+                self.t0, self.tokens0 = now, tokens
+            if start_step and not kept_marker[0]:
+                row["resumed_from"] = start_step
+                kept_marker[0] = True
+            with open(path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    kept_marker = [False]
+    return StepLog()
+
+
+def plot_loss(step_log: Path, out_png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in step_log.read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss (assistant tokens)")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
+def _peak_memory_mb() -> dict:
+    import torch
+
+    out = {"cpu_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["gpu_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def train(tokenized_dir: str, base_dir: str, adapter_dir: str, step_log_out: str, loss_png: str,
+          summary_path: str, ckpt_dir: str, settings: dict, tokenize: dict, data_fingerprints: dict,
+          experiment: str = "", threads: int | None = None) -> dict:
+    t_start = time.perf_counter()
+    backend, reason = resolve_backend(settings["backend"])
+    log.info("backend: %s (%s)", backend, reason)
+    dtype = resolve_dtype(settings["compute_dtype"])
+    base_identity = json.loads((Path(base_dir) / "identity.json").read_text())
+
+    import datasets
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, EarlyStoppingCallback
+    from trl import SFTConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    ckpt = Path(ckpt_dir)
+    resume = prepare_checkpoints(ckpt, run_key(data_fingerprints, base_identity, tokenize, settings))
+    start_step = int(Path(resume).name.split("-")[1]) if resume else 0
+
+    transformers.set_seed(settings["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model, peft_config = load_for_training(backend, base_dir, settings, dtype, tokenize["max_seq_len"])
+    data = datasets.load_from_disk(tokenized_dir)
+    columns = [c for c in ("input_ids", "assistant_masks", "seq_lengths") if c in data["train"].column_names]
+    train_ds = data["train"].select_columns(columns)
+    eval_ds = None
+    if settings["eval_steps"] and len(data["validation"]):
+        n_eval = min(settings["eval_samples"], len(data["validation"]))
+        eval_ds = data["validation"].select(range(n_eval)).select_columns(columns)
+    packed = "seq_lengths" in columns
+
+    early = settings["early_stopping_patience"] > 0 and eval_ds is not None
+    if early and settings["save_steps"] % settings["eval_steps"]:
+        raise ValueError("training.early_stopping_patience needs save_steps to be a multiple of eval_steps "
+                         f"(got save_steps={settings['save_steps']}, eval_steps={settings['eval_steps']})")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ckpt / "tensorboard")
+    args = SFTConfig(
+        output_dir=str(ckpt), max_steps=settings["max_steps"],
+        per_device_train_batch_size=settings["per_device_batch_size"],
+        per_device_eval_batch_size=settings["per_device_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        learning_rate=settings["learning_rate"], lr_scheduler_type=settings["lr_scheduler"],
+        warmup_steps=settings["warmup_ratio"], weight_decay=settings["weight_decay"],
+        max_grad_norm=settings["max_grad_norm"], gradient_checkpointing=settings["gradient_checkpointing"],
+        logging_steps=settings["logging_steps"], save_strategy="steps", save_steps=settings["save_steps"],
+        save_total_limit=settings["save_total_limit"],
+        eval_strategy="steps" if eval_ds is not None else "no", eval_steps=settings["eval_steps"] or None,
+        load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        seed=settings["seed"], data_seed=settings["seed"],
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
+        max_length=tokenize["max_seq_len"], packing=False, padding_free=packed,
+        include_num_input_tokens_seen=True, report_to=["tensorboard"],
+        dataloader_num_workers=0, remove_unused_columns=True,
+        dataset_num_proc=None, disable_tqdm=False,
+    )
+    trainer = sft_trainer_class()(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        peft_config=peft_config, adapter_dtype=dtype if dtype == torch.float32 else None,
+        callbacks=[_step_logger(ckpt / STEP_LOG, start_step)]
+        + ([EarlyStoppingCallback(settings["early_stopping_patience"])] if early else []),
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    adapter = Path(adapter_dir)
+    trainer.model.save_pretrained(adapter, safe_serialization=True)
+    tokenizer.save_pretrained(adapter)
+    resolved = {
+        "experiment": experiment, "base_model_dir": str(Path(base_dir)), "base_identity": base_identity,
+        "backend": backend, "backend_reason": reason, "compute_dtype": str(dtype).removeprefix("torch."),
+        "quantization": settings["quantization"], "training": settings, "tokenize": tokenize,
+        "data_fingerprints": data_fingerprints,
+    }
+    (adapter / "kiln_training.json").write_text(json.dumps(resolved, indent=2))
+    shutil.copyfile(ckpt / STEP_LOG, step_log_out)
+    plot_loss(Path(step_log_out), Path(loss_png), f"{experiment or 'training'}: {backend}, {resolved['compute_dtype']}")
+
+    history = [json.loads(ln) for ln in Path(step_log_out).read_text().splitlines()]
+    losses = [r["loss"] for r in history if "loss" in r]
+    summary = {
+        "backend": backend, "backend_reason": reason, "compute_dtype": resolved["compute_dtype"],
+        "steps": trainer.state.global_step, "resumed_from_step": start_step,
+        "tokens_trained": int(trainer.state.num_input_tokens_seen),
+        "wall_time_s": round(time.perf_counter() - t_start, 1),
+        "train_runtime_s": round(result.metrics.get("train_runtime", math.nan), 1),
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "eval_loss": [r["eval_loss"] for r in history if "eval_loss" in r],
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "peak_memory": _peak_memory_mb(), "device": "cuda" if cuda else "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
+    if not losses or not all(math.isfinite(x) for x in losses):
+        raise RuntimeError(f"training loss is missing or not finite: {losses[-5:]}")
+    Path(summary_path).write_text(json.dumps(summary, indent=2))
+    log.info("trained %s steps, loss %.4f -> %.4f, %s tokens in %.0f s", summary["steps"],
+             summary["first_loss"], summary["final_loss"], summary["tokens_trained"], summary["wall_time_s"])
+    return summary
+
+
+def _fused_loss_available() -> bool:
+    from trl.trainer import utils as trl_utils
+
+    return getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
+
+
+@functools.cache
+def sft_trainer_class():
+    """TRL's SFTTrainer, with a loss that also runs where TRL's fused LM-head kernel can't."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class KilnSFTTrainer(SFTTrainer):
+        """Two corrections to TRL 1.15 for the CPU path.
+
+        - TRL casts QLoRA adapter weights to bfloat16 whatever the compute dtype. With float32
+          compute on a CPU that made every LoRA matmul a slow bf16 one (2x the step time) and is
+          where the bf16 divergence came from; ``adapter_dtype`` casts them back.
+        - TRL computes the loss with a chunked LM-head kernel written in Triton; without Triton (a
+          CPU machine) the kernel is missing and training crashes. The model's own causal-LM loss
+          on the same labels is the same quantity, so it is used there.
+        """
+
+        def __init__(self, *args, adapter_dtype=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if adapter_dtype is not None:
+                for param in self.model.parameters():
+                    if param.requires_grad and param.dtype != adapter_dtype:
+                        param.data = param.data.to(adapter_dtype)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if _fused_loss_available():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return KilnSFTTrainer

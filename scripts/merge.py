@@ -1,0 +1,9 @@
+"""Rule merge: adapter + base -> merged safetensors model, with a logits check report."""
+
+from kiln.merge import merge_adapter
+from kiln.smk import setup_log
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+setup_log(sm)
+merge_adapter(sm.input.adapter, sm.output.merged, sm.output.report, sm.input.dataset,
+              onto=sm.params.onto, dtype=sm.params.dtype)

@@ -1,0 +1,100 @@
+import copy
+import subprocess
+
+import pytest
+import yaml
+from conftest import REPO, SNAKEMAKE, tiny_config
+
+from kiln.config import ConfigError, dataset_shards, tokenization_key, validate
+
+DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_defaults_are_filled():
+    cfg = validate(DEFAULT)
+    src = cfg["datasets"]["orders"]["sources"][0]
+    assert src["format"] == "auto" and src["columns"] == {}
+    assert cfg["experiments"]["default"]["training"]["quantization"] == "nf4"
+    assert cfg["experiments"]["default"]["evaluate"]["merge_dtype"] == "auto"
+
+
+def test_every_default_key_is_commented():
+    # Each key line of the embedded default carries a comment on it or right above it.
+    lines = (REPO / "config" / "config.yaml").read_text().splitlines()
+    undocumented = []
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or ":" not in stripped or stripped.startswith("- "):
+            continue
+        key = stripped.split(":")[0]
+        value = stripped.split(":", 1)[1].strip()
+        block = value == ""  # a section header: documented by its children or a banner
+        if "#" in line or block or any(lines[j].strip().startswith("#") for j in range(max(0, i - 3), i)):
+            continue
+        undocumented.append(key)
+    assert len(undocumented) <= 12, undocumented  # short groups share one comment
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c: c["experiments"]["default"]["training"].update(lora_r="abc"),
+         "experiments.default.training.lora_r: 'abc' is not of type 'integer'"),
+        (lambda c: c["experiments"]["default"]["training"].update(lr=1), "'lr' was unexpected"),
+        (lambda c: c["experiments"]["default"].update(dataset="nope"),
+         "experiments.default.dataset: 'nope' is not in `datasets`"),
+        (lambda c: c["datasets"]["orders"]["sources"][0].update(mess_rate=2),
+         "datasets.orders.sources[0].mess_rate: 2 is greater than the maximum of 0.9"),
+        (lambda c: c["datasets"]["orders"]["build"].update(validation=0.5, test=0.5),
+         "validation + test must be below 1"),
+        (lambda c: c["models"]["smollm2-135m"].update(kind="gguf"), "models.smollm2-135m.kind"),
+    ],
+)
+def test_bad_config_names_the_key(mutate, expected):
+    cfg = copy.deepcopy(DEFAULT)
+    mutate(cfg)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_config_fails_the_dry_run_with_one_clear_line(tmp_path):
+    cfg = tiny_config()
+    cfg["experiments"]["tiny"]["training"]["max_steps"] = 0
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-n", "--cores", "1",
+                           "--configfile", "c.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "config: experiments.tiny.training.max_steps: 0 is less than the minimum of 1" in proc.stderr
+
+
+def test_local_glob_matching_nothing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = validate({"datasets": {"d": {"sources": [{"name": "x", "kind": "local", "path": "in/*.jsonl"}]}},
+                    "models": {"m": {"kind": "local", "path": "m"}},
+                    "experiments": {"e": {"dataset": "d", "model": "m"}}})
+    with pytest.raises(ConfigError, match="path 'in/\\*.jsonl' matches no files"):
+        dataset_shards(cfg, "d")
+
+
+def test_experiments_differing_in_training_only_share_tokenization():
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["experiments"]["lr_high"] = copy.deepcopy(cfg["experiments"]["default"])
+    cfg["experiments"]["lr_high"]["training"]["learning_rate"] = 0.001
+    cfg["experiments"]["long"] = copy.deepcopy(cfg["experiments"]["default"])
+    cfg["experiments"]["long"]["tokenize"]["max_seq_len"] = 512
+    cfg = validate(cfg)
+    assert tokenization_key(cfg, "default") == tokenization_key(cfg, "lr_high")
+    assert tokenization_key(cfg, "default") != tokenization_key(cfg, "long")
+
+
+def test_dry_run_is_fast_and_imports_no_heavy_library(tmp_path):
+    code = ("import sys, runpy; sys.argv=['snakemake','-s',%r,'-n','--cores','1'];"
+            "from snakemake.cli import main\n"
+            "try:\n main()\nexcept SystemExit: pass\n"
+            "heavy=[m for m in ('torch','transformers','trl','peft') if m in sys.modules]\n"
+            "print('HEAVY', heavy)") % str(REPO / "Snakefile")
+    proc = subprocess.run([SNAKEMAKE.replace("snakemake", "python"), "-c", code], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -1,0 +1,59 @@
+import pytest
+
+from kiln.records import RecordError, detect_format, stable_id, to_canonical
+
+
+@pytest.mark.parametrize(
+    "record, fmt, turns",
+    [
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages",
+         [("user", "a"), ("assistant", "b")]),
+        ({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "a"},
+                            {"from": "gpt", "value": "b"}]}, "sharegpt",
+         [("system", "s"), ("user", "a"), ("assistant", "b")]),
+        ({"instruction": "do", "input": "this", "output": "done"}, "alpaca",
+         [("user", "do\n\nthis"), ("assistant", "done")]),
+        ({"instruction": "do", "input": "", "output": "done"}, "alpaca", [("user", "do"), ("assistant", "done")]),
+        ({"prompt": "p", "completion": "c"}, "prompt_completion", [("user", "p"), ("assistant", "c")]),
+        ({"text": "plain"}, "text", [("text", "plain")]),
+    ],
+)
+def test_formats_map_to_canonical_turns(record, fmt, turns):
+    got_fmt, kind, got = to_canonical(record)
+    assert got_fmt == fmt
+    assert kind == ("text" if fmt == "text" else "chat")
+    assert [(t["role"], t["content"]) for t in got] == turns
+
+
+def test_column_mapping():
+    fmt, _, turns = to_canonical({"question": "q", "answer": "a"}, "auto", {"prompt": "question",
+                                                                           "completion": "answer"})
+    assert fmt == "prompt_completion" and turns[1]["content"] == "a"
+
+
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        ({"instruction": "x", "output": None}, "output"),
+        ({"prompt": "p", "completion": 5}, "completion"),
+        ({"foo": 1}, "(record)"),
+    ],
+)
+def test_bad_records_name_the_field(record, field):
+    with pytest.raises(RecordError) as err:
+        to_canonical(record)
+    assert err.value.field == field
+
+
+def test_detect_format_message_lists_the_keys_found():
+    with pytest.raises(RecordError, match=r"keys \['a', 'b'\]"):
+        detect_format({"a": 1, "b": 2}, {})
+
+
+def test_stable_id_depends_on_content_only():
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert stable_id("chat", turns) == stable_id("chat", [dict(t) for t in turns])
+    assert stable_id("chat", turns) != stable_id("chat", turns[:1])
+    assert len(stable_id("chat", turns)) == 16

@@ -1,0 +1,130 @@
+import hashlib
+import http.server
+import json
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+
+from kiln.sources import CollectError, collect_shard
+
+
+def local_source(path, **extra):
+    return {"name": "in", "kind": "local", "path": str(path), "format": "auto", "columns": {},
+            "encoding": "utf-8", **extra}
+
+
+def collect(tmp_path, src, shard):
+    out = tmp_path / "raw.parquet"
+    collect_shard(src, shard, out)
+    return pq.read_table(out).to_pylist()
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+
+
+def test_jsonl_rows_keep_lineage_and_bad_lines_keep_their_reason(tmp_path):
+    f = tmp_path / "data" / "a.jsonl"
+    f.parent.mkdir()
+    f.write_bytes(json.dumps(CHAT).encode() + b"\n\n{not json\n" + b'{"text": "caf\xe9"}\n'
+                  + json.dumps({"prompt": "p"}).encode() + b"\n")
+    rows = collect(tmp_path, local_source(tmp_path / "data" / "*.jsonl"), "a.jsonl")
+    assert [r["row"] for r in rows] == [1, 3, 4, 5]  # blank line 2 is layout
+    assert rows[0]["error"] is None and rows[0]["source"] == "in" and rows[0]["file"].endswith("a.jsonl")
+    assert rows[0]["messages"][1] == {"role": "assistant", "content": "yo"}
+    assert "malformed JSON at column 2" in rows[1]["error"]
+    assert "not valid utf-8 at byte" in rows[2]["error"]
+    assert "no known format matches keys ['prompt']" in rows[3]["error"]
+    assert len({r["kiln_id"] for r in rows}) == 4
+
+
+def test_csv_json_parquet_and_txt(tmp_path):
+    import pyarrow as pa
+
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.csv").write_text("instruction,input,output\nsay hi,,hi\ncount,1 2,3\n")
+    (d / "b.json").write_text(json.dumps({"data": [{"prompt": "p", "completion": "c"}]}))
+    pq.write_table(pa.Table.from_pylist([{"conversations": [{"from": "human", "value": "a"},
+                                                            {"from": "gpt", "value": "b"}]}]), d / "c.parquet")
+    (d / "d.txt").write_text("first line\n\nsecond line\n")
+    src = local_source(d / "*")
+    csv = collect(tmp_path, src, "a.csv")
+    assert [r["row"] for r in csv] == [2, 3] and csv[1]["messages"][0]["content"] == "count\n\n1 2"
+    assert collect(tmp_path, src, "b.json")[0]["format"] == "prompt_completion"
+    assert collect(tmp_path, src, "c.parquet")[0]["format"] == "sharegpt"
+    txt = collect(tmp_path, src, "d.txt")
+    assert [(r["row"], r["kind"]) for r in txt] == [(1, "text"), (3, "text")]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", b"", "file is empty"),
+        ("cols.csv", b"question,answer\nq,a\n", "no row could be read; first problem, row 2: field '(record)'"),
+        ("latin.csv", b"text\ncaf\xe9\n", "not valid utf-8 at line 2"),
+        ("broken.json", b'[{"text": "a"},\n {"text": }]', "malformed JSON at line 2, column 11"),
+        ("x.xml", b"<a/>", "unsupported file type '.xml'"),
+    ],
+)
+def test_whole_file_problems_name_the_file(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CollectError) as err:
+        collect(tmp_path, local_source(tmp_path / "*"), name)
+    assert str(tmp_path / name) in str(err.value) and message in str(err.value)
+
+
+def test_encoding_setting_reads_other_encodings(tmp_path):
+    (tmp_path / "latin.csv").write_bytes(b"text\ncaf\xe9\n")
+    rows = collect(tmp_path, local_source(tmp_path / "*.csv", encoding="latin-1"), "latin.csv")
+    assert rows[0]["messages"][0]["content"] == "café"
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_url_source_downloads_checks_sha256_and_reports_failures(tmp_path, http_server):
+    root, base = http_server
+    body = (json.dumps(CHAT) + "\n").encode()
+    (root / "orders.jsonl").write_bytes(body)
+    good = hashlib.sha256(body).hexdigest()
+    src = {"name": "web", "kind": "url", "urls": [f"{base}/orders.jsonl"], "sha256": [good], "timeout_s": 5,
+           "format": "auto", "columns": {}}
+    rows = collect(tmp_path, src, "000-orders.jsonl")
+    assert rows[0]["file"] == f"{base}/orders.jsonl" and rows[0]["error"] is None
+    with pytest.raises(CollectError, match="sha256 mismatch"):
+        collect(tmp_path, {**src, "sha256": ["0" * 64]}, "000-orders.jsonl")
+    with pytest.raises(CollectError, match=r"missing.jsonl: download failed: HTTP 404"):
+        collect(tmp_path, {**src, "urls": [f"{base}/missing.jsonl"], "sha256": []}, "000-missing.jsonl")
+
+
+def test_hf_source_goes_through_load_dataset(tmp_path):
+    f = tmp_path / "train.jsonl"
+    f.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    src = {"name": "hub", "kind": "hf", "path": "json", "config_name": None, "revision": "main",
+           "split": "train", "data_files": str(f), "format": "auto", "columns": {}}
+    rows = collect(tmp_path, src, "train")
+    assert rows[0]["format"] == "alpaca" and rows[0]["file"] == "hf://json@main/train"
+    with pytest.raises(CollectError, match="hf source 'hub': load_dataset"):
+        collect(tmp_path, {**src, "path": "no-such-org/no-such-dataset", "data_files": None}, "train")
+
+
+def test_synthetic_is_deterministic_and_messy():
+    from kiln.synthetic import generate
+
+    a, b = generate(400, seed=3, mess_rate=0.3), generate(400, seed=3, mess_rate=0.3)
+    assert a == b and generate(400, seed=4, mess_rate=0.3) != a
+    answers = [r["messages"][-1]["content"] for r in a]
+    assert any(not x.strip() for x in answers)  # empty answers
+    assert sum(1 for x in answers if x.strip()) > 300
+    assert len({json.dumps(r) for r in a}) < 400  # duplicates
+    assert any("&amp;" in r["messages"][1]["content"] for r in a)
