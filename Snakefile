@@ -13,11 +13,22 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    dataset=_names("datasets"),
+    model=_names("models"),
+    experiment=_names("experiments"),
+    source="[A-Za-z0-9][A-Za-z0-9_.-]*",
+    shard="[^/]+",
+    tok="[^/]+",
+
+
 include: "rules/data.smk"
 include: "rules/model.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

@@ -1,4 +1,4 @@
-# Config validation and the small helpers the rule files use. Nothing heavy is imported here:
+# Config validation and the small helpers of the workflow. Nothing heavy is imported here:
 # parsing the workflow must stay fast.
 import os
 import re
@@ -36,18 +36,11 @@ def _names(table):
     return "|".join(re.escape(name) for name in config[table])
 
 
-wildcard_constraints:
-    dataset=_names("datasets"),
-    model=_names("models"),
-    experiment=_names("experiments"),
-    source="[A-Za-z0-9][A-Za-z0-9_.-]*",
-    shard="[^/]+",
-    tok="[^/]+",
-
-
 def code(*modules):
-    """The kiln modules a rule runs: an edit to one reruns the rule and what follows."""
-    return [os.path.join(workflow.basedir, "scripts", "kiln", f"{m}.py") for m in modules]
+    """The kiln modules behind a step; editing one reruns that step and what follows."""
+    return [
+        os.path.join(workflow.basedir, "scripts", "kiln", f"{m}.py") for m in modules
+    ]
 
 
 def shards(dataset):

@@ -5,15 +5,15 @@ rule collect:
     """Read one shard of one source into the canonical raw table, with lineage per row."""
     input:
         data=collect_input,
-        code=code("sources", "records", "synthetic", "config"),
+        code=code("sources", "records", "synthetic"),
     output:
         raw=f"{R}/data/{{dataset}}/raw/{{source}}/{{shard}}.parquet",
-    params:
-        source=lambda w: source_config(config, w.dataset, w.source),
     log:
         f"{R}/logs/collect/{{dataset}}/{{source}}/{{shard}}.log",
     conda:
         "../envs/data.yaml"
+    params:
+        source=lambda w: source_config(config, w.dataset, w.source),
     script:
         "../scripts/collect.py"
 
@@ -27,12 +27,12 @@ rule clean:
         clean=f"{R}/data/{{dataset}}/clean/{{source}}/{{shard}}.parquet",
         rejected=f"{R}/data/{{dataset}}/rejected/{{source}}/{{shard}}.parquet",
         stats=f"{R}/data/{{dataset}}/stats/{{source}}/{{shard}}.json",
-    params:
-        settings=lambda w: config["datasets"][w.dataset]["clean"],
     log:
         f"{R}/logs/clean/{{dataset}}/{{source}}/{{shard}}.log",
     conda:
         "../envs/data.yaml"
+    params:
+        settings=lambda w: config["datasets"][w.dataset]["clean"],
     script:
         "../scripts/clean.py"
 
@@ -46,14 +46,14 @@ rule build_dataset:
         dataset=directory(f"{R}/data/{{dataset}}/dataset"),
         rejected=f"{R}/data/{{dataset}}/build_rejected.parquet",
         stats=f"{R}/data/{{dataset}}/dataset_stats.json",
-    params:
-        settings=lambda w: config["datasets"][w.dataset]["build"],
     log:
         f"{R}/logs/build_dataset/{{dataset}}.log",
     benchmark:
         f"{R}/benchmarks/build_dataset/{{dataset}}.tsv"
     conda:
         "../envs/data.yaml"
+    params:
+        settings=lambda w: config["datasets"][w.dataset]["build"],
     script:
         "../scripts/build_dataset.py"
 
@@ -67,14 +67,16 @@ rule tokenize:
     output:
         tokenized=directory(f"{R}/data/{{dataset}}/tokenized/{{model}}-{{tok}}"),
         stats=f"{R}/data/{{dataset}}/tokenized/{{model}}-{{tok}}.json",
-    params:
-        settings=lambda w: tokenization_settings(config, w.dataset, f"{w.model}-{w.tok}"),
-    threads: 2
     log:
         f"{R}/logs/tokenize/{{dataset}}/{{model}}-{{tok}}.log",
     benchmark:
         f"{R}/benchmarks/tokenize/{{dataset}}/{{model}}-{{tok}}.tsv"
     conda:
         "../envs/model.yaml"
+    threads: 2
+    params:
+        settings=lambda w: tokenization_settings(
+            config, w.dataset, f"{w.model}-{w.tok}"
+        ),
     script:
         "../scripts/tokenize.py"

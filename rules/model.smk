@@ -8,14 +8,14 @@ rule base_model:
         code=code("base_model"),
     output:
         model=directory(f"{R}/base/{{model}}"),
-    params:
-        model=lambda w: config["models"][w.model],
     log:
         f"{R}/logs/base_model/{{model}}.log",
     benchmark:
         f"{R}/benchmarks/base_model/{{model}}.tsv"
     conda:
         "../envs/model.yaml"
+    params:
+        model=lambda w: config["models"][w.model],
     script:
         "../scripts/base_model.py"
 
@@ -32,20 +32,20 @@ rule train:
         steps=f"{R}/{{experiment}}/train_log.jsonl",
         loss_png=f"{R}/{{experiment}}/loss.png",
         summary=f"{R}/{{experiment}}/train_summary.json",
-    params:
-        training=lambda w: config["experiments"][w.experiment]["training"],
-        tokenize=lambda w: config["experiments"][w.experiment]["tokenize"],
-        # Outside every declared output: Snakemake deletes a failed job's outputs, not these.
-        checkpoints=lambda w: f"{R}/checkpoints/{w.experiment}",
-    threads: workflow.cores
-    resources:
-        mem_mb=8000,
     log:
         f"{R}/logs/train/{{experiment}}.log",
     benchmark:
         f"{R}/benchmarks/train/{{experiment}}.tsv"
     conda:
         "../envs/model.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+    params:
+        training=lambda w: config["experiments"][w.experiment]["training"],
+        tokenize=lambda w: config["experiments"][w.experiment]["tokenize"],
+        # Outside every declared output: Snakemake deletes a failed job's outputs, not these.
+        checkpoints=lambda w: f"{R}/checkpoints/{w.experiment}",
     script:
         "../scripts/train.py"
 
@@ -59,16 +59,16 @@ rule merge:
     output:
         merged=directory(f"{R}/{{experiment}}/merged"),
         report=f"{R}/{{experiment}}/merge_report.json",
-    params:
-        onto=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_onto"],
-        dtype=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_dtype"],
-    threads: workflow.cores
     log:
         f"{R}/logs/merge/{{experiment}}.log",
     benchmark:
         f"{R}/benchmarks/merge/{{experiment}}.tsv"
     conda:
         "../envs/model.yaml"
+    threads: workflow.cores
+    params:
+        onto=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_onto"],
+        dtype=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_dtype"],
     script:
         "../scripts/merge.py"
 
@@ -85,14 +85,14 @@ rule evaluate:
     output:
         metrics=f"{R}/{{experiment}}/metrics.json",
         samples=f"{R}/{{experiment}}/samples.jsonl",
-    params:
-        settings=lambda w: config["experiments"][w.experiment]["evaluate"],
-    threads: workflow.cores
     log:
         f"{R}/logs/evaluate/{{experiment}}.log",
     benchmark:
         f"{R}/benchmarks/evaluate/{{experiment}}.tsv"
     conda:
         "../envs/model.yaml"
+    threads: workflow.cores
+    params:
+        settings=lambda w: config["experiments"][w.experiment]["evaluate"],
     script:
         "../scripts/evaluate.py"

@@ -5,5 +5,4 @@ from kiln.smk import setup_log
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
-prepare_base_model(sm.params.model, sm.wildcards.model, sm.output.model,
-                   tokenizer_dir=sm.input.get("tokenizer"))
+prepare_base_model(sm.params.model, sm.wildcards.model, sm.output.model, tokenizer_dir=sm.input.get("tokenizer"))

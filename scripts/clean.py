@@ -6,5 +6,10 @@ from kiln.smk import setup_log
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 log = setup_log(sm)
 stats = clean_shard(sm.input.raw, sm.output.clean, sm.output.rejected, sm.output.stats, sm.params.settings)
-log.info("clean %s: %s kept, %s rejected %s", sm.input.raw, stats["rows_clean"], stats["rows_rejected"],
-         stats["rejected_by_reason"])
+log.info(
+    "clean %s: %s kept, %s rejected %s",
+    sm.input.raw,
+    stats["rows_clean"],
+    stats["rows_rejected"],
+    stats["rejected_by_reason"],
+)

@@ -3,6 +3,6 @@
 from kiln.smk import setup_log
 from kiln.sources import collect_shard
 
-log = setup_log(snakemake)  # noqa: F821 (injected by Snakemake)
-collect_shard(snakemake.params.source, snakemake.wildcards.shard, snakemake.output.raw,  # noqa: F821
-              dataset=snakemake.wildcards.dataset)  # noqa: F821
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+setup_log(sm)
+collect_shard(sm.params.source, sm.wildcards.shard, sm.output.raw, dataset=sm.wildcards.dataset)

@@ -5,5 +5,14 @@ from kiln.smk import setup_log
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
-evaluate(sm.input.dataset, sm.input.tokenized, sm.input.base, sm.input.merged, sm.input.adapter,
-         sm.output.metrics, sm.output.samples, sm.params.settings, experiment=sm.wildcards.experiment)
+evaluate(
+    sm.input.dataset,
+    sm.input.tokenized,
+    sm.input.base,
+    sm.input.merged,
+    sm.input.adapter,
+    sm.output.metrics,
+    sm.output.samples,
+    sm.params.settings,
+    experiment=sm.wildcards.experiment,
+)

@@ -5,5 +5,6 @@ from kiln.smk import setup_log
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
-merge_adapter(sm.input.adapter, sm.output.merged, sm.output.report, sm.input.dataset,
-              onto=sm.params.onto, dtype=sm.params.dtype)
+merge_adapter(
+    sm.input.adapter, sm.output.merged, sm.output.report, sm.input.dataset, onto=sm.params.onto, dtype=sm.params.dtype
+)

@@ -8,9 +8,18 @@ from kiln.train import train
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm, console=True)  # keep the progress bar (with ETA) on the console
 splits = json.loads(open(sm.input.data_stats).read())["splits"]
-train(sm.input.tokenized, sm.input.base, sm.output.adapter, sm.output.steps, sm.output.loss_png,
-      sm.output.summary, sm.params.checkpoints, sm.params.training, sm.params.tokenize,
-      data_fingerprints={name: s["fingerprint"] for name, s in splits.items()},
-      experiment=sm.wildcards.experiment,
-      # With --cores 1 jobs run one at a time: let torch use the machine's cores (its default).
-      threads=sm.threads if sm.threads > 1 else None)
+train(
+    sm.input.tokenized,
+    sm.input.base,
+    sm.output.adapter,
+    sm.output.steps,
+    sm.output.loss_png,
+    sm.output.summary,
+    sm.params.checkpoints,
+    sm.params.training,
+    sm.params.tokenize,
+    data_fingerprints={name: s["fingerprint"] for name, s in splits.items()},
+    experiment=sm.wildcards.experiment,
+    # With --cores 1 jobs run one at a time: let torch use the machine's cores (its default).
+    threads=sm.threads if sm.threads > 1 else None,
+)

@@ -27,27 +27,55 @@ def tiny_config(rows: int = 60, max_steps: int = 4, **training) -> dict:
         "datasets": {
             "orders": {
                 "sources": [{"name": "synthetic", "kind": "synthetic", "rows": rows, "seed": 7, "mess_rate": 0.2}],
-                "clean": {"min_chars": 10, "max_chars": 4000, "answer_schema": {
-                    "customer": "string", "product": "string", "quantity": "integer",
-                    "unit_price": "number", "city": "string", "date": "date"}},
+                "clean": {
+                    "min_chars": 10,
+                    "max_chars": 4000,
+                    "answer_schema": {
+                        "customer": "string",
+                        "product": "string",
+                        "quantity": "integer",
+                        "unit_price": "number",
+                        "city": "string",
+                        "date": "date",
+                    },
+                },
                 "build": {"validation": 0.1, "test": 0.15, "seed": 0},
             }
         },
         "models": {
             "tiny": {
-                "kind": "random", "tokenizer_from": str(TOKENIZER), "seed": 0,
-                "architecture": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                                 "max_position_embeddings": 512, "tie_word_embeddings": True},
+                "kind": "random",
+                "tokenizer_from": str(TOKENIZER),
+                "seed": 0,
+                "architecture": {
+                    "model_type": "llama",
+                    "hidden_size": 64,
+                    "intermediate_size": 128,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 2,
+                    "max_position_embeddings": 512,
+                    "tie_word_embeddings": True,
+                },
             }
         },
         "experiments": {
             "tiny": {
-                "dataset": "orders", "model": "tiny",
+                "dataset": "orders",
+                "model": "tiny",
                 "tokenize": {"max_seq_len": 192},
-                "training": {"max_steps": max_steps, "per_device_batch_size": 4, "learning_rate": 0.002,
-                             "eval_steps": 2, "eval_samples": 4, "save_steps": 2, "warmup_ratio": 0.0,
-                             "lora_r": 4, "lora_alpha": 8, **training},
+                "training": {
+                    "max_steps": max_steps,
+                    "per_device_batch_size": 4,
+                    "learning_rate": 0.002,
+                    "eval_steps": 2,
+                    "eval_samples": 4,
+                    "save_steps": 2,
+                    "warmup_ratio": 0.0,
+                    "lora_r": 4,
+                    "lora_alpha": 8,
+                    **training,
+                },
                 "evaluate": {"max_samples": 6, "batch_size": 6, "max_new_tokens": 8},
             }
         },
@@ -67,8 +95,18 @@ class Workflow:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def command(self, *targets: str, cores: int = 2) -> list[str]:
-        return [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(self.workdir),
-                "--configfile", str(self.config_path), "--cores", str(cores), *targets]
+        return [
+            SNAKEMAKE,
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(self.workdir),
+            "--configfile",
+            str(self.config_path),
+            "--cores",
+            str(cores),
+            *targets,
+        ]
 
     def run(self, *targets: str, check: bool = True, dry: bool = False) -> subprocess.CompletedProcess:
         cmd = self.command(*targets) + (["-n", "--quiet", "rules"] if dry else [])

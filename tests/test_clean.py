@@ -4,13 +4,18 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from kiln.clean import CleanError, clean_table
 from kiln.records import RAW_SCHEMA, stable_id
 from kiln.synthetic import generate
 
-SCHEMA = {"customer": "string", "product": "string", "quantity": "integer", "unit_price": "number",
-          "city": "string", "date": "date"}
+SCHEMA = {
+    "customer": "string",
+    "product": "string",
+    "quantity": "integer",
+    "unit_price": "number",
+    "city": "string",
+    "date": "date",
+}
 
 
 def raw_table(records, errors=None):
@@ -19,20 +24,36 @@ def raw_table(records, errors=None):
         err = (errors or {}).get(i)
         turns = None if err else rec
         kind = None if err else ("text" if turns[0]["role"] == "text" else "chat")
-        rows.append({"kiln_id": stable_id(kind, turns, str(i)), "source": "s", "file": "f", "row": i + 1,
-                     "format": "messages", "kind": kind, "messages": turns, "raw": json.dumps(rec),
-                     "error": err})
+        rows.append(
+            {
+                "kiln_id": stable_id(kind, turns, str(i)),
+                "source": "s",
+                "file": "f",
+                "row": i + 1,
+                "format": "messages",
+                "kind": kind,
+                "messages": turns,
+                "raw": json.dumps(rec),
+                "error": err,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
 
 
 def chat(user, answer, system=None):
     return ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def test_text_operations():
-    table = raw_table([chat("  Tom &amp; Jerry\x07 say\t\thi  \r\n\n\n\nbye ", "ok"),
-                       chat("Cafe\u0301 mail me at a.b@example.com or +1 (555) 010-9999", "fine")])
+    table = raw_table(
+        [
+            chat("  Tom &amp; Jerry\x07 say\t\thi  \r\n\n\n\nbye ", "ok"),
+            chat("Cafe\u0301 mail me at a.b@example.com or +1 (555) 010-9999", "fine"),
+        ]
+    )
     clean, rejected, stats = clean_table(table, {"mask_pii": True})
     assert rejected.num_rows == 0
     turns = clean.column("messages").to_pylist()
@@ -43,26 +64,37 @@ def test_text_operations():
 
 
 def test_every_reason():
-    good = json.dumps({"customer": "A", "product": "b", "quantity": 1, "unit_price": 2.5, "city": "c",
-                       "date": "2025-01-02"})
+    good = json.dumps(
+        {"customer": "A", "product": "b", "quantity": 1, "unit_price": 2.5, "city": "c", "date": "2025-01-02"}
+    )
     records = [
-        chat("order one please", good),                       # kept
-        chat("order one please", good),                       # duplicate
-        chat("order two please", "   "),                      # empty answer
-        [{"role": "assistant", "content": good}],             # no user turn
-        chat("x", good[:5]),                                  # too short
-        chat("order three " * 50, good),                      # too long
-        chat("order four please", good[:-3]),                 # invalid json
+        chat("order one please", good),  # kept
+        chat("order one please", good),  # duplicate
+        chat("order two please", "   "),  # empty answer
+        [{"role": "assistant", "content": good}],  # no user turn
+        chat("x", good[:5]),  # too short
+        chat("order three " * 50, good),  # too long
+        chat("order four please", good[:-3]),  # invalid json
         chat("order five please", good.replace('"quantity": 1', '"quantity": "1"')),  # schema
-        chat("order six please SECRET", good),                # drop pattern
-        [{"role": "user", "content": "unparsable"}],          # read error
+        chat("order six please SECRET", good),  # drop pattern
+        [{"role": "user", "content": "unparsable"}],  # read error
     ]
     table = raw_table(records, errors={9: "malformed JSON at column 2: x"})
-    clean, rejected, stats = clean_table(table, {"min_chars": 20, "max_chars": 400, "answer_schema": SCHEMA,
-                                                 "drop_patterns": ["SECRET"]})
+    clean, rejected, stats = clean_table(
+        table, {"min_chars": 20, "max_chars": 400, "answer_schema": SCHEMA, "drop_patterns": ["SECRET"]}
+    )
     reasons = dict(zip(rejected.column("row").to_pylist(), rejected.column("reason").to_pylist(), strict=True))
-    assert reasons == {2: "duplicate", 3: "empty_answer", 4: "missing_field", 5: "too_short", 6: "too_long",
-                       7: "invalid_json", 8: "answer_schema", 9: "drop_pattern", 10: "unreadable"}
+    assert reasons == {
+        2: "duplicate",
+        3: "empty_answer",
+        4: "missing_field",
+        5: "too_short",
+        6: "too_long",
+        7: "invalid_json",
+        8: "answer_schema",
+        9: "drop_pattern",
+        10: "unreadable",
+    }
     details = dict(zip(rejected.column("row").to_pylist(), rejected.column("detail").to_pylist(), strict=True))
     assert "field 'quantity': expected integer, got str '1'" in details[8]
     assert "same content as row 1" in details[2]
@@ -78,19 +110,19 @@ def test_query_filter_and_a_bad_query_is_a_clear_error():
         clean_table(table, {"query": "nope > 1"})
 
 
-messy_text = st.text(alphabet=st.sampled_from(list("ab &;#\t\n\x00\x07 é<>{}\":1")), max_size=30)
+messy_text = st.text(alphabet=st.sampled_from(list('ab &;#\t\n\x00\x07 é<>{}":1')), max_size=30)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(messy_text, messy_text, st.booleans()), min_size=0, max_size=25),
-       st.integers(0, 20))
+@given(st.lists(st.tuples(messy_text, messy_text, st.booleans()), min_size=0, max_size=25), st.integers(0, 20))
 def test_raw_rows_equal_clean_plus_rejected(rows, min_chars):
     records = [chat(u, a) if ok else [{"role": "user", "content": u}] for u, a, ok in rows]
     table = raw_table(records)
     clean, rejected, stats = clean_table(table, {"min_chars": min_chars, "max_chars": 40})
     assert clean.num_rows + rejected.num_rows == table.num_rows
     assert sorted(clean.column("row").to_pylist() + rejected.column("row").to_pylist()) == list(
-        range(1, table.num_rows + 1))
+        range(1, table.num_rows + 1)
+    )
     assert all(r is not None for r in rejected.column("reason").to_pylist())
 
 

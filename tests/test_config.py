@@ -1,10 +1,11 @@
 import copy
 import subprocess
+import sys
+import time
 
 import pytest
 import yaml
 from conftest import REPO, SNAKEMAKE, tiny_config
-
 from kiln.config import ConfigError, dataset_shards, tokenization_key, validate
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -38,15 +39,23 @@ def test_every_default_key_is_commented():
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda c: c["experiments"]["default"]["training"].update(lora_r="abc"),
-         "experiments.default.training.lora_r: 'abc' is not of type 'integer'"),
+        (
+            lambda c: c["experiments"]["default"]["training"].update(lora_r="abc"),
+            "experiments.default.training.lora_r: 'abc' is not of type 'integer'",
+        ),
         (lambda c: c["experiments"]["default"]["training"].update(lr=1), "'lr' was unexpected"),
-        (lambda c: c["experiments"]["default"].update(dataset="nope"),
-         "experiments.default.dataset: 'nope' is not in `datasets`"),
-        (lambda c: c["datasets"]["orders"]["sources"][0].update(mess_rate=2),
-         "datasets.orders.sources[0].mess_rate: 2 is greater than the maximum of 0.9"),
-        (lambda c: c["datasets"]["orders"]["build"].update(validation=0.5, test=0.5),
-         "validation + test must be below 1"),
+        (
+            lambda c: c["experiments"]["default"].update(dataset="nope"),
+            "experiments.default.dataset: 'nope' is not in `datasets`",
+        ),
+        (
+            lambda c: c["datasets"]["orders"]["sources"][0].update(mess_rate=2),
+            "datasets.orders.sources[0].mess_rate: 2 is greater than the maximum of 0.9",
+        ),
+        (
+            lambda c: c["datasets"]["orders"]["build"].update(validation=0.5, test=0.5),
+            "validation + test must be below 1",
+        ),
         (lambda c: c["models"]["smollm2-135m"].update(kind="gguf"), "models.smollm2-135m.kind"),
     ],
 )
@@ -63,17 +72,25 @@ def test_bad_config_fails_the_dry_run_with_one_clear_line(tmp_path):
     cfg = tiny_config()
     cfg["experiments"]["tiny"]["training"]["max_steps"] = 0
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-n", "--cores", "1",
-                           "--configfile", "c.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-n", "--cores", "1", "--configfile", "c.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     assert "config: experiments.tiny.training.max_steps: 0 is less than the minimum of 1" in proc.stderr
 
 
 def test_local_glob_matching_nothing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = validate({"datasets": {"d": {"sources": [{"name": "x", "kind": "local", "path": "in/*.jsonl"}]}},
-                    "models": {"m": {"kind": "local", "path": "m"}},
-                    "experiments": {"e": {"dataset": "d", "model": "m"}}})
+    cfg = validate(
+        {
+            "datasets": {"d": {"sources": [{"name": "x", "kind": "local", "path": "in/*.jsonl"}]}},
+            "models": {"m": {"kind": "local", "path": "m"}},
+            "experiments": {"e": {"dataset": "d", "model": "m"}},
+        }
+    )
     with pytest.raises(ConfigError, match="path 'in/\\*.jsonl' matches no files"):
         dataset_shards(cfg, "d")
 
@@ -90,11 +107,15 @@ def test_experiments_differing_in_training_only_share_tokenization():
 
 
 def test_dry_run_is_fast_and_imports_no_heavy_library(tmp_path):
-    code = ("import sys, runpy; sys.argv=['snakemake','-s',%r,'-n','--cores','1'];"
-            "from snakemake.cli import main\n"
-            "try:\n main()\nexcept SystemExit: pass\n"
-            "heavy=[m for m in ('torch','transformers','trl','peft') if m in sys.modules]\n"
-            "print('HEAVY', heavy)") % str(REPO / "Snakefile")
-    proc = subprocess.run([SNAKEMAKE.replace("snakemake", "python"), "-c", code], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys\n"
+        "from snakemake.cli import main\n"
+        f"sys.argv = ['snakemake', '-s', {str(REPO / 'Snakefile')!r}, '-n', '--cores', '1']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', [m for m in ('torch', 'transformers', 'trl', 'peft') if m in sys.modules])\n"
+    )
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert time.perf_counter() - start < 30

@@ -4,17 +4,19 @@ import datasets
 import pyarrow.parquet as pq
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_clean import chat, raw_table
-
 from kiln.clean import clean_table
 from kiln.dataset import build_dataset, split_by_hash
+from test_clean import chat, raw_table
 
 BUILD = {"near_dedup": False, "near_dedup_threshold": 0.8, "validation": 0.1, "test": 0.1, "seed": 0}
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=80, unique=True),
-       st.lists(st.text(min_size=1, max_size=12), max_size=80), st.integers(0, 5))
+@given(
+    st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=80, unique=True),
+    st.lists(st.text(min_size=1, max_size=12), max_size=80),
+    st.integers(0, 5),
+)
 def test_adding_rows_never_moves_an_existing_row(ids, new_ids, seed):
     before = dict(zip(ids, split_by_hash(ids, seed, 0.2, 0.2), strict=True))
     grown = ids + new_ids
@@ -52,8 +54,12 @@ def test_cross_shard_dedup_split_and_fingerprints(tmp_path):
 
 def test_near_duplicates_are_removed_when_asked(tmp_path):
     base = " ".join(f"word{i}" for i in range(60))
-    shard = write_shard(tmp_path, "a", [chat(base, "ok"), chat(base + " extra", "ok"),
-                                        chat("something entirely different about bikes", "ok")])
-    stats = build_dataset([shard], tmp_path / "ds", tmp_path / "rej.parquet", tmp_path / "s.json",
-                          {**BUILD, "near_dedup": True})
+    shard = write_shard(
+        tmp_path,
+        "a",
+        [chat(base, "ok"), chat(base + " extra", "ok"), chat("something entirely different about bikes", "ok")],
+    )
+    stats = build_dataset(
+        [shard], tmp_path / "ds", tmp_path / "rej.parquet", tmp_path / "s.json", {**BUILD, "near_dedup": True}
+    )
     assert stats["rejected_by_reason"] == {"near_duplicate": 1}

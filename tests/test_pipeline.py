@@ -8,7 +8,6 @@ import signal
 import subprocess
 import time
 
-import pytest
 import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
@@ -121,25 +120,38 @@ def test_changed_parameters_rerun_only_what_follows(tiny_run, tmp_path):
 
 def test_new_local_file_is_collected_and_cleaned_alone(workflow_factory):
     cfg = tiny_config()
-    cfg["datasets"]["orders"]["sources"].append(
-        {"name": "mine", "kind": "local", "path": "incoming/*.jsonl"})
+    cfg["datasets"]["orders"]["sources"].append({"name": "mine", "kind": "local", "path": "incoming/*.jsonl"})
     wf = workflow_factory(cfg)
     inbox = wf.workdir / "incoming"
     inbox.mkdir()
-    row = {"messages": [{"role": "user", "content": "Order: 2 kettles for Ann Lee in Oslo, 12.5 each, 2025-05-01"},
-                        {"role": "assistant", "content": json.dumps({
-                            "customer": "Ann Lee", "product": "kettle", "quantity": 2, "unit_price": 12.5,
-                            "city": "Oslo", "date": "2025-05-01"})}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "Order: 2 kettles for Ann Lee in Oslo, 12.5 each, 2025-05-01"},
+            {
+                "role": "assistant",
+                "content": json.dumps(
+                    {
+                        "customer": "Ann Lee",
+                        "product": "kettle",
+                        "quantity": 2,
+                        "unit_price": 12.5,
+                        "city": "Oslo",
+                        "date": "2025-05-01",
+                    }
+                ),
+            },
+        ]
+    }
     (inbox / "a.jsonl").write_text(json.dumps(row) + "\n")
-    target = "results/data/orders/tokenized"
-    wf.run(f"{wf.path('data/orders/dataset_stats.json')}")
-    assert wf.planned_rules(str(wf.path("data/orders/dataset_stats.json"))) == {}
+    target = "results/data/orders/dataset_stats.json"
+    wf.run(target)
+    assert wf.planned_rules(target) == {}
     time.sleep(1)
     row["messages"][0]["content"] = row["messages"][0]["content"].replace("Ann Lee", "Bo Li")
     (inbox / "b.jsonl").write_text(json.dumps(row).replace("Ann Lee", "Bo Li") + "\n")
-    plan = wf.planned_rules(str(wf.path("data/orders/dataset_stats.json")))
-    assert plan == {"collect": 1, "clean": 1, "build_dataset": 1}, target
-    wf.run(str(wf.path("data/orders/dataset_stats.json")))
+    plan = wf.planned_rules(target)
+    assert plan == {"collect": 1, "clean": 1, "build_dataset": 1}
+    wf.run(target)
     assert wf.path("data/orders/clean/mine/b.jsonl.parquet").exists()
     stats = json.loads(wf.path("data/orders/dataset_stats.json").read_text())
     assert stats["rows_in"] >= 2
@@ -149,9 +161,14 @@ def test_killed_training_resumes_from_its_checkpoint(workflow_factory):
     cfg = tiny_config(max_steps=8, save_steps=2, eval_steps=0)
     cfg["models"]["tiny"]["architecture"].update(hidden_size=256, intermediate_size=512, num_hidden_layers=4)
     wf = workflow_factory(cfg)
-    target = str(wf.path("tiny/train_summary.json"))
-    proc = subprocess.Popen(wf.command(target, cores=1), cwd=wf.workdir, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    target = "results/tiny/train_summary.json"
+    proc = subprocess.Popen(
+        wf.command(target, cores=1),
+        cwd=wf.workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     ckpt = wf.path("checkpoints/tiny")
     deadline = time.time() + 400
     while time.time() < deadline and not list(ckpt.glob("checkpoint-4")):
@@ -163,6 +180,7 @@ def test_killed_training_resumes_from_its_checkpoint(workflow_factory):
     assert not wf.path("tiny/train_summary.json").exists()
     done_before = max(int(p.name.split("-")[1]) for p in ckpt.glob("checkpoint-*"))
     assert done_before < 8
+    wf.run("--unlock")  # a SIGKILL leaves Snakemake's lock behind, as after a power loss
     wf.run(target, "--rerun-incomplete")
     summary = json.loads(wf.path("tiny/train_summary.json").read_text())
     assert summary["steps"] == 8 and summary["resumed_from_step"] == done_before

@@ -1,18 +1,31 @@
 import pytest
-
 from kiln.records import RecordError, detect_format, stable_id, to_canonical
 
 
 @pytest.mark.parametrize(
     "record, fmt, turns",
     [
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages",
-         [("user", "a"), ("assistant", "b")]),
-        ({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "a"},
-                            {"from": "gpt", "value": "b"}]}, "sharegpt",
-         [("system", "s"), ("user", "a"), ("assistant", "b")]),
-        ({"instruction": "do", "input": "this", "output": "done"}, "alpaca",
-         [("user", "do\n\nthis"), ("assistant", "done")]),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            "messages",
+            [("user", "a"), ("assistant", "b")],
+        ),
+        (
+            {
+                "conversations": [
+                    {"from": "system", "value": "s"},
+                    {"from": "human", "value": "a"},
+                    {"from": "gpt", "value": "b"},
+                ]
+            },
+            "sharegpt",
+            [("system", "s"), ("user", "a"), ("assistant", "b")],
+        ),
+        (
+            {"instruction": "do", "input": "this", "output": "done"},
+            "alpaca",
+            [("user", "do\n\nthis"), ("assistant", "done")],
+        ),
         ({"instruction": "do", "input": "", "output": "done"}, "alpaca", [("user", "do"), ("assistant", "done")]),
         ({"prompt": "p", "completion": "c"}, "prompt_completion", [("user", "p"), ("assistant", "c")]),
         ({"text": "plain"}, "text", [("text", "plain")]),
@@ -26,8 +39,9 @@ def test_formats_map_to_canonical_turns(record, fmt, turns):
 
 
 def test_column_mapping():
-    fmt, _, turns = to_canonical({"question": "q", "answer": "a"}, "auto", {"prompt": "question",
-                                                                           "completion": "answer"})
+    fmt, _, turns = to_canonical(
+        {"question": "q", "answer": "a"}, "auto", {"prompt": "question", "completion": "answer"}
+    )
     assert fmt == "prompt_completion" and turns[1]["content"] == "a"
 
 

@@ -5,13 +5,19 @@ import threading
 
 import pyarrow.parquet as pq
 import pytest
-
 from kiln.sources import CollectError, collect_shard
 
 
 def local_source(path, **extra):
-    return {"name": "in", "kind": "local", "path": str(path), "format": "auto", "columns": {},
-            "encoding": "utf-8", **extra}
+    return {
+        "name": "in",
+        "kind": "local",
+        "path": str(path),
+        "format": "auto",
+        "columns": {},
+        "encoding": "utf-8",
+        **extra,
+    }
 
 
 def collect(tmp_path, src, shard):
@@ -26,8 +32,13 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 def test_jsonl_rows_keep_lineage_and_bad_lines_keep_their_reason(tmp_path):
     f = tmp_path / "data" / "a.jsonl"
     f.parent.mkdir()
-    f.write_bytes(json.dumps(CHAT).encode() + b"\n\n{not json\n" + b'{"text": "caf\xe9"}\n'
-                  + json.dumps({"prompt": "p"}).encode() + b"\n")
+    f.write_bytes(
+        json.dumps(CHAT).encode()
+        + b"\n\n{not json\n"
+        + b'{"text": "caf\xe9"}\n'
+        + json.dumps({"prompt": "p"}).encode()
+        + b"\n"
+    )
     rows = collect(tmp_path, local_source(tmp_path / "data" / "*.jsonl"), "a.jsonl")
     assert [r["row"] for r in rows] == [1, 3, 4, 5]  # blank line 2 is layout
     assert rows[0]["error"] is None and rows[0]["source"] == "in" and rows[0]["file"].endswith("a.jsonl")
@@ -45,8 +56,10 @@ def test_csv_json_parquet_and_txt(tmp_path):
     d.mkdir()
     (d / "a.csv").write_text("instruction,input,output\nsay hi,,hi\ncount,1 2,3\n")
     (d / "b.json").write_text(json.dumps({"data": [{"prompt": "p", "completion": "c"}]}))
-    pq.write_table(pa.Table.from_pylist([{"conversations": [{"from": "human", "value": "a"},
-                                                            {"from": "gpt", "value": "b"}]}]), d / "c.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}]),
+        d / "c.parquet",
+    )
     (d / "d.txt").write_text("first line\n\nsecond line\n")
     src = local_source(d / "*")
     csv = collect(tmp_path, src, "a.csv")
@@ -97,8 +110,15 @@ def test_url_source_downloads_checks_sha256_and_reports_failures(tmp_path, http_
     body = (json.dumps(CHAT) + "\n").encode()
     (root / "orders.jsonl").write_bytes(body)
     good = hashlib.sha256(body).hexdigest()
-    src = {"name": "web", "kind": "url", "urls": [f"{base}/orders.jsonl"], "sha256": [good], "timeout_s": 5,
-           "format": "auto", "columns": {}}
+    src = {
+        "name": "web",
+        "kind": "url",
+        "urls": [f"{base}/orders.jsonl"],
+        "sha256": [good],
+        "timeout_s": 5,
+        "format": "auto",
+        "columns": {},
+    }
     rows = collect(tmp_path, src, "000-orders.jsonl")
     assert rows[0]["file"] == f"{base}/orders.jsonl" and rows[0]["error"] is None
     with pytest.raises(CollectError, match="sha256 mismatch"):
@@ -110,8 +130,17 @@ def test_url_source_downloads_checks_sha256_and_reports_failures(tmp_path, http_
 def test_hf_source_goes_through_load_dataset(tmp_path):
     f = tmp_path / "train.jsonl"
     f.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
-    src = {"name": "hub", "kind": "hf", "path": "json", "config_name": None, "revision": "main",
-           "split": "train", "data_files": str(f), "format": "auto", "columns": {}}
+    src = {
+        "name": "hub",
+        "kind": "hf",
+        "path": "json",
+        "config_name": None,
+        "revision": "main",
+        "split": "train",
+        "data_files": str(f),
+        "format": "auto",
+        "columns": {},
+    }
     rows = collect(tmp_path, src, "train")
     assert rows[0]["format"] == "alpaca" and rows[0]["file"] == "hf://json@main/train"
     with pytest.raises(CollectError, match="hf source 'hub': load_dataset"):

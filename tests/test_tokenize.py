@@ -1,13 +1,16 @@
 import datasets
 from conftest import TOKENIZER
+from kiln.tokenize import tokenize_batch, tokenize_dataset
 from transformers import AutoTokenizer
 
-from kiln.tokenize import tokenize_batch, tokenize_dataset
-
 TOK = AutoTokenizer.from_pretrained(str(TOKENIZER))
-CHAT = [{"role": "system", "content": "Extract."}, {"role": "user", "content": "Order 3 lamps"},
-        {"role": "assistant", "content": '{"n": 3}'}, {"role": "user", "content": "and 4?"},
-        {"role": "assistant", "content": '{"n": 4}'}]
+CHAT = [
+    {"role": "system", "content": "Extract."},
+    {"role": "user", "content": "Order 3 lamps"},
+    {"role": "assistant", "content": '{"n": 3}'},
+    {"role": "user", "content": "and 4?"},
+    {"role": "assistant", "content": '{"n": 4}'},
+]
 
 
 def trainable_text(out, i=0):
@@ -22,8 +25,9 @@ def test_loss_falls_on_every_assistant_answer_and_its_end_of_turn_only():
 
 
 def test_all_tokens_train_when_assistant_only_is_off_and_for_text_rows():
-    out = tokenize_batch({"messages": [CHAT, [{"role": "text", "content": "plain words"}]],
-                          "kind": ["chat", "text"]}, TOK, 512, False)
+    out = tokenize_batch(
+        {"messages": [CHAT, [{"role": "text", "content": "plain words"}]], "kind": ["chat", "text"]}, TOK, 512, False
+    )
     assert all(out["assistant_masks"][0]) and all(out["assistant_masks"][1])
     assert TOK.decode(out["input_ids"][1]) == "plain words<|im_end|>"
 
@@ -34,18 +38,23 @@ def test_truncation_is_counted():
 
 
 def write_dataset(tmp_path, rows):
-    ds = datasets.Dataset.from_list([{"kiln_id": str(i), "kind": "chat", "messages": m}
-                                     for i, m in enumerate(rows)])
+    ds = datasets.Dataset.from_list([{"kiln_id": str(i), "kind": "chat", "messages": m} for i, m in enumerate(rows)])
     datasets.DatasetDict({"train": ds, "validation": ds.select([0]), "test": ds.select([0])}).save_to_disk(
-        str(tmp_path / "ds"))
+        str(tmp_path / "ds")
+    )
     return tmp_path / "ds"
 
 
 def test_tokenize_dataset_reports_truncation_and_drops_rows_left_without_loss(tmp_path):
     long_prompt = [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]
     path = write_dataset(tmp_path, [CHAT, long_prompt])
-    stats = tokenize_dataset(path, TOKENIZER, tmp_path / "tok", tmp_path / "s.json",
-                             {"max_seq_len": 80, "assistant_only_loss": True, "packing": False})
+    stats = tokenize_dataset(
+        path,
+        TOKENIZER,
+        tmp_path / "tok",
+        tmp_path / "s.json",
+        {"max_seq_len": 80, "assistant_only_loss": True, "packing": False},
+    )
     train = stats["splits"]["train"]
     assert train["truncated"] == 1 and train["rows_kept"] == 1
     assert train["dropped_no_trainable_tokens"] == {"count": 1, "kiln_ids": ["1"]}
@@ -54,8 +63,13 @@ def test_tokenize_dataset_reports_truncation_and_drops_rows_left_without_loss(tm
 
 def test_packing_uses_trl_and_keeps_masks_aligned(tmp_path):
     path = write_dataset(tmp_path, [CHAT] * 6)
-    stats = tokenize_dataset(path, TOKENIZER, tmp_path / "tok", tmp_path / "s.json",
-                             {"max_seq_len": 128, "assistant_only_loss": True, "packing": True})
+    stats = tokenize_dataset(
+        path,
+        TOKENIZER,
+        tmp_path / "tok",
+        tmp_path / "s.json",
+        {"max_seq_len": 128, "assistant_only_loss": True, "packing": True},
+    )
     packed = datasets.load_from_disk(str(tmp_path / "tok"))["train"]
     assert stats["splits"]["train"]["packed_sequences"] == len(packed) < 6
     for row in packed:

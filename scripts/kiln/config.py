@@ -182,7 +182,5 @@ def source_shards(src: dict, dataset: str) -> list[str]:
 def dataset_shards(cfg: dict, dataset: str) -> list[tuple[str, str]]:
     """Every (source, shard) of a dataset, in config order: the build stage's inputs."""
     return [
-        (src["name"], shard)
-        for src in cfg["datasets"][dataset]["sources"]
-        for shard in source_shards(src, dataset)
+        (src["name"], shard) for src in cfg["datasets"][dataset]["sources"] for shard in source_shards(src, dataset)
     ]

@@ -41,7 +41,7 @@ def fingerprint(table: pa.Table) -> str:
 
 def _word_shingles(text: str, n: int = 5) -> set[bytes]:
     words = text.lower().split()
-    return {" ".join(words[i:i + n]).encode() for i in range(max(1, len(words) - n + 1))}
+    return {" ".join(words[i : i + n]).encode() for i in range(max(1, len(words) - n + 1))}
 
 
 def near_duplicates(table: pa.Table, threshold: float, num_perm: int = 64) -> dict[int, int]:
@@ -49,9 +49,12 @@ def near_duplicates(table: pa.Table, threshold: float, num_perm: int = 64) -> di
     from datasketch import MinHash, MinHashLSH
 
     texts = pc.binary_join(
-        pa.ListArray.from_arrays(table.column("messages").combine_chunks().offsets,
-                                 table.column("messages").combine_chunks().flatten().field("content")),
-        "\n").to_pylist()
+        pa.ListArray.from_arrays(
+            table.column("messages").combine_chunks().offsets,
+            table.column("messages").combine_chunks().flatten().field("content"),
+        ),
+        "\n",
+    ).to_pylist()
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     dup_of: dict[int, int] = {}
     for i, text in enumerate(texts):
@@ -65,15 +68,18 @@ def near_duplicates(table: pa.Table, threshold: float, num_perm: int = 64) -> di
     return dup_of
 
 
-def build_dataset(clean_paths: list[str], out_dir: str | Path, rejected_path: str | Path,
-                  stats_path: str | Path, settings: dict) -> dict:
+def build_dataset(
+    clean_paths: list[str], out_dir: str | Path, rejected_path: str | Path, stats_path: str | Path, settings: dict
+) -> dict:
     import datasets
 
     tables = [pq.read_table(p) for p in clean_paths]
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
-        raise ValueError(f"no clean rows in {len(clean_paths)} shard(s): every row was rejected; "
-                         "see the rejected/ shards for the reasons")
+        raise ValueError(
+            f"no clean rows in {len(clean_paths)} shard(s): every row was rejected; "
+            "see the rejected/ shards for the reasons"
+        )
     # Exact duplicates across shards: the first occurrence in config/source/file/row order wins.
     hashes = table.column("content_hash").to_pylist()
     ids = table.column("kiln_id").to_pylist()
@@ -96,28 +102,35 @@ def build_dataset(clean_paths: list[str], out_dir: str | Path, rejected_path: st
     files = table.column("file").to_pylist()
     sources = table.column("source").to_pylist()
     rej_idx = sorted(reasons)
-    rejected = pa.table({
-        "kiln_id": [ids[i] for i in rej_idx],
-        "source": [sources[i] for i in rej_idx],
-        "file": [files[i] for i in rej_idx],
-        "row": [rows[i] for i in rej_idx],
-        "stage": ["build"] * len(rej_idx),
-        "reason": [reasons[i][0] for i in rej_idx],
-        "detail": [f"same content as {files[reasons[i][1]]} row {rows[reasons[i][1]]} ({ids[reasons[i][1]]})"
-                   for i in rej_idx],
-        "raw": pa.nulls(len(rej_idx), pa.string()),
-    }, schema=REJECTED_SCHEMA)
+    rejected = pa.table(
+        {
+            "kiln_id": [ids[i] for i in rej_idx],
+            "source": [sources[i] for i in rej_idx],
+            "file": [files[i] for i in rej_idx],
+            "row": [rows[i] for i in rej_idx],
+            "stage": ["build"] * len(rej_idx),
+            "reason": [reasons[i][0] for i in rej_idx],
+            "detail": [
+                f"same content as {files[reasons[i][1]]} row {rows[reasons[i][1]]} ({ids[reasons[i][1]]})"
+                for i in rej_idx
+            ],
+            "raw": pa.nulls(len(rej_idx), pa.string()),
+        },
+        schema=REJECTED_SCHEMA,
+    )
     kept = table.filter(pa.array(~drop))
-    split = split_by_hash(kept.column("kiln_id").to_pylist(), settings["seed"],
-                          settings["validation"], settings["test"])
+    split = split_by_hash(
+        kept.column("kiln_id").to_pylist(), settings["seed"], settings["validation"], settings["test"]
+    )
     dd = {}
     stats = {"rows_in": table.num_rows, "rows_rejected": rejected.num_rows, "splits": {}}
     for name in SPLITS:
         part = kept.filter(pa.array(split == name))
         dd[name] = datasets.Dataset(part)
         stats["splits"][name] = {"rows": part.num_rows, "fingerprint": fingerprint(part)}
-    stats["rejected_by_reason"] = {r: sum(1 for v in reasons.values() if v[0] == r)
-                                   for r in sorted({v[0] for v in reasons.values()})}
+    stats["rejected_by_reason"] = {
+        r: sum(1 for v in reasons.values() if v[0] == r) for r in sorted({v[0] for v in reasons.values()})
+    }
     datasets.DatasetDict(dd).save_to_disk(str(out_dir))
     Path(rejected_path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(rejected, rejected_path)

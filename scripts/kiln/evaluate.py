@@ -37,7 +37,8 @@ def score(predictions: list[str], references: list[str]) -> dict:
         fields = sorted({k for r in refs for k in r})
         out["field_accuracy"] = {
             f: sum(isinstance(p, dict) and p.get(f) == r.get(f) for p, r in zip(preds, refs, strict=True)) / n
-            for f in fields}
+            for f in fields
+        }
         out["mean_field_accuracy"] = sum(out["field_accuracy"].values()) / max(1, len(fields))
     else:
         from sacrebleu.metrics import CHRF
@@ -53,8 +54,7 @@ def prompts_and_references(test, tokenizer, max_samples: int):
     for row in test.select(range(min(max_samples, len(test)))):
         if row["kind"] != "chat":
             continue
-        prompts.append(tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False,
-                                                     add_generation_prompt=True))
+        prompts.append(tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True))
         refs.append(row["messages"][-1]["content"])
         rows.append(row)
     return prompts, refs, rows
@@ -67,12 +67,18 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
     tokenizer.padding_side = "left"
     outputs = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(model.device)
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(
+            model.device
+        )
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        outputs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        outputs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return outputs
 
 
@@ -82,20 +88,21 @@ def masked_loss(model, tokenized_test, pad_id: int, batch_size: int = 16) -> dic
 
     total, count = 0.0, 0
     for i in range(0, len(tokenized_test), batch_size):
-        rows = tokenized_test[i:i + batch_size]
+        rows = tokenized_test[i : i + batch_size]
         length = max(len(x) for x in rows["input_ids"])
         ids = torch.full((len(rows["input_ids"]), length), pad_id)
         labels = torch.full_like(ids, -100)
         attn = torch.zeros_like(ids)
         for j, (x, m) in enumerate(zip(rows["input_ids"], rows["assistant_masks"], strict=True)):
-            ids[j, :len(x)] = torch.tensor(x)
-            attn[j, :len(x)] = 1
-            labels[j, :len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), -100)
+            ids[j, : len(x)] = torch.tensor(x)
+            attn[j, : len(x)] = 1
+            labels[j, : len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), -100)
         with torch.no_grad():
             logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits.float()
         shift = labels[:, 1:].to(model.device)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shift.reshape(-1),
-                                                ignore_index=-100, reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), shift.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total += nll.item()
         count += int((shift != -100).sum())
     loss = total / max(1, count)
@@ -116,20 +123,31 @@ def load_model(kind: str, base_dir: str, merged_dir: str, adapter_dir: str):
 
     from kiln.backends import bnb_config
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, quantization_config=bnb_config(dtype),
-                                                device_map={"": device})
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=dtype, quantization_config=bnb_config(dtype), device_map={"": device}
+    )
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
-def evaluate(dataset_dir: str, tokenized_dir: str, base_dir: str, merged_dir: str, adapter_dir: str,
-             metrics_path: str, samples_path: str, settings: dict, experiment: str = "",
-             models: tuple[str, ...] = ("base", "tuned", "adapter_4bit")) -> dict:
+def evaluate(
+    dataset_dir: str,
+    tokenized_dir: str,
+    base_dir: str,
+    merged_dir: str,
+    adapter_dir: str,
+    metrics_path: str,
+    samples_path: str,
+    settings: dict,
+    experiment: str = "",
+    models: tuple[str, ...] = ("base", "tuned", "adapter_4bit"),
+) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     test = datasets.load_from_disk(dataset_dir)["test"]
     tokenized_test = datasets.load_from_disk(tokenized_dir)["test"]
+    tokenized_test = tokenized_test.select(range(min(settings["max_samples"], len(tokenized_test))))
     if "seq_lengths" in tokenized_test.column_names:  # packed: score each row on its own
         raise ValueError("evaluation needs the unpacked test split; set tokenize.packing only for training")
     prompts, refs, rows = prompts_and_references(test, tokenizer, settings["max_samples"])
@@ -147,16 +165,27 @@ def evaluate(dataset_dir: str, tokenized_dir: str, base_dir: str, merged_dir: st
         del model
     if "base" in metrics and "tuned" in metrics:
         metrics["delta_tuned_minus_base"] = {
-            k: metrics["tuned"][k] - metrics["base"][k] for k in ("loss", "exact_match")}
+            k: metrics["tuned"][k] - metrics["base"][k] for k in ("loss", "exact_match")
+        }
     if "tuned" in metrics and "adapter_4bit" in metrics:
         agree = sum(a == b for a, b in zip(outputs["tuned"], outputs["adapter_4bit"], strict=True))
         metrics["merge_drift"] = {
             "loss_tuned_minus_adapter_4bit": metrics["tuned"]["loss"] - metrics["adapter_4bit"]["loss"],
-            "identical_generations": agree / max(1, len(prompts))}
+            "identical_generations": agree / max(1, len(prompts)),
+        }
     Path(metrics_path).write_text(json.dumps(metrics, indent=2))
     with open(samples_path, "w") as fh:
         for i, (row, ref) in enumerate(zip(rows, refs, strict=True)):
-            fh.write(json.dumps({"kiln_id": row["kiln_id"], "prompt": row["messages"][-2]["content"],
-                                 "reference": ref, **{k: outputs[k][i] for k in outputs}},
-                                ensure_ascii=False) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "kiln_id": row["kiln_id"],
+                        "prompt": row["messages"][-2]["content"],
+                        "reference": ref,
+                        **{k: outputs[k][i] for k in outputs},
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
     return metrics

@@ -33,7 +33,8 @@ def load_base(base_dir: str, onto: str, device: str):
     from kiln.backends import bnb_config
 
     quantized = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=torch.float32, quantization_config=bnb_config(torch.float32), device_map={"": device})
+        base_dir, dtype=torch.float32, quantization_config=bnb_config(torch.float32), device_map={"": device}
+    )
     return quantized.dequantize().to(torch.float32)
 
 
@@ -43,8 +44,10 @@ def validation_prompts(dataset_dir: str, tokenizer, n: int) -> list[str]:
     dd = datasets.load_from_disk(dataset_dir)
     split = dd["validation"] if len(dd["validation"]) else dd["train"]
     rows = split.select(range(min(n, len(split))))
-    return [tokenizer.apply_chat_template(m, tokenize=False) if k == "chat" else m[0]["content"]
-            for m, k in zip(rows["messages"], rows["kind"], strict=True)]
+    return [
+        tokenizer.apply_chat_template(m, tokenize=False) if k == "chat" else m[0]["content"]
+        for m, k in zip(rows["messages"], rows["kind"], strict=True)
+    ]
 
 
 def _logits(model, batch):
@@ -54,8 +57,15 @@ def _logits(model, batch):
         return model(**batch).logits.float()
 
 
-def merge_adapter(adapter_dir: str, out_dir: str, report_path: str, dataset_dir: str, onto: str = "original",
-                  dtype: str = "auto", n_samples: int = 8) -> dict:
+def merge_adapter(
+    adapter_dir: str,
+    out_dir: str,
+    report_path: str,
+    dataset_dir: str,
+    onto: str = "original",
+    dtype: str = "auto",
+    n_samples: int = 8,
+) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
@@ -90,26 +100,40 @@ def merge_adapter(adapter_dir: str, out_dir: str, report_path: str, dataset_dir:
 
     # The merged folder must work with the plain transformers API, and stop at the end of a turn.
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Say hello."}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "Say hello."}], tokenize=False, add_generation_prompt=True
+    )
     generator = pipeline("text-generation", model=out_dir, tokenizer=out_dir, device=device)
     full = generator(prompt, max_new_tokens=48, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
-    out = list(full)[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]):]
+    out = list(full)[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) :]
     eos_id = reloaded.generation_config.eos_token_id
     eos_ids = set(eos_id if isinstance(eos_id, list) else [eos_id])
     report = {
-        "adapter": str(adapter_dir), "base_model_dir": base_dir, "merge_onto": onto,
-        "saved_dtype": str(save_dtype).removeprefix("torch."), "samples": len(texts),
+        "adapter": str(adapter_dir),
+        "base_model_dir": base_dir,
+        "merge_onto": onto,
+        "saved_dtype": str(save_dtype).removeprefix("torch."),
+        "samples": len(texts),
         "tokens_compared": int(mask.sum()),
-        "max_abs_logit_diff": diff.max().item(), "mean_abs_logit_diff": diff.mean().item(),
-        "adapter_effect_mean_abs_logit": effect, "merge_error_ratio": ratio,
-        "pipeline_generated_tokens": len(out), "pipeline_stopped_at_eos": bool(out and out[-1] in eos_ids),
-        "eos_token": tokenizer.eos_token, "generation_eos_token_id": eos_id,
+        "max_abs_logit_diff": diff.max().item(),
+        "mean_abs_logit_diff": diff.mean().item(),
+        "adapter_effect_mean_abs_logit": effect,
+        "merge_error_ratio": ratio,
+        "pipeline_generated_tokens": len(out),
+        "pipeline_stopped_at_eos": bool(out and out[-1] in eos_ids),
+        "eos_token": tokenizer.eos_token,
+        "generation_eos_token_id": eos_id,
     }
     Path(report_path).write_text(json.dumps(report, indent=2))
     if ratio > MAX_MERGE_ERROR_RATIO:
         raise RuntimeError(
             f"merged model does not match base + adapter: mean |logit diff| {diff.mean().item():.4g} is "
-            f"{ratio:.1%} of the adapter's own effect ({effect:.4g}); see {report_path}")
-    log.info("merged %s onto %s weights: max |diff| %.3g, error %.2f%% of the adapter effect",
-             adapter_dir, onto, report["max_abs_logit_diff"], 100 * ratio)
+            f"{ratio:.1%} of the adapter's own effect ({effect:.4g}); see {report_path}"
+        )
+    log.info(
+        "merged %s onto %s weights: max |diff| %.3g, error %.2f%% of the adapter effect",
+        adapter_dir,
+        onto,
+        report["max_abs_logit_diff"],
+        100 * ratio,
+    )
     return report

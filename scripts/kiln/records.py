@@ -13,23 +13,32 @@ import pyarrow as pa
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "model": "assistant",
-                  "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 TURN_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES_TYPE = pa.list_(TURN_TYPE)
-RAW_SCHEMA = pa.schema([
-    ("kiln_id", pa.string()),      # stable id: hash of the canonical content (or raw text if unparsable)
-    ("source", pa.string()),       # source name in the config
-    ("file", pa.string()),         # file, URL or generator the row came from
-    ("row", pa.int64()),           # 1-based line (jsonl/txt/csv data row) or record index
-    ("format", pa.string()),       # detected record format
-    ("kind", pa.string()),         # chat | text | null when unparsable
-    ("messages", MESSAGES_TYPE),
-    ("raw", pa.string()),          # the original record, for lineage
-    ("error", pa.string()),        # why the row could not be read; null when it could
-])
+RAW_SCHEMA = pa.schema(
+    [
+        ("kiln_id", pa.string()),  # stable id: hash of the canonical content (or raw text if unparsable)
+        ("source", pa.string()),  # source name in the config
+        ("file", pa.string()),  # file, URL or generator the row came from
+        ("row", pa.int64()),  # 1-based line (jsonl/txt/csv data row) or record index
+        ("format", pa.string()),  # detected record format
+        ("kind", pa.string()),  # chat | text | null when unparsable
+        ("messages", MESSAGES_TYPE),
+        ("raw", pa.string()),  # the original record, for lineage
+        ("error", pa.string()),  # why the row could not be read; null when it could
+    ]
+)
 
 
 class RecordError(ValueError):
@@ -60,8 +69,17 @@ def detect_format(record: dict, columns: dict) -> str:
     )
 
 
-_CANONICAL_FIELDS = ("messages", "conversations", "instruction", "input", "output", "system",
-                     "prompt", "completion", "text")
+_CANONICAL_FIELDS = (
+    "messages",
+    "conversations",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "prompt",
+    "completion",
+    "text",
+)
 
 
 def _mapping(columns: dict) -> dict:
@@ -104,11 +122,9 @@ def to_canonical(record: dict, fmt: str = "auto", columns: dict | None = None) -
     if fmt == "auto":
         fmt = detect_format(record, columns or {})
     if fmt == "messages":
-        turns = _turns(record.get(m["messages"]), m["messages"], "role", "content",
-                       {r: r for r in ROLES})
+        turns = _turns(record.get(m["messages"]), m["messages"], "role", "content", {r: r for r in ROLES})
     elif fmt == "sharegpt":
-        turns = _turns(record.get(m["conversations"]), m["conversations"], "from", "value",
-                       SHAREGPT_ROLES)
+        turns = _turns(record.get(m["conversations"]), m["conversations"], "from", "value", SHAREGPT_ROLES)
     elif fmt == "alpaca":
         instruction = _string(record, m["instruction"])
         extra = _string(record, m["input"], required=False)
@@ -119,8 +135,10 @@ def to_canonical(record: dict, fmt: str = "auto", columns: dict | None = None) -
             {"role": "assistant", "content": _string(record, m["output"])},
         ]
     elif fmt == "prompt_completion":
-        turns = [{"role": "user", "content": _string(record, m["prompt"])},
-                 {"role": "assistant", "content": _string(record, m["completion"])}]
+        turns = [
+            {"role": "user", "content": _string(record, m["prompt"])},
+            {"role": "assistant", "content": _string(record, m["completion"])},
+        ]
     elif fmt == "text":
         return fmt, "text", [{"role": "text", "content": _string(record, m["text"])}]
     else:

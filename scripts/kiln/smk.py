@@ -20,6 +20,7 @@ def setup_log(snakemake, console: bool = False) -> logging.Logger:
             sys.stderr = stream
     if console or not snakemake.log:
         handlers.append(logging.StreamHandler(sys.stderr))
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, handlers=handlers, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return logging.getLogger(f"kiln.{snakemake.rule}")

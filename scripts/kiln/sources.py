@@ -15,8 +15,8 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,8 +108,14 @@ def _txt_items(path: str, encoding: str) -> Iterator[Item]:
             yield lineno, {"text": line}, line, None
 
 
-READERS = {".jsonl": _jsonl_items, ".ndjson": _jsonl_items, ".json": _json_items,
-           ".csv": _csv_items, ".parquet": _parquet_items, ".txt": _txt_items}
+READERS = {
+    ".jsonl": _jsonl_items,
+    ".ndjson": _jsonl_items,
+    ".json": _json_items,
+    ".csv": _csv_items,
+    ".parquet": _parquet_items,
+    ".txt": _txt_items,
+}
 
 
 def read_file_items(path: str, encoding: str = "utf-8") -> Iterator[Item]:
@@ -125,8 +131,16 @@ def canonical_rows(items: Iterable[Item], *, source: str, file: str, fmt: str, c
     """Map raw items to canonical rows; unmappable rows keep their reason in ``error``."""
     rows = []
     for rowno, record, raw, error in items:
-        row = {"source": source, "file": file, "row": rowno, "raw": raw, "format": None,
-               "kind": None, "messages": None, "error": error}
+        row = {
+            "source": source,
+            "file": file,
+            "row": rowno,
+            "raw": raw,
+            "format": None,
+            "kind": None,
+            "messages": None,
+            "error": error,
+        }
         if error is None:
             try:
                 row["format"], row["kind"], row["messages"] = to_canonical(record, fmt, columns)
@@ -167,8 +181,13 @@ def _hf_items(src: dict) -> Iterator[Item]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(src["path"], src.get("config_name"), revision=src["revision"],
-                                   split=src["split"], data_files=src.get("data_files"))
+        ds = datasets.load_dataset(
+            src["path"],
+            src.get("config_name"),
+            revision=src["revision"],
+            split=src["split"],
+            data_files=src.get("data_files"),
+        )
     except Exception as exc:  # the Hub client raises many types; the message is what matters
         raise CollectError(
             f"hf source '{src['name']}': load_dataset('{src['path']}', revision='{src['revision']}', "
@@ -215,11 +234,14 @@ def collect_shard(src: dict, shard: str, out_path: str | Path, dataset: str = ""
     rows = canonical_rows(items, source=src["name"], file=str(file), fmt=fmt, columns=columns)
     if rows and all(r["error"] for r in rows):
         first = rows[0]
-        raise CollectError(
-            f"{file}: no row could be read; first problem, row {first['row']}: {first['error']}"
-        )
+        raise CollectError(f"{file}: no row could be read; first problem, row {first['row']}: {first['error']}")
     write_raw(rows, out_path)
-    stats = {"source": src["name"], "shard": shard, "file": str(file), "rows": len(rows),
-             "unreadable": sum(r["error"] is not None for r in rows)}
+    stats = {
+        "source": src["name"],
+        "shard": shard,
+        "file": str(file),
+        "rows": len(rows),
+        "unreadable": sum(r["error"] is not None for r in rows),
+    }
     log.info("collected %s rows from %s (%s unreadable)", stats["rows"], file, stats["unreadable"])
     return stats

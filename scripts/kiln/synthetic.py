@@ -11,31 +11,126 @@ import datetime as dt
 import json
 import random
 
-INSTRUCTION = ("Extract the order as JSON with the keys customer, product, quantity, unit_price, "
-               "city, date.")
+INSTRUCTION = "Extract the order as JSON with the keys customer, product, quantity, unit_price, city, date."
 ANSWER_KEYS = ("customer", "product", "quantity", "unit_price", "city", "date")
 
-FIRST = ["Maria", "John", "Aisha", "Wei", "Lucas", "Sofia", "Omar", "Emma", "Ravi", "Chloe", "Mateo",
-         "Hannah", "Kenji", "Fatima", "Noah", "Olga", "Diego", "Priya", "Liam", "Zoe", "Tomasz",
-         "Ingrid", "Kwame", "Lena", "Arjun", "Camille", "Yusuf", "Elena", "Samuel", "Mei"]
-LAST = ["Lopez", "Smith", "Khan", "Zhang", "Martin", "Rossi", "Haddad", "Brown", "Patel", "Dubois",
-        "Garcia", "Schmidt", "Tanaka", "Ali", "Wilson", "Ivanova", "Fernandez", "Nair", "Murphy",
-        "Novak", "Kowalski", "Berg", "Mensah", "Weber", "Gupta", "Laurent", "Demir", "Popescu",
-        "Okafor", "Chen"]
-PRODUCTS = ["desk lamp", "office chair", "standing desk", "coffee grinder", "wireless mouse",
-            "mechanical keyboard", "water bottle", "yoga mat", "backpack", "monitor arm",
-            "USB-C cable", "notebook", "phone case", "bluetooth speaker", "air purifier",
-            "kettle", "frying pan", "desk organizer", "webcam", "headphones", "tea set",
-            "plant pot", "bike light", "rain jacket", "travel mug"]
-CITIES = ["Lyon", "Berlin", "Austin", "Osaka", "Toronto", "Lagos", "Madrid", "Pune", "Oslo",
-          "Krakow", "Melbourne", "Nairobi", "Dublin", "Seoul", "Porto", "Denver", "Milan",
-          "Accra", "Vienna", "Lima"]
+FIRST = [
+    "Maria",
+    "John",
+    "Aisha",
+    "Wei",
+    "Lucas",
+    "Sofia",
+    "Omar",
+    "Emma",
+    "Ravi",
+    "Chloe",
+    "Mateo",
+    "Hannah",
+    "Kenji",
+    "Fatima",
+    "Noah",
+    "Olga",
+    "Diego",
+    "Priya",
+    "Liam",
+    "Zoe",
+    "Tomasz",
+    "Ingrid",
+    "Kwame",
+    "Lena",
+    "Arjun",
+    "Camille",
+    "Yusuf",
+    "Elena",
+    "Samuel",
+    "Mei",
+]
+LAST = [
+    "Lopez",
+    "Smith",
+    "Khan",
+    "Zhang",
+    "Martin",
+    "Rossi",
+    "Haddad",
+    "Brown",
+    "Patel",
+    "Dubois",
+    "Garcia",
+    "Schmidt",
+    "Tanaka",
+    "Ali",
+    "Wilson",
+    "Ivanova",
+    "Fernandez",
+    "Nair",
+    "Murphy",
+    "Novak",
+    "Kowalski",
+    "Berg",
+    "Mensah",
+    "Weber",
+    "Gupta",
+    "Laurent",
+    "Demir",
+    "Popescu",
+    "Okafor",
+    "Chen",
+]
+PRODUCTS = [
+    "desk lamp",
+    "office chair",
+    "standing desk",
+    "coffee grinder",
+    "wireless mouse",
+    "mechanical keyboard",
+    "water bottle",
+    "yoga mat",
+    "backpack",
+    "monitor arm",
+    "USB-C cable",
+    "notebook",
+    "phone case",
+    "bluetooth speaker",
+    "air purifier",
+    "kettle",
+    "frying pan",
+    "desk organizer",
+    "webcam",
+    "headphones",
+    "tea set",
+    "plant pot",
+    "bike light",
+    "rain jacket",
+    "travel mug",
+]
+CITIES = [
+    "Lyon",
+    "Berlin",
+    "Austin",
+    "Osaka",
+    "Toronto",
+    "Lagos",
+    "Madrid",
+    "Pune",
+    "Oslo",
+    "Krakow",
+    "Melbourne",
+    "Nairobi",
+    "Dublin",
+    "Seoul",
+    "Porto",
+    "Denver",
+    "Milan",
+    "Accra",
+    "Vienna",
+    "Lima",
+]
 TEMPLATES = [
-    "Hi, this is {customer}. Please send {quantity} x {product} at {price} each to {city}. "
-    "I need them by {date}.",
+    "Hi, this is {customer}. Please send {quantity} x {product} at {price} each to {city}. I need them by {date}.",
     "Order from {customer}: {quantity} {product} ({price} per unit), deliver to {city} on {date}.",
-    "{customer} here! Could I get {quantity} of the {product}? Price was {price}. Ship to {city}, "
-    "date {date}.",
+    "{customer} here! Could I get {quantity} of the {product}? Price was {price}. Ship to {city}, date {date}.",
     "New order - customer: {customer}; item: {product}; qty: {quantity}; unit price: {price}; "
     "destination: {city}; delivery: {date}",
     "Hello team, {customer} would like to buy {quantity} {product} for {price} apiece. "
@@ -46,11 +141,12 @@ TEMPLATES = [
     "Dear sales, please process an order of {quantity} {product} at a price of {price} per item "
     "for {customer}, shipping to {city} by {date}. Regards",
     "{quantity} {product} for {customer} - {city} - {date} - {price} each",
-    "Good morning! {customer} from {city} confirms {quantity} x {product} at {price}. "
-    "Please deliver on {date}.",
+    "Good morning! {customer} from {city} confirms {quantity} x {product} at {price}. Please deliver on {date}.",
 ]
-FILLER = ("Also, a note about our previous conversation regarding the warehouse schedule, the "
-          "invoices from last quarter and the general state of the logistics arrangements. ")
+FILLER = (
+    "Also, a note about our previous conversation regarding the warehouse schedule, the "
+    "invoices from last quarter and the general state of the logistics arrangements. "
+)
 
 
 def _order(rng: random.Random) -> dict:
@@ -72,17 +168,29 @@ def _message(rng: random.Random, order: dict) -> str:
 
 
 def _record(user: str, answer: str) -> dict:
-    return {"messages": [{"role": "system", "content": INSTRUCTION},
-                         {"role": "user", "content": user},
-                         {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {"role": "system", "content": INSTRUCTION},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 def answer_json(order: dict) -> str:
     return json.dumps({k: order[k] for k in ANSWER_KEYS}, ensure_ascii=False)
 
 
-MESS_KINDS = ("duplicate", "near_duplicate", "empty_answer", "html_entities", "control_chars",
-              "too_long", "broken_json", "wrong_type")
+MESS_KINDS = (
+    "duplicate",
+    "near_duplicate",
+    "empty_answer",
+    "html_entities",
+    "control_chars",
+    "too_long",
+    "broken_json",
+    "wrong_type",
+)
 
 
 def generate(rows: int, seed: int = 0, mess_rate: float = 0.1) -> list[dict]:

@@ -36,8 +36,9 @@ def assistant_spans(text: str, turns: list[dict], eos: str | None) -> list[tuple
 def render(tokenizer, batch_messages: list[list[dict]], kinds: list[str]) -> list[str]:
     """Chat rows through the model's chat template (one batched call); text rows + end-of-text."""
     chat_idx = [i for i, k in enumerate(kinds) if k == "chat"]
-    texts = [m[0]["content"] + (tokenizer.eos_token or "") if k == "text" else None
-             for m, k in zip(batch_messages, kinds)]
+    texts = [
+        m[0]["content"] + (tokenizer.eos_token or "") if k == "text" else None for m, k in zip(batch_messages, kinds)
+    ]
     if chat_idx:
         rendered = tokenizer.apply_chat_template([batch_messages[i] for i in chat_idx], tokenize=False)
         for i, text in zip(chat_idx, rendered):
@@ -50,8 +51,9 @@ def tokenize_batch(batch: dict, tokenizer, max_seq_len: int, assistant_only: boo
     texts = render(tokenizer, batch["messages"], batch["kind"])
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = {"input_ids": [], "assistant_masks": [], "n_tokens": [], "truncated": []}
-    for text, turns, kind, ids, offsets in zip(texts, batch["messages"], batch["kind"],
-                                               enc["input_ids"], enc["offset_mapping"]):
+    for text, turns, kind, ids, offsets in zip(
+        texts, batch["messages"], batch["kind"], enc["input_ids"], enc["offset_mapping"]
+    ):
         if kind == "text" or not assistant_only:
             mask = np.ones(len(ids), dtype=np.int8)
         else:
@@ -66,8 +68,14 @@ def tokenize_batch(batch: dict, tokenizer, max_seq_len: int, assistant_only: boo
     return out
 
 
-def tokenize_dataset(dataset_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path,
-                     stats_path: str | Path, settings: dict, num_proc: int = 1) -> dict:
+def tokenize_dataset(
+    dataset_dir: str | Path,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    stats_path: str | Path,
+    settings: dict,
+    num_proc: int = 1,
+) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
@@ -78,24 +86,35 @@ def tokenize_dataset(dataset_dir: str | Path, tokenizer_dir: str | Path, out_dir
     keep = ["kiln_id"]
     out, stats = {}, {"max_seq_len": settings["max_seq_len"], "packing": settings["packing"], "splits": {}}
     for split, ds in dd.items():
-        tok = ds.map(tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc if len(ds) > 5000 else None,
-                     remove_columns=[c for c in ds.column_names if c not in keep],
-                     fn_kwargs={"tokenizer": tokenizer, "max_seq_len": settings["max_seq_len"],
-                                "assistant_only": settings["assistant_only_loss"]},
-                     desc=f"tokenize {split}")
+        tok = ds.map(
+            tokenize_batch,
+            batched=True,
+            batch_size=1000,
+            num_proc=num_proc if len(ds) > 5000 else None,
+            remove_columns=[c for c in ds.column_names if c not in keep],
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "max_seq_len": settings["max_seq_len"],
+                "assistant_only": settings["assistant_only_loss"],
+            },
+            desc=f"tokenize {split}",
+        )
         n_tokens = np.asarray(tok["n_tokens"], dtype=np.int64)
         trainable = np.asarray([sum(m) for m in tok["assistant_masks"]], dtype=np.int64)
         no_loss = tok.filter(lambda m: 1 not in m, input_columns="assistant_masks")["kiln_id"]
         tok = tok.filter(lambda m: 1 in m, input_columns="assistant_masks")
         split_stats = {
-            "rows": len(ds), "rows_kept": len(tok),
+            "rows": len(ds),
+            "rows_kept": len(tok),
             "dropped_no_trainable_tokens": {"count": len(no_loss), "kiln_ids": no_loss[:100]},
             "truncated": int(np.sum(n_tokens > settings["max_seq_len"])),
             "tokens_before_truncation": int(n_tokens.sum()),
             "tokens": int(np.minimum(n_tokens, settings["max_seq_len"]).sum()),
             "trainable_tokens": int(trainable.sum()),
-            "length": {q: int(np.percentile(n_tokens, p)) if len(n_tokens) else 0
-                       for q, p in (("min", 0), ("p50", 50), ("p95", 95), ("max", 100))},
+            "length": {
+                q: int(np.percentile(n_tokens, p)) if len(n_tokens) else 0
+                for q, p in (("min", 0), ("p50", 50), ("p95", 95), ("max", 100))
+            },
             "length_histogram": np.histogram(n_tokens, bins=20)[0].tolist() if len(n_tokens) else [],
         }
         tok = tok.remove_columns(["n_tokens", "truncated"])
@@ -107,8 +126,12 @@ def tokenize_dataset(dataset_dir: str | Path, tokenizer_dir: str | Path, out_dir
         out[split] = tok
         stats["splits"][split] = split_stats
         if split_stats["truncated"]:
-            log.warning("%s: %d rows longer than max_seq_len=%d were truncated", split,
-                        split_stats["truncated"], settings["max_seq_len"])
+            log.warning(
+                "%s: %d rows longer than max_seq_len=%d were truncated",
+                split,
+                split_stats["truncated"],
+                settings["max_seq_len"],
+            )
     datasets.DatasetDict(out).save_to_disk(str(out_dir))
     Path(stats_path).write_text(json.dumps(stats, indent=2))
     return stats

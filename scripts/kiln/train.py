@@ -18,6 +18,7 @@ different key sets the old checkpoints aside (with a message) and starts again.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -35,8 +36,17 @@ STEP_LOG = "steps.jsonl"
 
 
 def run_key(data_fingerprints: dict, base_identity: dict, tokenize: dict, settings: dict) -> dict:
-    return {"data": data_fingerprints, "base_weights": base_identity.get("weights"),
-            "tokenize": tokenize, "training": settings}
+    """What a checkpoint was made from: resuming is allowed only when all of it is unchanged."""
+    code = hashlib.sha256()
+    for module in ("train.py", "backends.py"):
+        code.update((Path(__file__).parent / module).read_bytes())
+    return {
+        "data": data_fingerprints,
+        "base_weights": base_identity.get("weights"),
+        "tokenize": tokenize,
+        "training": settings,
+        "code": code.hexdigest(),
+    }
 
 
 def prepare_checkpoints(ckpt_dir: Path, key: dict) -> str | None:
@@ -49,8 +59,11 @@ def prepare_checkpoints(ckpt_dir: Path, key: dict) -> str | None:
             return str(checkpoints[-1])
     elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         stale = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.warning("checkpoints in %s were made from other inputs or settings; moved to %s and "
-                    "starting from step 0", ckpt_dir, stale)
+        log.warning(
+            "checkpoints in %s were made from other inputs or settings; moved to %s and starting from step 0",
+            ckpt_dir,
+            stale,
+        )
         shutil.move(str(ckpt_dir), str(stale))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     key_file.write_text(json.dumps(key, indent=2, sort_keys=True))
@@ -122,9 +135,20 @@ def _peak_memory_mb() -> dict:
     return out
 
 
-def train(tokenized_dir: str, base_dir: str, adapter_dir: str, step_log_out: str, loss_png: str,
-          summary_path: str, ckpt_dir: str, settings: dict, tokenize: dict, data_fingerprints: dict,
-          experiment: str = "", threads: int | None = None) -> dict:
+def train(
+    tokenized_dir: str,
+    base_dir: str,
+    adapter_dir: str,
+    step_log_out: str,
+    loss_png: str,
+    summary_path: str,
+    ckpt_dir: str,
+    settings: dict,
+    tokenize: dict,
+    data_fingerprints: dict,
+    experiment: str = "",
+    threads: int | None = None,
+) -> dict:
     t_start = time.perf_counter()
     backend, reason = resolve_backend(settings["backend"])
     log.info("backend: %s (%s)", backend, reason)
@@ -158,32 +182,55 @@ def train(tokenized_dir: str, base_dir: str, adapter_dir: str, step_log_out: str
 
     early = settings["early_stopping_patience"] > 0 and eval_ds is not None
     if early and settings["save_steps"] % settings["eval_steps"]:
-        raise ValueError("training.early_stopping_patience needs save_steps to be a multiple of eval_steps "
-                         f"(got save_steps={settings['save_steps']}, eval_steps={settings['eval_steps']})")
+        raise ValueError(
+            "training.early_stopping_patience needs save_steps to be a multiple of eval_steps "
+            f"(got save_steps={settings['save_steps']}, eval_steps={settings['eval_steps']})"
+        )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(ckpt / "tensorboard")
     args = SFTConfig(
-        output_dir=str(ckpt), max_steps=settings["max_steps"],
+        output_dir=str(ckpt),
+        max_steps=settings["max_steps"],
         per_device_train_batch_size=settings["per_device_batch_size"],
         per_device_eval_batch_size=settings["per_device_batch_size"],
         gradient_accumulation_steps=settings["gradient_accumulation_steps"],
-        learning_rate=settings["learning_rate"], lr_scheduler_type=settings["lr_scheduler"],
-        warmup_steps=settings["warmup_ratio"], weight_decay=settings["weight_decay"],
-        max_grad_norm=settings["max_grad_norm"], gradient_checkpointing=settings["gradient_checkpointing"],
-        logging_steps=settings["logging_steps"], save_strategy="steps", save_steps=settings["save_steps"],
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type=settings["lr_scheduler"],
+        warmup_steps=settings["warmup_ratio"],
+        weight_decay=settings["weight_decay"],
+        max_grad_norm=settings["max_grad_norm"],
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        logging_steps=settings["logging_steps"],
+        save_strategy="steps",
+        save_steps=settings["save_steps"],
         save_total_limit=settings["save_total_limit"],
-        eval_strategy="steps" if eval_ds is not None else "no", eval_steps=settings["eval_steps"] or None,
-        load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None,
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=settings["eval_steps"] or None,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
-        seed=settings["seed"], data_seed=settings["seed"],
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
-        max_length=tokenize["max_seq_len"], packing=False, padding_free=packed,
-        include_num_input_tokens_seen=True, report_to=["tensorboard"],
-        dataloader_num_workers=0, remove_unused_columns=True,
-        dataset_num_proc=None, disable_tqdm=False,
+        seed=settings["seed"],
+        data_seed=settings["seed"],
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=not cuda,
+        max_length=tokenize["max_seq_len"],
+        packing=False,
+        padding_free=packed,
+        include_num_input_tokens_seen=True,
+        report_to=["tensorboard"],
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+        dataset_num_proc=None,
+        disable_tqdm=False,
     )
     trainer = sft_trainer_class()(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-        peft_config=peft_config, adapter_dtype=dtype if dtype == torch.float32 else None,
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        adapter_dtype=dtype if dtype == torch.float32 else None,
         callbacks=[_step_logger(ckpt / STEP_LOG, start_step)]
         + ([EarlyStoppingCallback(settings["early_stopping_patience"])] if early else []),
     )
@@ -193,9 +240,15 @@ def train(tokenized_dir: str, base_dir: str, adapter_dir: str, step_log_out: str
     trainer.model.save_pretrained(adapter, safe_serialization=True)
     tokenizer.save_pretrained(adapter)
     resolved = {
-        "experiment": experiment, "base_model_dir": str(Path(base_dir)), "base_identity": base_identity,
-        "backend": backend, "backend_reason": reason, "compute_dtype": str(dtype).removeprefix("torch."),
-        "quantization": settings["quantization"], "training": settings, "tokenize": tokenize,
+        "experiment": experiment,
+        "base_model_dir": str(Path(base_dir)),
+        "base_identity": base_identity,
+        "backend": backend,
+        "backend_reason": reason,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "quantization": settings["quantization"],
+        "training": settings,
+        "tokenize": tokenize,
         "data_fingerprints": data_fingerprints,
     }
     (adapter / "kiln_training.json").write_text(json.dumps(resolved, indent=2))
@@ -205,22 +258,33 @@ def train(tokenized_dir: str, base_dir: str, adapter_dir: str, step_log_out: str
     history = [json.loads(ln) for ln in Path(step_log_out).read_text().splitlines()]
     losses = [r["loss"] for r in history if "loss" in r]
     summary = {
-        "backend": backend, "backend_reason": reason, "compute_dtype": resolved["compute_dtype"],
-        "steps": trainer.state.global_step, "resumed_from_step": start_step,
+        "backend": backend,
+        "backend_reason": reason,
+        "compute_dtype": resolved["compute_dtype"],
+        "steps": trainer.state.global_step,
+        "resumed_from_step": start_step,
         "tokens_trained": int(trainer.state.num_input_tokens_seen),
         "wall_time_s": round(time.perf_counter() - t_start, 1),
         "train_runtime_s": round(result.metrics.get("train_runtime", math.nan), 1),
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
         "eval_loss": [r["eval_loss"] for r in history if "eval_loss" in r],
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "peak_memory": _peak_memory_mb(), "device": "cuda" if cuda else "cpu",
+        "peak_memory": _peak_memory_mb(),
+        "device": "cuda" if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
     }
     if not losses or not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"training loss is missing or not finite: {losses[-5:]}")
     Path(summary_path).write_text(json.dumps(summary, indent=2))
-    log.info("trained %s steps, loss %.4f -> %.4f, %s tokens in %.0f s", summary["steps"],
-             summary["first_loss"], summary["final_loss"], summary["tokens_trained"], summary["wall_time_s"])
+    log.info(
+        "trained %s steps, loss %.4f -> %.4f, %s tokens in %.0f s",
+        summary["steps"],
+        summary["first_loss"],
+        summary["final_loss"],
+        summary["tokens_trained"],
+        summary["wall_time_s"],
+    )
     return summary
 
 

