@@ -79,7 +79,7 @@ def test_bad_config_fails_the_dry_run_with_one_clear_line(tmp_path):
         text=True,
     )
     assert proc.returncode != 0
-    assert "config: experiments.tiny.training.max_steps: 0 is less than the minimum of 1" in proc.stderr
+    assert "config: experiments.tiny.training.max_steps: 0 is less than the minimum of 1" in proc.stdout + proc.stderr
 
 
 def test_local_glob_matching_nothing_is_a_clear_error(tmp_path, monkeypatch):
