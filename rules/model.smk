@@ -14,6 +14,7 @@ rule base_model:
         f"{R}/benchmarks/base_model/{{model}}.tsv"
     conda:
         "../envs/model.yaml"
+    threads: workflow.cores
     params:
         model=lambda w: config["models"][w.model],
     script:

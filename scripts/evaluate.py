@@ -1,10 +1,11 @@
 """Rule evaluate: base vs tuned (merged) vs adapter-on-4-bit on the test split."""
 
 from kiln.evaluate import evaluate
-from kiln.smk import setup_log
+from kiln.smk import setup_log, use_cores
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
+use_cores(sm)
 evaluate(
     sm.input.dataset,
     sm.input.tokenized,

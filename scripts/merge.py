@@ -1,10 +1,11 @@
 """Rule merge: adapter + base -> merged safetensors model, with a logits check report."""
 
 from kiln.merge import merge_adapter
-from kiln.smk import setup_log
+from kiln.smk import setup_log, use_cores
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
+use_cores(sm)
 merge_adapter(
     sm.input.adapter, sm.output.merged, sm.output.report, sm.input.dataset, onto=sm.params.onto, dtype=sm.params.dtype
 )

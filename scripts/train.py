@@ -2,7 +2,7 @@
 
 import json
 
-from kiln.smk import setup_log
+from kiln.smk import setup_log, use_cores
 from kiln.train import train
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
@@ -20,6 +20,5 @@ train(
     sm.params.tokenize,
     data_fingerprints={name: s["fingerprint"] for name, s in splits.items()},
     experiment=sm.wildcards.experiment,
-    # With --cores 1 jobs run one at a time: let torch use the machine's cores (its default).
-    threads=sm.threads if sm.threads > 1 else None,
+    threads=use_cores(sm),
 )

@@ -24,3 +24,21 @@ def setup_log(snakemake, console: bool = False) -> logging.Logger:
         level=logging.INFO, handlers=handlers, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     return logging.getLogger(f"kiln.{snakemake.rule}")
+
+
+def use_cores(snakemake) -> int:
+    """Give torch the job's threads; a model job given one thread gets every core of the machine.
+
+    Snakemake sets OMP_NUM_THREADS to a job's threads, so under ``--cores 1`` (jobs strictly one
+    at a time, the documented way to run Kiln) torch would use one core and train at half speed
+    on a 2-core machine, with the other core idle. One job at a time cannot oversubscribe, so use
+    them all there (the model rules ask for ``workflow.cores`` threads, so they get one thread only
+    under ``--cores 1``); otherwise respect what Snakemake gave the job.
+    """
+    import os
+
+    import torch
+
+    threads = snakemake.threads if snakemake.threads > 1 else len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
