@@ -24,6 +24,7 @@ import unicodedata
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
 from kiln.clean import CONTROL, _check_answer, clean_shard
 from kiln.dataset import build_dataset, split_by_hash
 from kiln.sources import canonical_rows, write_raw

@@ -27,8 +27,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     import datasets
-    from kiln.evaluate import generate, prompts_and_references
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kiln.evaluate import generate, prompts_and_references
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()

@@ -47,9 +47,10 @@ SETTINGS = {
 
 
 def bare_loop(base: str, rows: list[list[int]], masks: list[list[int]], steps: int, warmup: int, pad: int):
-    from kiln.backends import bnb_config, lora_config
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from kiln.backends import bnb_config, lora_config
 
     model = AutoModelForCausalLM.from_pretrained(
         base, dtype=torch.float32, quantization_config=bnb_config(torch.float32), device_map={"": "cpu"}

@@ -6,5 +6,11 @@ from kiln.tokenize import tokenize_dataset
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
 tokenize_dataset(
-    sm.input.dataset, sm.input.base, sm.output.tokenized, sm.output.stats, sm.params.settings, num_proc=sm.threads
+    sm.input.dataset,
+    sm.input.base,
+    sm.output.tokenized,
+    sm.output.stats,
+    sm.params.settings,
+    num_proc=sm.threads,
+    cache_dir=sm.params.cache,
 )

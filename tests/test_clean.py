@@ -4,6 +4,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kiln.clean import CleanError, clean_table
 from kiln.records import RAW_SCHEMA, stable_id
 from kiln.synthetic import generate

@@ -6,6 +6,7 @@ import time
 import pytest
 import yaml
 from conftest import REPO, SNAKEMAKE, tiny_config
+
 from kiln.config import ConfigError, dataset_shards, tokenization_key, validate
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())

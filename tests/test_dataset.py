@@ -4,9 +4,10 @@ import datasets
 import pyarrow.parquet as pq
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_clean import chat, raw_table
+
 from kiln.clean import clean_table
 from kiln.dataset import build_dataset, split_by_hash
-from test_clean import chat, raw_table
 
 BUILD = {"near_dedup": False, "near_dedup_threshold": 0.8, "validation": 0.1, "test": 0.1, "seed": 0}
 

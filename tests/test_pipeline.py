@@ -196,3 +196,15 @@ def test_killed_training_resumes_from_its_checkpoint(workflow_factory):
     assert summary["resumed_from_step"] == 0 and summary["steps"] == 8
     assert list(ckpt.parent.glob("tiny.stale-*"))
     assert "were made from other inputs" in wf.path("logs/train/tiny.log").read_text()
+
+
+def test_experiments_share_the_stages_they_have_in_common(workflow_factory):
+    cfg = tiny_config()
+    cfg["experiments"]["tiny_lr"] = copy.deepcopy(cfg["experiments"]["tiny"])
+    cfg["experiments"]["tiny_lr"]["training"]["learning_rate"] = 0.01
+    cfg["experiments"]["tiny_long"] = copy.deepcopy(cfg["experiments"]["tiny"])
+    cfg["experiments"]["tiny_long"]["tokenize"]["max_seq_len"] = 256
+    plan = workflow_factory(cfg).planned_rules()
+    assert plan["collect"] == plan["clean"] == plan["build_dataset"] == plan["base_model"] == 1
+    assert plan["tokenize"] == 2  # two tokenize settings, three experiments
+    assert plan["train"] == plan["merge"] == plan["evaluate"] == 3

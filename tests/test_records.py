@@ -1,4 +1,5 @@
 import pytest
+
 from kiln.records import RecordError, detect_format, stable_id, to_canonical
 
 

@@ -5,6 +5,7 @@ import threading
 
 import pyarrow.parquet as pq
 import pytest
+
 from kiln.sources import CollectError, collect_shard
 
 

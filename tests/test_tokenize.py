@@ -1,7 +1,10 @@
+import json
+
 import datasets
 from conftest import TOKENIZER
-from kiln.tokenize import tokenize_batch, tokenize_dataset
 from transformers import AutoTokenizer
+
+from kiln.tokenize import tokenize_batch, tokenize_dataset
 
 TOK = AutoTokenizer.from_pretrained(str(TOKENIZER))
 CHAT = [
@@ -38,7 +41,9 @@ def test_truncation_is_counted():
 
 
 def write_dataset(tmp_path, rows):
-    ds = datasets.Dataset.from_list([{"kiln_id": str(i), "kind": "chat", "messages": m} for i, m in enumerate(rows)])
+    ds = datasets.Dataset.from_list(
+        [{"kiln_id": str(i), "content_hash": str(i), "kind": "chat", "messages": m} for i, m in enumerate(rows)]
+    )
     datasets.DatasetDict({"train": ds, "validation": ds.select([0]), "test": ds.select([0])}).save_to_disk(
         str(tmp_path / "ds")
     )
@@ -74,3 +79,47 @@ def test_packing_uses_trl_and_keeps_masks_aligned(tmp_path):
     assert stats["splits"]["train"]["packed_sequences"] == len(packed) < 6
     for row in packed:
         assert len(row["input_ids"]) == len(row["assistant_masks"]) == sum(row["seq_lengths"]) <= 128
+
+
+def test_cache_tokenizes_only_new_rows_and_gives_identical_output(tmp_path):
+    rows = [CHAT]
+    rows += [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(20)]
+    settings = {"max_seq_len": 64, "assistant_only_loss": True, "packing": False}
+
+    def build(rows, name):
+        ds = datasets.Dataset.from_list(
+            [
+                {"kiln_id": str(i), "content_hash": json.dumps(m), "kind": "chat", "messages": m}
+                for i, m in enumerate(rows)
+            ]
+        )
+        datasets.DatasetDict({"train": ds, "validation": ds.select([0]), "test": ds.select([1])}).save_to_disk(
+            str(tmp_path / name)
+        )
+        return tmp_path / name
+
+    cache = tmp_path / "cache"
+    first = tokenize_dataset(
+        build(rows, "d1"), TOKENIZER, tmp_path / "t1", tmp_path / "s1.json", settings, cache_dir=cache
+    )
+    assert first["splits"]["train"]["rows_tokenized_now"] == len(rows)
+    grown = rows + [[{"role": "user", "content": "new"}, {"role": "assistant", "content": "row"}]]
+    second = tokenize_dataset(
+        build(grown, "d2"), TOKENIZER, tmp_path / "t2", tmp_path / "s2.json", settings, cache_dir=cache
+    )
+    assert second["splits"]["train"]["rows_tokenized_now"] == 1
+    assert second["splits"]["train"]["rows_from_cache"] == len(rows)
+    nocache = tokenize_dataset(build(grown, "d3"), TOKENIZER, tmp_path / "t3", tmp_path / "s3.json", settings)
+    cached_rows = datasets.load_from_disk(str(tmp_path / "t2"))["train"].to_list()
+    assert cached_rows == datasets.load_from_disk(str(tmp_path / "t3"))["train"].to_list()
+    assert nocache["splits"]["train"]["trainable_tokens"] == second["splits"]["train"]["trainable_tokens"]
+    # Other settings: the cache does not apply.
+    other = tokenize_dataset(
+        build(grown, "d4"),
+        TOKENIZER,
+        tmp_path / "t4",
+        tmp_path / "s4.json",
+        {**settings, "max_seq_len": 32},
+        cache_dir=cache,
+    )
+    assert other["splits"]["train"]["rows_from_cache"] == 0

@@ -8,11 +8,15 @@ with ``input_ids``, ``assistant_masks`` and the row's ``kiln_id``, plus token st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,87 @@ def tokenize_batch(batch: dict, tokenizer, max_seq_len: int, assistant_only: boo
     return out
 
 
+class TokenCache:
+    """Tokens of rows already seen, by content hash: a new shard re-tokenizes only its own rows.
+
+    Lives outside Snakemake's outputs (which a rerun deletes). Valid only for the tokenizer files,
+    settings and tokenization code it was made with; anything else starts an empty cache.
+    """
+
+    COLUMNS = ("content_hash", "input_ids", "assistant_masks", "n_tokens")
+
+    def __init__(self, cache_dir: str | Path | None, tokenizer_dir: str | Path, settings: dict):
+        self.dir = Path(cache_dir) if cache_dir else None
+        self.key = self._key(tokenizer_dir, settings)
+        self.table = None
+        if self.dir and (self.dir / "key.txt").exists() and (self.dir / "key.txt").read_text() == self.key:
+            self.table = pq.read_table(self.dir / "tokens.parquet")
+
+    @staticmethod
+    def _key(tokenizer_dir, settings) -> str:
+        h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        h.update(Path(__file__).read_bytes())
+        for f in sorted(Path(tokenizer_dir).iterdir()):
+            if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja":
+                h.update(f.name.encode() + f.read_bytes())
+        return h.hexdigest()
+
+    def lookup(self, hashes: pa.Array) -> pa.Array:
+        """Index into the cache of each hash (null where not cached)."""
+        if self.table is None:
+            return pa.nulls(len(hashes), pa.int32())
+        return pc.index_in(hashes, value_set=self.table.column("content_hash"))
+
+    def add_and_save(self, new: list[pa.Table]) -> None:
+        if not self.dir:
+            return
+        tables = ([self.table] if self.table is not None else []) + [t.select(self.COLUMNS) for t in new]
+        table = pa.concat_tables(tables) if tables else None
+        if table is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / "tokens.parquet.tmp"
+        pq.write_table(table, tmp)
+        tmp.replace(self.dir / "tokens.parquet")
+        (self.dir / "key.txt").write_text(self.key)
+
+
+def tokenize_split(ds, tokenizer, settings: dict, cache: TokenCache, num_proc: int) -> tuple[pa.Table, pa.Table]:
+    """(tokens of every row in order, the rows tokenized now): cached rows are reused."""
+    ds = ds.flatten_indices() if ds._indices is not None else ds
+    rows = ds.data.table
+    hashes = rows.column("content_hash").combine_chunks()
+    where = cache.lookup(hashes)
+    hit = where.is_valid().to_numpy(zero_copy_only=False)
+    misses = ds.select(np.flatnonzero(~hit)).select_columns(["kiln_id", "content_hash", "kind", "messages"])
+    new = misses.map(
+        tokenize_batch,
+        batched=True,
+        batch_size=1000,
+        num_proc=num_proc if len(misses) > 5000 else None,
+        remove_columns=["kind", "messages"],
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "max_seq_len": settings["max_seq_len"],
+            "assistant_only": settings["assistant_only_loss"],
+        },
+    )
+    new_table = new.data.table.select(["kiln_id", *TokenCache.COLUMNS]) if len(new) else None
+    parts, positions = [], []
+    if hit.any():
+        cached = cache.table.take(pc.drop_null(where)).select(TokenCache.COLUMNS)
+        parts.append(cached.add_column(0, "kiln_id", rows.column("kiln_id").filter(pa.array(hit))))
+        positions.append(np.flatnonzero(hit))
+    if new_table is not None:
+        parts.append(new_table.cast(parts[0].schema) if parts else new_table)
+        positions.append(np.flatnonzero(~hit))
+    if not parts:
+        return new.data.table, new.data.table
+    table = pa.concat_tables(parts).append_column("_pos", pa.array(np.concatenate(positions)))
+    table = table.sort_by("_pos").drop_columns(["_pos"])
+    return table, (new_table if new_table is not None else table.slice(0, 0))
+
+
 def tokenize_dataset(
     dataset_dir: str | Path,
     tokenizer_dir: str | Path,
@@ -75,6 +160,7 @@ def tokenize_dataset(
     stats_path: str | Path,
     settings: dict,
     num_proc: int = 1,
+    cache_dir: str | Path | None = None,
 ) -> dict:
     import datasets
     from transformers import AutoTokenizer
@@ -83,29 +169,26 @@ def tokenize_dataset(
     if not tokenizer.is_fast:
         raise ValueError(f"{tokenizer_dir}: Kiln needs a fast tokenizer (character offsets for the loss mask)")
     dd = datasets.load_from_disk(str(dataset_dir))
-    keep = ["kiln_id"]
-    out, stats = {}, {"max_seq_len": settings["max_seq_len"], "packing": settings["packing"], "splits": {}}
+    cache = TokenCache(cache_dir, tokenizer_dir, settings)
+    out, fresh = {}, []
+    stats = {"max_seq_len": settings["max_seq_len"], "packing": settings["packing"], "splits": {}}
     for split, ds in dd.items():
-        tok = ds.map(
-            tokenize_batch,
-            batched=True,
-            batch_size=1000,
-            num_proc=num_proc if len(ds) > 5000 else None,
-            remove_columns=[c for c in ds.column_names if c not in keep],
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "max_seq_len": settings["max_seq_len"],
-                "assistant_only": settings["assistant_only_loss"],
-            },
-            desc=f"tokenize {split}",
-        )
-        n_tokens = np.asarray(tok["n_tokens"], dtype=np.int64)
-        trainable = np.asarray([sum(m) for m in tok["assistant_masks"]], dtype=np.int64)
-        no_loss = tok.filter(lambda m: 1 not in m, input_columns="assistant_masks")["kiln_id"]
-        tok = tok.filter(lambda m: 1 in m, input_columns="assistant_masks")
+        table, new = tokenize_split(ds, tokenizer, settings, cache, num_proc)
+        fresh.append(new)
+        n_tokens = table.column("n_tokens").to_numpy()
+        masks = table.column("assistant_masks").combine_chunks()
+        flat = masks.flatten().to_numpy()
+        starts = masks.offsets.to_numpy()[:-1]
+        trainable = np.add.reduceat(flat, starts) if len(flat) else np.zeros(len(starts), dtype=np.int64)
+        trainable[np.diff(masks.offsets.to_numpy()) == 0] = 0
+        has_loss = trainable > 0
+        no_loss = table.column("kiln_id").filter(pa.array(~has_loss)).to_pylist()
+        table = table.filter(pa.array(has_loss))
         split_stats = {
             "rows": len(ds),
-            "rows_kept": len(tok),
+            "rows_kept": table.num_rows,
+            "rows_tokenized_now": new.num_rows,
+            "rows_from_cache": len(ds) - new.num_rows,
             "dropped_no_trainable_tokens": {"count": len(no_loss), "kiln_ids": no_loss[:100]},
             "truncated": int(np.sum(n_tokens > settings["max_seq_len"])),
             "tokens_before_truncation": int(n_tokens.sum()),
@@ -117,7 +200,7 @@ def tokenize_dataset(
             },
             "length_histogram": np.histogram(n_tokens, bins=20)[0].tolist() if len(n_tokens) else [],
         }
-        tok = tok.remove_columns(["n_tokens", "truncated"])
+        tok = datasets.Dataset(table.select(["kiln_id", "input_ids", "assistant_masks"]))
         if settings["packing"] and len(tok):
             from trl.data_utils import pack_dataset
 
@@ -133,5 +216,6 @@ def tokenize_dataset(
                 settings["max_seq_len"],
             )
     datasets.DatasetDict(out).save_to_disk(str(out_dir))
+    cache.add_and_save(fresh)
     Path(stats_path).write_text(json.dumps(stats, indent=2))
     return stats

@@ -1,0 +1,131 @@
+"""Model-stage functions called directly (no Snakemake): sources, backends, training, merge, scoring."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kiln.backends import resolve_backend, resolve_dtype
+from kiln.base_model import ModelSourceError, load_source, prepare_base_model
+from kiln.evaluate import score
+from kiln.merge import merge_adapter
+
+
+def test_hub_model_offline_fails_at_once_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="cannot fetch 'org/model' at revision 'abc'.*kind: local"):
+        load_source({"kind": "hub", "repo_id": "org/model", "revision": "abc"})
+
+
+def test_missing_package_and_local_folder_are_clear(tmp_path):
+    with pytest.raises(ModelSourceError, match="package 'no-such-dist' is not installed.*--no-deps"):
+        load_source({"kind": "gguf_package", "package": "no-such-dist", "file": "*.gguf"})
+    with pytest.raises(ModelSourceError, match="has no config.json"):
+        load_source({"kind": "local", "path": str(tmp_path)})
+
+
+def test_local_model_round_trip(tiny_run, tmp_path):
+    identity = prepare_base_model({"kind": "local", "path": str(tiny_run.path("base/tiny"))}, "copy", tmp_path / "m")
+    original = json.loads(tiny_run.path("base/tiny/identity.json").read_text())
+    assert identity["weights"] == original["weights"]  # same weights, same bytes
+    assert identity["source_files"] == original["weights"] and identity["smoke_generation"]
+
+
+def test_backend_choice_on_a_cpu_machine():
+    assert resolve_backend("auto") == ("hf", "auto: no CUDA device (CPU run)")
+    assert resolve_backend("hf")[0] == "hf"
+    with pytest.raises(RuntimeError, match="backend is 'unsloth' but CUDA is not available"):
+        resolve_backend("unsloth")
+    assert resolve_dtype("auto") == torch.float32 and resolve_dtype("bfloat16") == torch.bfloat16
+
+
+def test_plain_lora_trains_the_adapter_and_leaves_base_weights_alone(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from kiln.train import train
+
+    cfg = tiny_run.config["experiments"]["tiny"]
+    base_dir = str(tiny_run.path("base/tiny"))
+    settings = {**_training_defaults(), **cfg["training"], "quantization": "none", "max_steps": 3, "eval_steps": 0}
+    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
+    summary = train(
+        str(tokenized),
+        base_dir,
+        str(tmp_path / "adapter"),
+        str(tmp_path / "s.jsonl"),
+        str(tmp_path / "l.png"),
+        str(tmp_path / "sum.json"),
+        str(tmp_path / "ckpt"),
+        settings,
+        {"max_seq_len": 192},
+        {"train": "x"},
+        "t",
+    )
+    assert summary["steps"] == 3 and summary["final_loss"] < summary["first_loss"] * 2
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    before = AutoModelForCausalLM.from_pretrained(base_dir).state_dict()
+    on_disk = load_file(tiny_run.path("base/tiny/model.safetensors"))
+    assert all(torch.equal(before[k], on_disk[k]) for k in on_disk)
+
+
+def test_early_stopping_needs_aligned_steps(tiny_run, tmp_path):
+    from kiln.train import train
+
+    settings = {
+        **_training_defaults(),
+        **tiny_run.config["experiments"]["tiny"]["training"],
+        "early_stopping_patience": 1,
+        "eval_steps": 2,
+        "save_steps": 3,
+    }
+    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
+    with pytest.raises(ValueError, match="save_steps to be a multiple of eval_steps"):
+        train(
+            str(tokenized),
+            str(tiny_run.path("base/tiny")),
+            str(tmp_path / "a"),
+            str(tmp_path / "s"),
+            str(tmp_path / "l"),
+            str(tmp_path / "u"),
+            str(tmp_path / "c"),
+            settings,
+            {"max_seq_len": 192},
+            {},
+            "t",
+        )
+
+
+def test_merge_onto_dequantized_weights_is_recorded_and_checked(tiny_run, tmp_path):
+    report = merge_adapter(
+        str(tiny_run.path("tiny/adapter")),
+        str(tmp_path / "merged"),
+        str(tmp_path / "r.json"),
+        str(tiny_run.path("data/orders/dataset")),
+        onto="dequantized",
+    )
+    assert report["merge_onto"] == "dequantized" and report["merge_error_ratio"] < 0.05
+    original = json.loads(tiny_run.path("tiny/merge_report.json").read_text())
+    assert original["merge_onto"] == "original"
+
+
+def test_scores_for_json_and_for_free_text():
+    refs = ['{"a": 1, "b": "x"}', '{"a": 2, "b": "y"}']
+    s = score(['{"a": 1, "b": "x"}', '{"a": 2, "b": "z"'], refs)
+    assert s["exact_match"] == 0.5 and s["valid_json"] == 0.5 and s["field_accuracy"] == {"a": 0.5, "b": 0.5}
+    t = score(["the cat sat", "a dog"], ["the cat sat", "the dog ran"])
+    assert t["exact_match"] == 0.5 and 0 < t["chrf"] < 100
+
+
+def _training_defaults() -> dict:
+    from kiln.config import validate
+
+    cfg = validate(
+        {
+            "datasets": {"d": {"sources": [{"name": "s", "kind": "synthetic"}]}},
+            "models": {"m": {"kind": "local", "path": "."}},
+            "experiments": {"e": {"dataset": "d", "model": "m"}},
+        }
+    )
+    return cfg["experiments"]["e"]["training"]
