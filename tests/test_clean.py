@@ -135,3 +135,47 @@ def test_synthetic_mess_is_caught():
     for msgs in clean.column("messages").to_pylist():
         assert "&amp;" not in msgs[1]["content"] and "\x07" not in msgs[1]["content"]
         assert json.loads(msgs[-1]["content"])
+
+
+json_values = st.one_of(
+    st.text(max_size=8),
+    st.integers(-1000, 1000),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.booleans(),
+    st.none(),
+    st.dates().map(lambda d: d.isoformat()),
+    st.sampled_from(["2025-02-30", "2025-13-01", "2025-1-1"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(list(SCHEMA) + ["extra"]), json_values, max_size=7), st.booleans())
+def test_answer_fast_path_only_accepts_answers_the_exact_check_accepts(obj, ordered):
+    from kiln.clean import _check_answer, answer_fast_pattern
+
+    if ordered:
+        obj = {k: obj[k] for k in SCHEMA if k in obj} | {k: v for k, v in obj.items() if k not in SCHEMA}
+    text = json.dumps(obj, ensure_ascii=False)
+    if fast_match(answer_fast_pattern(SCHEMA), text):  # with the engine clean_table uses (RE2)
+        assert _check_answer(text, SCHEMA) is None, text
+
+
+def test_answer_fast_path_accepts_the_usual_answer():
+    from kiln.clean import answer_fast_pattern
+
+    good = {
+        "customer": 'Ana "Li"',
+        "product": "lamp",
+        "quantity": 3,
+        "unit_price": 24.5,
+        "city": "P",
+        "date": "2025-06-01",
+    }
+    assert fast_match(answer_fast_pattern(SCHEMA), json.dumps(good))
+    assert not fast_match(answer_fast_pattern(SCHEMA), json.dumps(good) + "x")
+
+
+def fast_match(pattern: str, text: str) -> bool:
+    import pyarrow.compute as pc
+
+    return pc.match_substring_regex(pa.array([text]), pattern).to_pylist()[0]

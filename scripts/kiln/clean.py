@@ -8,7 +8,6 @@ Every raw row ends in exactly one of two outputs: the clean shard, or the reject
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import html
 import json
 import re
@@ -75,34 +74,99 @@ def _per_row(parent: np.ndarray, flags, n: int) -> np.ndarray:
     return np.bincount(parent, weights=np.asarray(flags, dtype=np.float64), minlength=n)
 
 
-def clean_text(content: pd.Series, settings: dict) -> tuple[pd.Series, dict[str, np.ndarray]]:
-    """Apply the text operations to a Series of Arrow strings; return it and per-op change flags."""
+# Each text operation first finds, in one vectorised pass, the turns it could change, then fixes
+# only those: most real text needs no fixing, and a find is cheaper than a rewrite.
+NEEDS_WHITESPACE = r"\A\s|\s\z|[\t\xa0\r]| {2}| \n|\n |\n{3}"
+ANY_FIX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f&\t\xa0\r]|\A\s|\s\z| {2}| \n|\n |\n{3}"
+
+
+STRING = pd.ArrowDtype(pa.string())
+
+
+def clean_text(content: pa.Array, settings: dict) -> tuple[pa.Array, dict[str, np.ndarray]]:
+    """Apply the text operations to an Arrow string array; return it and per-op change flags.
+
+    Each operation works on a pandas Series of the turns it could change (its string methods run
+    as Arrow compute kernels), and the fixed strings go back in place with one Arrow kernel.
+    """
+    content = content.cast(pa.string())
+    n = len(content)
     changed: dict[str, np.ndarray] = {}
 
-    def step(name: str, new: pd.Series) -> pd.Series:
-        changed[name] = (new != content).to_numpy(dtype=bool, na_value=False)
-        return new
+    def step(name: str, needs: np.ndarray, fix) -> None:
+        nonlocal content
+        flags = np.zeros(n, dtype=bool)
+        idx = np.flatnonzero(needs)
+        if len(idx):
+            before = content.take(idx)
+            after = pa.array(fix(pd.Series(before, dtype=STRING)).array).cast(pa.string())
+            diff = pc.fill_null(pc.not_equal(after, before), False).to_numpy(zero_copy_only=False)
+            content = pc.replace_with_mask(content, pa.array(needs), after)
+            flags[idx[diff]] = True
+        changed[name] = flags
+
+    # One pass finds every turn that any operation below could change; each then looks only at those.
+    suspects = pc.fill_null(pc.match_substring_regex(content, ANY_FIX), False).to_numpy(zero_copy_only=False)
+    if settings["mask_pii"]:
+        suspects = np.ones(n, dtype=bool)
+    suspect_idx = np.flatnonzero(suspects)
+
+    def has(pattern: str, regex: bool = True) -> np.ndarray:
+        hits = np.zeros(n, dtype=bool)
+        if len(suspect_idx):
+            sub = pd.Series(content.take(suspect_idx), dtype=STRING).str.contains(pattern, regex=regex)
+            hits[suspect_idx] = sub.to_numpy(dtype=bool, na_value=False)
+        return hits
 
     if settings["unicode_form"] != "none":
-        content = step("unicode", content.str.normalize(settings["unicode_form"]))
+        ascii_only = pc.fill_null(pc.string_is_ascii(content), True).to_numpy(zero_copy_only=False)
+        step("unicode", ~ascii_only, lambda s: s.str.normalize(settings["unicode_form"]))
     if settings["html_unescape"]:
-        has_entity = content.str.contains("&", regex=False).to_numpy(dtype=bool, na_value=False)
-        new = content.copy()
-        if has_entity.any():
-            new[has_entity] = content[has_entity].map(html.unescape)
-        content = step("html", new)
+        step("html", has("&", regex=False), lambda s: s.map(html.unescape).astype(STRING))
     if settings["strip_control"]:
-        new = content.str.replace("\r\n", "\n", regex=False)
-        content = step("control", new.str.replace(CONTROL, "", regex=True))
+        step(
+            "control",
+            has(CONTROL + r"|\r"),
+            lambda s: s.str.replace("\r\n", "\n", regex=False).str.replace(CONTROL, "", regex=True),
+        )
     if settings["normalize_whitespace"]:
-        new = content.str.replace(r"[ \t\xa0]+", " ", regex=True)
-        new = new.str.replace(r"(?m) +$|^ +", "", regex=True)
-        new = new.str.replace(r"\n{3,}", "\n\n", regex=True).str.strip()
-        content = step("whitespace", new)
+
+        def fix_whitespace(s):
+            # Match only runs that change (a tab, a no-break space, or 2+ blanks), not every space.
+            s = s.str.replace(r"[\t\xa0][ \t\xa0]*| [ \t\xa0]+", " ", regex=True)
+            s = s.str.replace(r"(?m) +$|^ +", "", regex=True)
+            return s.str.replace(r"\n{3,}", "\n\n", regex=True).str.strip()
+
+        step("whitespace", has(NEEDS_WHITESPACE), fix_whitespace)
     if settings["mask_pii"]:
-        new = content.str.replace(EMAIL, "[EMAIL]", regex=True)
-        content = step("pii", new.str.replace(PHONE, "[PHONE]", regex=True))
+        step(
+            "pii",
+            has(f"{EMAIL}|{PHONE}"),
+            lambda s: s.str.replace(EMAIL, "[EMAIL]", regex=True).str.replace(PHONE, "[PHONE]", regex=True),
+        )
     return content, changed
+
+
+_JSON_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"'
+_JSON_VALUE = {
+    "string": _JSON_STRING,
+    "integer": r"-?(?:0|[1-9][0-9]*)",
+    "number": r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?",
+    "boolean": r"(?:true|false)",
+    # Every day that exists in every year; February 29th is left to the exact check.
+    "date": r'"[0-9]{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])'
+    r'|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31)"',
+}
+
+
+def answer_fast_pattern(schema: dict) -> str:
+    """A regular expression that only well-formed answers match: the schema's fields in order.
+
+    A match proves the answer passes the exact check; a miss proves nothing and goes to it.
+    """
+    ws = r"[ \t\n\r]*"
+    fields = f"{ws},{ws}".join(f'"{re.escape(k)}"{ws}:{ws}{_JSON_VALUE[t]}' for k, t in schema.items())
+    return rf"\A{ws}\{{{ws}{fields}{ws}\}}{ws}\z"
 
 
 def _check_answer(answer: str, schema: dict) -> str | None:
@@ -139,15 +203,23 @@ def _is_date(value: str) -> bool:
         return False
 
 
-def content_hashes(messages: pa.ListArray) -> list[str | None]:
-    """sha256 of each row's turns (role and content), computed on one joined string per row."""
+def content_hashes(messages: pa.ListArray) -> np.ndarray:
+    """A 128-bit hash of each row's turns (role and content), hex; computed over one joined string
+    per row with pandas' vectorised SipHash under two fixed keys (for dedup and fingerprints, not
+    for security)."""
     flat = messages.flatten()
     pieces = pc.binary_join_element_wise(flat.field("role"), flat.field("content"), "\x1f")
     joined = pc.binary_join(pa.ListArray.from_arrays(messages.offsets, pieces, mask=messages.is_null()), "\x1e")
-    return [
-        None if s is None else hashlib.sha256(s.encode("utf-8", "surrogatepass")).hexdigest()
-        for s in joined.to_pylist()
-    ]
+    values = joined.to_numpy(zero_copy_only=False)
+    null = joined.is_null().to_numpy(zero_copy_only=False)
+    values[null] = ""
+    both = np.empty((len(values), 2), dtype=">u8")
+    both[:, 0] = pd.util.hash_array(values, hash_key="kiln-content-k1!", categorize=False)
+    both[:, 1] = pd.util.hash_array(values, hash_key="kiln-content-k0!", categorize=False)
+    text = both.tobytes().hex()
+    out = np.array([text[i : i + 32] for i in range(0, len(text), 32)], dtype=object)
+    out[null] = None
+    return out
 
 
 def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, pa.Table, dict]:
@@ -159,30 +231,23 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
         messages = pa.array([], type=MESSAGES_TYPE) if n == 0 else messages.chunk(0)
     parent = pc.list_parent_indices(messages).to_numpy()
     flat = messages.flatten()
-    turns = pd.DataFrame(
-        {
-            "role": pd.Series(flat.field("role"), dtype=pd.ArrowDtype(pa.string())),
-            "content": pd.Series(flat.field("content"), dtype=pd.ArrowDtype(pa.string())),
-        }
-    )
-    content, changed = clean_text(turns["content"], settings)
+    content, changed = clean_text(flat.field("content"), settings)
+    roles = flat.field("role")
 
     # Rebuild the list column with the cleaned strings and the same offsets.
-    new_struct = pa.StructArray.from_arrays(
-        [flat.field("role"), pa.array(content.array._pa_array.combine_chunks(), pa.string())], names=["role", "content"]
-    )
+    new_struct = pa.StructArray.from_arrays([roles, content], names=["role", "content"])
     cleaned = pa.ListArray.from_arrays(messages.offsets, new_struct, mask=messages.is_null())
 
-    lengths = content.str.len().fillna(0).to_numpy(dtype=np.int64)
+    lengths = pc.fill_null(pc.utf8_length(content), 0).to_numpy(zero_copy_only=False)
     n_chars = _per_row(parent, lengths, n).astype(np.int64)
-    n_turns = np.diff(messages.offsets.to_numpy())
-    roles = turns["role"].to_numpy(dtype=object)
-    n_user = _per_row(parent, roles == "user", n)
-    last = messages.offsets.to_numpy()[1:] - 1
+    offsets = messages.offsets.to_numpy()
+    n_turns = np.diff(offsets)
     has_turns = n_turns > 0
-    last_role = np.where(has_turns, roles[np.clip(last, 0, None)] if len(roles) else None, None)
-    content_np = content.to_numpy(dtype=object, na_value="")
-    last_content = np.where(has_turns, content_np[np.clip(last, 0, None)] if len(roles) else "", "")
+    n_user = _per_row(parent, pc.equal(roles, "user").to_numpy(zero_copy_only=False), n)
+    last = pa.array(np.where(has_turns, offsets[1:] - 1, 0)) if len(content) else pa.array([], pa.int64())
+    last_role = np.where(has_turns, roles.take(last).to_numpy(zero_copy_only=False) if len(content) else None, None)
+    last_content = content.take(last) if len(content) else pa.nulls(n, pa.string())
+    last_len = np.where(has_turns, pc.fill_null(pc.utf8_length(last_content), 0).to_numpy(zero_copy_only=False), 0)
 
     kind = raw.column("kind").to_numpy(zero_copy_only=False)
     error = raw.column("error").to_numpy(zero_copy_only=False)
@@ -199,7 +264,7 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
     reject(chat & (n_user == 0), "missing_field", "no user turn")
     reject(chat & (last_role != "assistant"), "missing_field", "the last turn is not an assistant answer")
     reject(
-        chat & (np.char.str_len(last_content.astype(str)) == 0),
+        chat & (last_len == 0),
         "empty_answer",
         "the assistant answer is empty after cleaning",
     )
@@ -216,7 +281,9 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
     )
     for pattern in settings["drop_patterns"]:
         try:
-            hit = content.str.contains(pattern, regex=True).to_numpy(dtype=bool, na_value=False)
+            hit = (
+                pd.Series(content, dtype=STRING).str.contains(pattern, regex=True).to_numpy(dtype=bool, na_value=False)
+            )
         except (pa.ArrowInvalid, re.error) as exc:
             raise CleanError(f"clean.drop_patterns: {pattern!r} is not a valid pattern: {exc}") from None
         reject(_per_row(parent, hit, n) > 0, "drop_pattern", f"matches {pattern!r}")
@@ -238,28 +305,33 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
             ) from None
         reject(~keep, "query", f"fails query {settings['query']!r}")
     if settings["answer_schema"]:
-        todo = np.flatnonzero(chat & (reason == None))  # noqa: E711
+        pattern = answer_fast_pattern(settings["answer_schema"])
+        surely_ok = pc.fill_null(pc.match_substring_regex(last_content, pattern), False).to_numpy(zero_copy_only=False)
+        todo = np.flatnonzero(chat & (reason == None) & ~surely_ok)  # noqa: E711
         for i in todo:
-            problem = _check_answer(last_content[i], settings["answer_schema"])
+            problem = _check_answer(last_content[int(i)].as_py(), settings["answer_schema"])
             if problem:
                 reason[i], detail[i] = problem.split("|", 1)
 
-    hashes = np.array(content_hashes(cleaned), dtype=object)
+    hashes = content_hashes(cleaned)
+    # Exact duplicates within the shard: the first occurrence stays.
     kept_idx = np.flatnonzero(reason == None)  # noqa: E711
-    first_of = {}
-    rows = raw.column("row").to_numpy()
-    ids = raw.column("kiln_id").to_numpy(zero_copy_only=False)
-    for i in kept_idx:
-        h = hashes[i]
-        if h in first_of:
-            j = first_of[h]
-            reason[i], detail[i] = "duplicate", f"same content as row {rows[j]} ({ids[j]}) of this file"
-        else:
-            first_of[h] = i
+    kept_hashes = hashes[kept_idx]
+    dup_mask = pd.Series(kept_hashes).duplicated(keep="first").to_numpy()
+    if dup_mask.any():
+        first_of = pd.Series(kept_idx[~dup_mask], index=kept_hashes[~dup_mask])
+        dup, orig = kept_idx[dup_mask], first_of.loc[kept_hashes[dup_mask]].to_numpy()
+        rows = raw.column("row").to_numpy()
+        ids = raw.column("kiln_id").to_numpy(zero_copy_only=False)
+        reason[dup] = "duplicate"
+        detail[dup] = [f"same content as row {rows[j]} ({ids[j]}) of this file" for j in orig]
 
     edit_names = list(changed)
     edit_rows = np.stack([_per_row(parent, changed[k], n) > 0 for k in edit_names]) if edit_names else None
-    edits = [",".join(k for k, hit in zip(edit_names, edit_rows[:, i]) if hit) if edit_names else "" for i in range(n)]
+    edits = np.full(n, "", dtype=object)
+    if edit_names:
+        for i in np.flatnonzero(edit_rows.any(axis=0)):
+            edits[i] = ",".join(k for k, hit in zip(edit_names, edit_rows[:, i]) if hit)
 
     keep = reason == None  # noqa: E711
     keep_pa = pa.array(keep)
