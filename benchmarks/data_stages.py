@@ -170,7 +170,7 @@ def main(rows: int, shards: int, out: Path | None, naive_tokenize_rows: int) -> 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     n_ds = sum(len(s) for s in datasets.load_from_disk(str(ds_dir)).values())
     cache = tmp / "token-cache"
-    _, t_tok = timed(tokenize_dataset, ds_dir, TOKENIZER, tmp / "tok", tmp / "tok.json", TOKENIZE, 1, cache)
+    _, t_tok = timed(tokenize_dataset, ds_dir, TOKENIZER, tmp / "tok", tmp / "tok.json", TOKENIZE, cache)
     train = datasets.load_from_disk(str(ds_dir))["train"]
     texts = []
     for i in range(0, len(train), 1000):
@@ -203,8 +203,8 @@ def main(rows: int, shards: int, out: Path | None, naive_tokenize_rows: int) -> 
     all_clean = [str(p) for p in clean_paths + [new_clean]]
     shutil.rmtree(ds_dir)
     _, t_build2 = timed(build_dataset, all_clean, ds_dir, tmp / "brej.parquet", tmp / "bstats.json", BUILD)
-    _, t_tok2 = timed(tokenize_dataset, ds_dir, TOKENIZER, tmp / "tok2", tmp / "tok2.json", TOKENIZE, 1, cache)
-    _, t_tok_full = timed(tokenize_dataset, ds_dir, TOKENIZER, tmp / "tok3", tmp / "tok3.json", TOKENIZE, 1)
+    _, t_tok2 = timed(tokenize_dataset, ds_dir, TOKENIZER, tmp / "tok2", tmp / "tok2.json", TOKENIZE, cache)
+    _, t_tok_full = timed(tokenize_dataset, ds_dir, TOKENIZER, tmp / "tok3", tmp / "tok3.json", TOKENIZE)
     incremental = t_collect_new + t_clean_new + t_build2 + t_tok2
     full = result["collect_s"] + t_collect_new + t_clean + t_clean_new + t_build2 + t_tok_full
     result["incremental"] = {

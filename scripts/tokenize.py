@@ -11,6 +11,5 @@ tokenize_dataset(
     sm.output.tokenized,
     sm.output.stats,
     sm.params.settings,
-    num_proc=sm.threads,
     cache_dir=sm.params.cache,
 )

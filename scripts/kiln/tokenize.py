@@ -50,25 +50,42 @@ def render(tokenizer, batch_messages: list[list[dict]], kinds: list[str]) -> lis
     return texts
 
 
+def _span_tokens(encoding, a: int, b: int) -> tuple[int, int]:
+    """[first, end) of the tokens that start inside characters [a, b) of the encoded text."""
+    first = encoding.char_to_token(a)
+    if first is not None and encoding.token_to_chars(first)[0] < a:
+        first += 1  # that token began before the answer (merged with the text before it)
+    last = encoding.char_to_token(b - 1)
+    if first is None or last is None:
+        return 0, 0
+    return first, last + 1
+
+
 def tokenize_batch(batch: dict, tokenizer, max_seq_len: int, assistant_only: bool) -> dict:
-    """A `datasets.map(batched=True)` function: messages -> input_ids, assistant_masks, counts."""
+    """A `datasets.map(batched=True)` function: messages -> input_ids, assistant_masks, counts.
+
+    One chat-template render and one fast-tokenizer call per batch; each answer's tokens are found
+    from its two character boundaries (``char_to_token``), not by walking every token's offsets.
+    """
     texts = render(tokenizer, batch["messages"], batch["kind"])
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(texts, add_special_tokens=False)
     out = {"input_ids": [], "assistant_masks": [], "n_tokens": [], "truncated": []}
-    for text, turns, kind, ids, offsets in zip(
-        texts, batch["messages"], batch["kind"], enc["input_ids"], enc["offset_mapping"]
-    ):
+    eos = tokenizer.eos_token
+    for i, (text, turns, kind) in enumerate(zip(texts, batch["messages"], batch["kind"])):
+        ids = enc["input_ids"][i]
+        n = len(ids)
         if kind == "text" or not assistant_only:
-            mask = np.ones(len(ids), dtype=np.int8)
+            mask = [1] * n
         else:
-            starts = np.fromiter((s for s, _ in offsets), dtype=np.int64, count=len(offsets))
-            mask = np.zeros(len(ids), dtype=np.int8)
-            for a, b in assistant_spans(text, turns, tokenizer.eos_token):
-                mask[(starts >= a) & (starts < b)] = 1
-        out["n_tokens"].append(len(ids))
-        out["truncated"].append(len(ids) > max_seq_len)
+            mask = [0] * n
+            encoding = enc.encodings[i]
+            for a, b in assistant_spans(text, turns, eos):
+                first, end = _span_tokens(encoding, a, b)
+                mask[first:end] = [1] * (end - first)
+        out["n_tokens"].append(n)
+        out["truncated"].append(n > max_seq_len)
         out["input_ids"].append(ids[:max_seq_len])
-        out["assistant_masks"].append(mask[:max_seq_len].tolist())
+        out["assistant_masks"].append(mask[:max_seq_len])
     return out
 
 
@@ -117,40 +134,44 @@ class TokenCache:
         (self.dir / "key.txt").write_text(self.key)
 
 
-def tokenize_split(ds, tokenizer, settings: dict, cache: TokenCache, num_proc: int) -> tuple[pa.Table, pa.Table]:
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("kiln_id", pa.string()),
+        ("content_hash", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("assistant_masks", pa.list_(pa.int8())),
+        ("n_tokens", pa.int32()),
+    ]
+)
+
+
+def tokenize_rows(rows: pa.Table, tokenizer, settings: dict, batch_size: int = 1000) -> pa.Table:
+    """Tokenize rows in batches straight into Arrow columns (one render and encode per batch)."""
+    cols = {name: [] for name in TOKENS_SCHEMA.names}
+    for batch in rows.select(["kiln_id", "content_hash", "kind", "messages"]).to_batches(batch_size):
+        data = batch.to_pydict()
+        out = tokenize_batch(data, tokenizer, settings["max_seq_len"], settings["assistant_only_loss"])
+        cols["kiln_id"] += data["kiln_id"]
+        cols["content_hash"] += data["content_hash"]
+        for key in ("input_ids", "assistant_masks", "n_tokens"):
+            cols[key] += out[key]
+    return pa.table(cols, schema=TOKENS_SCHEMA)
+
+
+def tokenize_split(ds, tokenizer, settings: dict, cache: TokenCache) -> tuple[pa.Table, pa.Table]:
     """(tokens of every row in order, the rows tokenized now): cached rows are reused."""
     ds = ds.flatten_indices() if ds._indices is not None else ds
     rows = ds.data.table
-    hashes = rows.column("content_hash").combine_chunks()
-    where = cache.lookup(hashes)
+    where = cache.lookup(rows.column("content_hash").combine_chunks())
     hit = where.is_valid().to_numpy(zero_copy_only=False)
-    misses = ds.select(np.flatnonzero(~hit)).select_columns(["kiln_id", "content_hash", "kind", "messages"])
-    new = misses.map(
-        tokenize_batch,
-        batched=True,
-        batch_size=1000,
-        num_proc=num_proc if len(misses) > 5000 else None,
-        remove_columns=["kind", "messages"],
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "max_seq_len": settings["max_seq_len"],
-            "assistant_only": settings["assistant_only_loss"],
-        },
-    )
-    new_table = new.data.table.select(["kiln_id", *TokenCache.COLUMNS]) if len(new) else None
-    parts, positions = [], []
-    if hit.any():
-        cached = cache.table.take(pc.drop_null(where)).select(TokenCache.COLUMNS)
-        parts.append(cached.add_column(0, "kiln_id", rows.column("kiln_id").filter(pa.array(hit))))
-        positions.append(np.flatnonzero(hit))
-    if new_table is not None:
-        parts.append(new_table.cast(parts[0].schema) if parts else new_table)
-        positions.append(np.flatnonzero(~hit))
-    if not parts:
-        return new.data.table, new.data.table
-    table = pa.concat_tables(parts).append_column("_pos", pa.array(np.concatenate(positions)))
-    table = table.sort_by("_pos").drop_columns(["_pos"])
-    return table, (new_table if new_table is not None else table.slice(0, 0))
+    new = tokenize_rows(rows.filter(pa.array(~hit)), tokenizer, settings)
+    if not hit.any():
+        return new, new
+    cached = cache.table.take(pc.drop_null(where)).select(TokenCache.COLUMNS).cast(TOKENS_SCHEMA.remove(0))
+    cached = cached.add_column(0, "kiln_id", rows.column("kiln_id").filter(pa.array(hit)))
+    positions = np.concatenate([np.flatnonzero(hit), np.flatnonzero(~hit)])
+    table = pa.concat_tables([cached, new]).append_column("_pos", pa.array(positions))
+    return table.sort_by("_pos").drop_columns(["_pos"]), new
 
 
 def tokenize_dataset(
@@ -159,7 +180,6 @@ def tokenize_dataset(
     out_dir: str | Path,
     stats_path: str | Path,
     settings: dict,
-    num_proc: int = 1,
     cache_dir: str | Path | None = None,
 ) -> dict:
     import datasets
@@ -173,7 +193,7 @@ def tokenize_dataset(
     out, fresh = {}, []
     stats = {"max_seq_len": settings["max_seq_len"], "packing": settings["packing"], "splits": {}}
     for split, ds in dd.items():
-        table, new = tokenize_split(ds, tokenizer, settings, cache, num_proc)
+        table, new = tokenize_split(ds, tokenizer, settings, cache)
         fresh.append(new)
         n_tokens = table.column("n_tokens").to_numpy()
         masks = table.column("assistant_masks").combine_chunks()
