@@ -8,6 +8,7 @@ Every raw row ends in exactly one of two outputs: the clean shard, or the reject
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import html
 import json
 import re
@@ -204,22 +205,18 @@ def _is_date(value: str) -> bool:
 
 
 def content_hashes(messages: pa.ListArray) -> np.ndarray:
-    """A 128-bit hash of each row's turns (role and content), hex; computed over one joined string
-    per row with pandas' vectorised SipHash under two fixed keys (for dedup and fingerprints, not
-    for security)."""
+    """BLAKE2b-128 of each row's turns (role and content), hex, over one joined string per row."""
     flat = messages.flatten()
     pieces = pc.binary_join_element_wise(flat.field("role"), flat.field("content"), "\x1f")
     joined = pc.binary_join(pa.ListArray.from_arrays(messages.offsets, pieces, mask=messages.is_null()), "\x1e")
-    values = joined.to_numpy(zero_copy_only=False)
-    null = joined.is_null().to_numpy(zero_copy_only=False)
-    values[null] = ""
-    both = np.empty((len(values), 2), dtype=">u8")
-    both[:, 0] = pd.util.hash_array(values, hash_key="kiln-content-k1!", categorize=False)
-    both[:, 1] = pd.util.hash_array(values, hash_key="kiln-content-k0!", categorize=False)
-    text = both.tobytes().hex()
-    out = np.array([text[i : i + 32] for i in range(0, len(text), 32)], dtype=object)
-    out[null] = None
-    return out
+    blake = hashlib.blake2b
+    return np.array(
+        [
+            None if v is None else blake(v.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+            for v in joined.to_pylist()
+        ],
+        dtype=object,
+    )
 
 
 def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, pa.Table, dict]:

@@ -23,20 +23,20 @@ def split_by_hash(ids, seed: int, validation: float, test: float) -> np.ndarray:
 
     A row's split depends on nothing but its own id, so adding or removing other rows never moves it.
     """
-    out = np.empty(len(ids), dtype=object)
-    for i, kiln_id in enumerate(ids):
-        digest = hashlib.sha256(f"{seed}:{kiln_id}".encode()).digest()
-        u = int.from_bytes(digest[:8], "big") / 2**64
-        out[i] = "test" if u < test else ("validation" if u < test + validation else "train")
-    return out
+    import pandas as pd
+
+    # SipHash of the id under a key made from the seed: vectorised, and the same on every machine.
+    key = hashlib.sha256(f"kiln-split:{seed}".encode()).hexdigest()[:16]
+    values = np.asarray(ids, dtype=object)
+    u = pd.util.hash_array(values, hash_key=key, categorize=False) / 2.0**64
+    return np.where(u < test, "test", np.where(u < test + validation, "validation", "train")).astype(object)
 
 
 def fingerprint(table: pa.Table) -> str:
     """A content fingerprint of a split: ids and content hashes, in row order."""
-    h = hashlib.sha256()
-    for kiln_id, content in zip(table.column("kiln_id").to_pylist(), table.column("content_hash").to_pylist()):
-        h.update(f"{kiln_id}:{content}\n".encode())
-    return h.hexdigest()
+    lines = pc.binary_join_element_wise(table.column("kiln_id"), table.column("content_hash"), ":")
+    text = "\n".join(lines.to_pylist()) + "\n" if table.num_rows else ""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _word_shingles(text: str, n: int = 5) -> set[bytes]:
@@ -81,15 +81,14 @@ def build_dataset(
             "see the rejected/ shards for the reasons"
         )
     # Exact duplicates across shards: the first occurrence in config/source/file/row order wins.
-    hashes = table.column("content_hash").to_pylist()
+    import pandas as pd
+
+    hashes = table.column("content_hash").to_numpy(zero_copy_only=False)
     ids = table.column("kiln_id").to_pylist()
-    first: dict[str, int] = {}
-    dup_of: dict[int, int] = {}
-    for i, h in enumerate(hashes):
-        if h in first:
-            dup_of[i] = first[h]
-        else:
-            first[h] = i
+    is_dup = pd.Series(hashes).duplicated(keep="first").to_numpy()
+    first_of = pd.Series(np.flatnonzero(~is_dup), index=hashes[~is_dup])
+    dup_idx = np.flatnonzero(is_dup)
+    dup_of = dict(zip(dup_idx.tolist(), first_of.loc[hashes[is_dup]].to_numpy().tolist()))
     reasons = {i: ("duplicate", j) for i, j in dup_of.items()}
     if settings.get("near_dedup"):
         unique_idx = np.array(sorted(set(range(table.num_rows)) - set(dup_of)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,10 @@ class TokenCache:
         self.key = self._key(tokenizer_dir, settings)
         self.table = None
         if self.dir and (self.dir / "key.txt").exists() and (self.dir / "key.txt").read_text() == self.key:
-            self.table = pq.read_table(self.dir / "tokens.parquet")
+            parts = sorted(self.dir.glob("part-*.parquet"))
+            self.table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else None
+        elif self.dir and self.dir.exists():
+            shutil.rmtree(self.dir)  # made with another tokenizer, settings or code
 
     @staticmethod
     def _key(tokenizer_dir, settings) -> str:
@@ -121,16 +125,14 @@ class TokenCache:
         return pc.index_in(hashes, value_set=self.table.column("content_hash"))
 
     def add_and_save(self, new: list[pa.Table]) -> None:
-        if not self.dir:
-            return
-        tables = ([self.table] if self.table is not None else []) + [t.select(self.COLUMNS) for t in new]
-        table = pa.concat_tables(tables) if tables else None
-        if table is None:
+        """Append the rows tokenized now as a new part (earlier parts are never rewritten)."""
+        rows = [t.select(self.COLUMNS) for t in new if t.num_rows]
+        if not self.dir or not rows:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "tokens.parquet.tmp"
-        pq.write_table(table, tmp)
-        tmp.replace(self.dir / "tokens.parquet")
+        part = self.dir / f"part-{len(list(self.dir.glob('part-*.parquet'))):05d}.parquet"
+        pq.write_table(pa.concat_tables(rows), part.with_suffix(".tmp"))
+        part.with_suffix(".tmp").replace(part)
         (self.dir / "key.txt").write_text(self.key)
 
 
