@@ -78,5 +78,7 @@ rule tokenize:
         settings=lambda w: tokenization_settings(
             config, w.dataset, f"{w.model}-{w.tok}"
         ),
+        # Tokens of rows seen before, by content hash; outside the outputs, which a rerun deletes.
+        cache=lambda w: f"{R}/cache/tokenize/{w.dataset}/{w.model}-{w.tok}",
     script:
         "../scripts/tokenize.py"

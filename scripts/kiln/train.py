@@ -152,6 +152,8 @@ def train(
     t_start = time.perf_counter()
     backend, reason = resolve_backend(settings["backend"])
     log.info("backend: %s (%s)", backend, reason)
+    if backend == "unsloth":
+        import unsloth  # noqa: F401  (patches transformers and TRL: must come before them, this process only)
     dtype = resolve_dtype(settings["compute_dtype"])
     base_identity = json.loads((Path(base_dir) / "identity.json").read_text())
 
