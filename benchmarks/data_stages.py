@@ -28,19 +28,12 @@ import pyarrow.parquet as pq
 from kiln.clean import CONTROL, _check_answer, clean_shard
 from kiln.dataset import build_dataset, split_by_hash
 from kiln.sources import canonical_rows, write_raw
-from kiln.synthetic import generate
+from kiln.synthetic import ANSWER_SCHEMA, generate
 from kiln.tokenize import render, tokenize_batch, tokenize_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tests" / "fixtures" / "smollm2-tokenizer"
-SCHEMA = {
-    "customer": "string",
-    "product": "string",
-    "quantity": "integer",
-    "unit_price": "number",
-    "city": "string",
-    "date": "date",
-}
+SCHEMA = ANSWER_SCHEMA
 CLEAN = {
     "unicode_form": "NFC",
     "html_unescape": True,

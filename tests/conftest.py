@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kiln.synthetic import ANSWER_SCHEMA
+
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tests" / "fixtures" / "smollm2-tokenizer"
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -30,14 +32,7 @@ def tiny_config(rows: int = 60, max_steps: int = 4, **training) -> dict:
                 "clean": {
                     "min_chars": 10,
                     "max_chars": 4000,
-                    "answer_schema": {
-                        "customer": "string",
-                        "product": "string",
-                        "quantity": "integer",
-                        "unit_price": "number",
-                        "city": "string",
-                        "date": "date",
-                    },
+                    "answer_schema": ANSWER_SCHEMA,
                 },
                 "build": {"validation": 0.1, "test": 0.15, "seed": 0},
             }

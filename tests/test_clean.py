@@ -7,16 +7,9 @@ from hypothesis import strategies as st
 
 from kiln.clean import CleanError, clean_table
 from kiln.records import RAW_SCHEMA, stable_id
-from kiln.synthetic import generate
+from kiln.synthetic import ANSWER_SCHEMA, generate
 
-SCHEMA = {
-    "customer": "string",
-    "product": "string",
-    "quantity": "integer",
-    "unit_price": "number",
-    "city": "string",
-    "date": "date",
-}
+SCHEMA = ANSWER_SCHEMA
 
 
 def raw_table(records, errors=None):

@@ -12,7 +12,16 @@ import json
 import random
 
 INSTRUCTION = "Extract the order as JSON with the keys customer, product, quantity, unit_price, city, date."
-ANSWER_KEYS = ("customer", "product", "quantity", "unit_price", "city", "date")
+# The answer's fields and their types, as `clean.answer_schema` checks them.
+ANSWER_SCHEMA = {
+    "customer": "string",
+    "product": "string",
+    "quantity": "integer",
+    "unit_price": "number",
+    "city": "string",
+    "date": "date",
+}
+ANSWER_KEYS = tuple(ANSWER_SCHEMA)
 
 FIRST = [
     "Maria",
