@@ -71,7 +71,7 @@ def merge_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
     trained = json.loads((Path(adapter_dir) / "kiln_training.json").read_text())
-    base_dir = trained["base_model_dir"]
+    base_dir = str(Path(adapter_dir) / trained["base_model_relpath"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     save_dtype = resolve_merge_dtype(dtype)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)

@@ -244,6 +244,8 @@ def train(
     resolved = {
         "experiment": experiment,
         "base_model_dir": str(Path(base_dir)),
+        # Relative to this adapter folder: found again wherever the results tree is read from.
+        "base_model_relpath": os.path.relpath(base_dir, adapter_dir),
         "base_identity": base_identity,
         "backend": backend,
         "backend_reason": reason,
