@@ -4,7 +4,8 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.join(workflow.basedir, "scripts"))
+# Appended, not prepended: scripts/ holds rule entry points (tokenize.py) named like stdlib modules.
+sys.path.append(os.path.join(workflow.basedir, "scripts"))
 
 from kiln.config import (  # noqa: E402
     ConfigError,

@@ -15,7 +15,8 @@ from kiln.synthetic import ANSWER_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tests" / "fixtures" / "smollm2-tokenizer"
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+# `python -m snakemake` of this interpreter: works in a venv and where snakemake is only importable.
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -91,7 +92,7 @@ class Workflow:
 
     def command(self, *targets: str, cores: int = 2) -> list[str]:
         return [
-            SNAKEMAKE,
+            *SNAKEMAKE,
             "--snakefile",
             str(REPO / "Snakefile"),
             "--directory",

@@ -74,7 +74,7 @@ def test_bad_config_fails_the_dry_run_with_one_clear_line(tmp_path):
     cfg["experiments"]["tiny"]["training"]["max_steps"] = 0
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run(
-        [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-n", "--cores", "1", "--configfile", "c.yaml"],
+        [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-n", "--cores", "1", "--configfile", "c.yaml"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

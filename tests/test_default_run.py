@@ -13,7 +13,7 @@ from conftest import REPO, SNAKEMAKE
 @pytest.mark.slow
 def test_default_run_beats_the_base_model(tmp_path):
     proc = subprocess.run(
-        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2"],
+        [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2"],
         capture_output=True,
         text=True,
     )
@@ -30,7 +30,7 @@ def test_default_run_beats_the_base_model(tmp_path):
     report = json.loads((results / "default" / "merge_report.json").read_text())
     assert report["merge_error_ratio"] < 0.05 and report["pipeline_stopped_at_eos"]
     again = subprocess.run(
-        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2", "-n"],
+        [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2", "-n"],
         capture_output=True,
         text=True,
     )
