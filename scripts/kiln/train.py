@@ -82,6 +82,7 @@ def _step_logger(path: Path, start_step: int):
     class StepLog(TrainerCallback):
         def __init__(self):
             self.t0, self.tokens0 = time.perf_counter(), None
+            self.resume_pending = bool(start_step)  # mark the first line written after a resume
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
@@ -91,13 +92,12 @@ def _step_logger(path: Path, start_step: int):
                 row["tokens_per_s"] = round((tokens - self.tokens0) / (now - self.t0), 1)
             if "loss" in logs:
                 self.t0, self.tokens0 = now, tokens
-            if start_step and not kept_marker[0]:
+            if self.resume_pending:
                 row["resumed_from"] = start_step
-                kept_marker[0] = True
+                self.resume_pending = False
             with open(path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
-    kept_marker = [False]
     return StepLog()
 
 
