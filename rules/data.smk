@@ -10,6 +10,8 @@ rule collect:
         raw=f"{R}/data/{{dataset}}/raw/{{source}}/{{shard}}.parquet",
     log:
         f"{R}/logs/collect/{{dataset}}/{{source}}/{{shard}}.log",
+    benchmark:
+        f"{R}/benchmarks/collect/{{dataset}}/{{source}}/{{shard}}.tsv"
     conda:
         "../envs/data.yaml"
     params:
@@ -29,6 +31,8 @@ rule clean:
         stats=f"{R}/data/{{dataset}}/stats/{{source}}/{{shard}}.json",
     log:
         f"{R}/logs/clean/{{dataset}}/{{source}}/{{shard}}.log",
+    benchmark:
+        f"{R}/benchmarks/clean/{{dataset}}/{{source}}/{{shard}}.tsv"
     conda:
         "../envs/data.yaml"
     params:

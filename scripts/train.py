@@ -21,4 +21,5 @@ train(
     data_fingerprints={name: s["fingerprint"] for name, s in splits.items()},
     experiment=sm.wildcards.experiment,
     threads=use_cores(sm),
+    tracking=sm.config["tracking"],  # where metrics go live: not a parameter of the model
 )

@@ -120,3 +120,48 @@ def test_dry_run_is_fast_and_imports_no_heavy_library(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert time.perf_counter() - start < 30
+
+
+def test_base_inheritance_and_sweeps_expand_into_named_experiments():
+    cfg = tiny_config()
+    cfg["experiments"]["tiny_r8"] = {"base": "tiny", "training": {"lora_r": 8}}
+    cfg["sweeps"] = {
+        "lr": {"base": "tiny_r8", "grid": {"training.learning_rate": [0.001, 0.002], "tokenize.max_seq_len": [128]}}
+    }
+    out = validate(cfg)["experiments"]
+    assert sorted(out) == [
+        "lr-learning_rate0.001-max_seq_len128",
+        "lr-learning_rate0.002-max_seq_len128",
+        "tiny",
+        "tiny_r8",
+    ]
+    # Inherited: everything of `tiny`, with the child's own keys on top.
+    assert out["tiny_r8"]["training"]["lora_r"] == 8
+    assert out["tiny_r8"]["training"]["max_steps"] == out["tiny"]["training"]["max_steps"]
+    swept = out["lr-learning_rate0.001-max_seq_len128"]
+    assert swept["training"]["learning_rate"] == 0.001 and swept["training"]["lora_r"] == 8
+    assert swept["tokenize"]["max_seq_len"] == 128 and swept["dataset"] == "orders"
+
+
+@pytest.mark.parametrize(
+    "sweeps, expected",
+    [
+        ({"s": {"base": "nope", "grid": {"training.seed": [1]}}}, "sweeps.s.base: 'nope' is not in `experiments`"),
+        ({"s": {"base": "tiny", "grid": {"trainin.seed": [1]}}}, "sweeps.s.grid.trainin.seed: name a setting"),
+        ({"s": {"base": "tiny", "grid": {"training.seed": []}}}, "sweeps.s.grid.training.seed: expected a non-empty"),
+        ({"s": {"base": "tiny", "grid": {"training.lora_r": ["x"]}}}, "lora_r"),
+    ],
+)
+def test_bad_sweep_names_the_key(sweeps, expected):
+    cfg = tiny_config()
+    cfg["sweeps"] = sweeps
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("`", ".").replace("[", r"\[")):
+        validate(cfg)
+
+
+def test_inheritance_loop_is_reported():
+    cfg = tiny_config()
+    cfg["experiments"]["a"] = {"base": "b"}
+    cfg["experiments"]["b"] = {"base": "a"}
+    with pytest.raises(ConfigError, match="inheritance loops"):
+        validate(cfg)

@@ -103,16 +103,18 @@ def test_changed_parameters_rerun_only_what_follows(tiny_run, tmp_path):
         cfg["datasets"]["orders"]["clean"]["min_chars"] = 12
         wf.write_config(cfg)
         plan = wf.planned_rules()
-        assert plan.keys() == {"clean", "build_dataset", "tokenize", "train", "merge", "evaluate", "all"}
+        audit = {"manifest", "publish", "compare", "data_report"}
+        assert plan.keys() == {"clean", "build_dataset", "tokenize", "train", "merge", "evaluate", "all"} | audit
         cfg = copy.deepcopy(original)
         cfg["experiments"]["tiny"]["tokenize"]["max_seq_len"] = 160
         wf.write_config(cfg)
         plan = wf.planned_rules()
-        assert plan.keys() == {"tokenize", "train", "merge", "evaluate", "all"}
+        assert plan.keys() == {"tokenize", "train", "merge", "evaluate", "all"} | audit
         cfg = copy.deepcopy(original)
         cfg["experiments"]["tiny"]["evaluate"]["max_new_tokens"] = 9
         wf.write_config(cfg)
-        assert wf.planned_rules().keys() == {"evaluate", "all"}
+        # The manifest, the published model and the comparison follow the metrics.
+        assert wf.planned_rules().keys() == {"evaluate", "manifest", "publish", "compare", "all"}
     finally:
         wf.write_config(original)
     assert wf.planned_rules() == {}
@@ -208,3 +210,12 @@ def test_experiments_share_the_stages_they_have_in_common(workflow_factory):
     assert plan["collect"] == plan["clean"] == plan["build_dataset"] == plan["base_model"] == 1
     assert plan["tokenize"] == 2  # two tokenize settings, three experiments
     assert plan["train"] == plan["merge"] == plan["evaluate"] == 3
+
+
+def test_a_sweep_shares_every_stage_before_training(workflow_factory):
+    cfg = tiny_config()
+    cfg["sweeps"] = {"lr": {"base": "tiny", "grid": {"training.learning_rate": [0.001, 0.002, 0.004]}}}
+    plan = workflow_factory(cfg).planned_rules()
+    assert plan["collect"] == plan["clean"] == plan["build_dataset"] == plan["tokenize"] == 1
+    assert plan["train"] == plan["merge"] == plan["evaluate"] == plan["manifest"] == 4  # tiny + 3 swept
+    assert plan["compare"] == 1

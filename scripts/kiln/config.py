@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -45,10 +46,89 @@ def _path(error: jsonschema.ValidationError) -> str:
     return out or "(top level)"
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _value_name(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+    return _UNSAFE.sub("_", text).strip("_") or "x"
+
+
+def expand_experiments(config: dict) -> dict:
+    """Resolve `base:` inheritance between experiments and expand `sweeps:` into named experiments.
+
+    An experiment with ``base: other`` is ``other`` deep-merged with its own keys. A sweep
+    ``{base: exp, grid: {"training.learning_rate": [1e-4, 3e-4], "training.lora_r": [8, 16]}}``
+    named ``lr`` becomes one experiment per combination, named ``lr-learning_rate0.0001-lora_r8``
+    and so on: ordinary experiments from then on (their own outputs; shared data stages).
+    """
+    cfg = copy.deepcopy(config)
+    raw = cfg.get("experiments")
+    if not isinstance(raw, dict):
+        return cfg
+    done: dict[str, dict] = {}
+
+    def resolve(name: str, chain: tuple[str, ...], where: str) -> dict:
+        if name in done:
+            return done[name]
+        if name not in raw:
+            raise ConfigError(f"config: {where}: '{name}' is not in `experiments` (known: {', '.join(sorted(raw))})")
+        if name in chain:
+            raise ConfigError(f"config: experiments.{name}.base: inheritance loops ({' -> '.join(chain + (name,))})")
+        exp = raw[name]
+        if isinstance(exp, dict) and "base" in exp:
+            own = {k: v for k, v in exp.items() if k != "base"}
+            exp = _deep_merge(resolve(exp["base"], chain + (name,), f"experiments.{name}.base"), own)
+        done[name] = exp
+        return exp
+
+    for name in raw:
+        resolve(name, (), "experiments")
+    sweeps = cfg.get("sweeps") or {}
+    if not isinstance(sweeps, dict):
+        raise ConfigError("config: sweeps: expected a map of sweep name -> {base, grid}")
+    for sweep, spec in sweeps.items():
+        where = f"sweeps.{sweep}"
+        if not isinstance(spec, dict) or set(spec) - {"base", "grid"} or "base" not in spec or "grid" not in spec:
+            raise ConfigError(f"config: {where}: expected {{base: <experiment>, grid: {{setting: [values]}}}}")
+        base = resolve(spec["base"], (), f"{where}.base")
+        grid = spec["grid"]
+        if not isinstance(grid, dict) or not grid:
+            raise ConfigError(f"config: {where}.grid: expected a map of setting -> list of values")
+        for key, values in grid.items():
+            if not re.fullmatch(r"(dataset|model|(tokenize|training|evaluate)\.[a-z_0-9]+)", str(key)):
+                raise ConfigError(
+                    f"config: {where}.grid.{key}: name a setting as dataset, model, or "
+                    "tokenize.<key> / training.<key> / evaluate.<key>"
+                )
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"config: {where}.grid.{key}: expected a non-empty list of values")
+        for combo in itertools.product(*grid.values()):
+            exp = copy.deepcopy(base)
+            parts = [sweep]
+            for key, value in zip(grid, combo):
+                section, _, leaf = key.partition(".")
+                if leaf:
+                    exp.setdefault(section, {})[leaf] = value
+                else:
+                    exp[section] = value
+                parts.append(f"{leaf or section}{_value_name(value)}")
+            name = "-".join(parts)
+            if name in done:
+                raise ConfigError(f"config: {where}: makes experiment '{name}', which already exists")
+            done[name] = exp
+    cfg["experiments"] = done
+    return cfg
+
+
 def validate(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     """Return a copy of ``config`` with defaults filled in; raise ConfigError naming the key."""
     schema = yaml.safe_load(Path(schema_path).read_text())
-    resolved = copy.deepcopy(config)
+    resolved = expand_experiments(config)
     errors = sorted(_Validator(schema).iter_errors(resolved), key=lambda e: len(list(e.absolute_path)))
     if errors:
         # The deepest error of the best match names the key the user got wrong.

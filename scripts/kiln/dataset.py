@@ -84,7 +84,6 @@ def build_dataset(
     import pandas as pd
 
     hashes = table.column("content_hash").to_numpy(zero_copy_only=False)
-    ids = table.column("kiln_id").to_pylist()
     is_dup = pd.Series(hashes).duplicated(keep="first").to_numpy()
     first_of = pd.Series(np.flatnonzero(~is_dup), index=hashes[~is_dup])
     dup_idx = np.flatnonzero(is_dup)
@@ -97,30 +96,24 @@ def build_dataset(
 
     drop = np.zeros(table.num_rows, dtype=bool)
     drop[list(reasons)] = True
-    rows = table.column("row").to_pylist()
-    files = table.column("file").to_pylist()
-    sources = table.column("source").to_pylist()
-    rej_idx = sorted(reasons)
+    rej_idx = np.array(sorted(reasons), dtype=np.int64)
+    of_idx = np.array([reasons[i][1] for i in rej_idx.tolist()], dtype=np.int64)
+    # Only the rejected rows and the rows they repeat are turned into Python values.
+    first = table.select(["kiln_id", "file", "row"]).take(pa.array(of_idx)).to_pydict()
     rejected = pa.table(
         {
-            "kiln_id": [ids[i] for i in rej_idx],
-            "source": [sources[i] for i in rej_idx],
-            "file": [files[i] for i in rej_idx],
-            "row": [rows[i] for i in rej_idx],
-            "stage": ["build"] * len(rej_idx),
-            "reason": [reasons[i][0] for i in rej_idx],
+            **{c: table.column(c).take(pa.array(rej_idx)) for c in ("kiln_id", "source", "file", "row")},
+            "stage": pa.array(["build"] * len(rej_idx), pa.string()),
+            "reason": [reasons[i][0] for i in rej_idx.tolist()],
             "detail": [
-                f"same content as {files[reasons[i][1]]} row {rows[reasons[i][1]]} ({ids[reasons[i][1]]})"
-                for i in rej_idx
+                f"same content as {f} row {r} ({k})" for f, r, k in zip(first["file"], first["row"], first["kiln_id"])
             ],
-            "raw": pa.nulls(len(rej_idx), pa.string()),
         },
         schema=REJECTED_SCHEMA,
     )
     kept = table.filter(pa.array(~drop))
-    split = split_by_hash(
-        kept.column("kiln_id").to_pylist(), settings["seed"], settings["validation"], settings["test"]
-    )
+    kept_ids = kept.column("kiln_id").to_numpy(zero_copy_only=False)
+    split = split_by_hash(kept_ids, settings["seed"], settings["validation"], settings["test"])
     dd = {}
     stats = {"rows_in": table.num_rows, "rows_rejected": rejected.num_rows, "splits": {}}
     for name in SPLITS:

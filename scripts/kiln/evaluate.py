@@ -142,6 +142,8 @@ def evaluate(
     models: tuple[str, ...] = ("base", "tuned", "adapter_4bit"),
 ) -> dict:
     import datasets
+
+    datasets.disable_caching()  # no cache-*.arrow files written into another rule's output
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)

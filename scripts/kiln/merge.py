@@ -41,6 +41,8 @@ def load_base(base_dir: str, onto: str, device: str):
 def validation_prompts(dataset_dir: str, tokenizer, n: int) -> list[str]:
     import datasets
 
+    datasets.disable_caching()  # no cache-*.arrow files written into another rule's output
+
     dd = datasets.load_from_disk(dataset_dir)
     split = dd["validation"] if len(dd["validation"]) else dd["train"]
     rows = split.select(range(min(n, len(split))))

@@ -12,12 +12,12 @@ import hashlib
 import json
 import logging
 import shutil
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
@@ -62,32 +62,62 @@ def _span_tokens(encoding, a: int, b: int) -> tuple[int, int]:
     return first, last + 1
 
 
-def tokenize_batch(batch: dict, tokenizer, max_seq_len: int, assistant_only: bool) -> dict:
-    """A `datasets.map(batched=True)` function: messages -> input_ids, assistant_masks, counts.
+def _backend(tokenizer):
+    """The `tokenizers` object behind a fast tokenizer, with no truncation or padding of its own."""
+    backend = getattr(tokenizer, "_kiln_backend", None)
+    if backend is None:
+        from tokenizers import Tokenizer
 
-    One chat-template render and one fast-tokenizer call per batch; each answer's tokens are found
-    from its two character boundaries (``char_to_token``), not by walking every token's offsets.
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+        tokenizer._kiln_backend = backend
+    return backend
+
+
+def encode_flat(batch: dict, tokenizer, assistant_only: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render and encode a batch; return (token ids, trainable mask, tokens per row) as flat arrays.
+
+    One chat-template render and one `tokenizers` `encode_batch` call per batch (it runs on every
+    core); each answer's tokens are found from its two character boundaries (``char_to_token``),
+    and the mask is written for the whole batch at once from those boundaries.
     """
     texts = render(tokenizer, batch["messages"], batch["kind"])
-    enc = tokenizer(texts, add_special_tokens=False)
-    out = {"input_ids": [], "assistant_masks": [], "n_tokens": [], "truncated": []}
+    encodings = _backend(tokenizer).encode_batch(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+    total = int(lengths.sum())
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=total)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+    edges = np.zeros(total + 1, dtype=np.int32)  # +1 where a trainable run starts, -1 where it ends
     eos = tokenizer.eos_token
     for i, (text, turns, kind) in enumerate(zip(texts, batch["messages"], batch["kind"])):
-        ids = enc["input_ids"][i]
-        n = len(ids)
         if kind == "text" or not assistant_only:
-            mask = [1] * n
+            runs = [(0, int(lengths[i]))]
         else:
-            mask = [0] * n
-            encoding = enc.encodings[i]
-            for a, b in assistant_spans(text, turns, eos):
-                first, end = _span_tokens(encoding, a, b)
-                mask[first:end] = [1] * (end - first)
-        out["n_tokens"].append(n)
-        out["truncated"].append(n > max_seq_len)
-        out["input_ids"].append(ids[:max_seq_len])
-        out["assistant_masks"].append(mask[:max_seq_len])
+            runs = [_span_tokens(encodings[i], a, b) for a, b in assistant_spans(text, turns, eos)]
+        for first, end in runs:
+            if end > first:
+                edges[starts[i] + first] += 1
+                edges[starts[i] + end] -= 1
+    mask = (np.cumsum(edges[:-1]) > 0).astype(np.int8)
+    return ids, mask, lengths
+
+
+def tokenize_batch(batch: dict, tokenizer, max_seq_len: int, assistant_only: bool) -> dict:
+    """A `datasets.map(batched=True)` function: messages -> input_ids, assistant_masks, counts."""
+    ids, mask, lengths = encode_flat(batch, tokenizer, assistant_only)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    out = {"input_ids": [], "assistant_masks": [], "n_tokens": lengths.tolist(), "truncated": []}
+    for a, n in zip(bounds[:-1], lengths):
+        out["input_ids"].append(ids[a : a + min(n, max_seq_len)].tolist())
+        out["assistant_masks"].append(mask[a : a + min(n, max_seq_len)].tolist())
+        out["truncated"].append(bool(n > max_seq_len))
     return out
+
+
+# The tokenization code as this process loaded it (read once: an edit made while a run is going
+# on must not change the key of that run's cache).
+_CODE = Path(__file__).read_bytes()
 
 
 class TokenCache:
@@ -104,15 +134,16 @@ class TokenCache:
         self.key = self._key(tokenizer_dir, settings)
         self.table = None
         if self.dir and (self.dir / "key.txt").exists() and (self.dir / "key.txt").read_text() == self.key:
-            parts = sorted(self.dir.glob("part-*.parquet"))
-            self.table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else None
+            # Uncompressed Arrow IPC, memory-mapped: opening the cache reads almost nothing.
+            parts = [pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in sorted(self.dir.glob("part-*.arrow"))]
+            self.table = pa.concat_tables(parts) if parts else None
         elif self.dir and self.dir.exists():
             shutil.rmtree(self.dir)  # made with another tokenizer, settings or code
 
     @staticmethod
     def _key(tokenizer_dir, settings) -> str:
         h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-        h.update(Path(__file__).read_bytes())
+        h.update(_CODE)
         for f in sorted(Path(tokenizer_dir).iterdir()):
             if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja":
                 h.update(f.name.encode() + f.read_bytes())
@@ -130,8 +161,10 @@ class TokenCache:
         if not self.dir or not rows:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        part = self.dir / f"part-{len(list(self.dir.glob('part-*.parquet'))):05d}.parquet"
-        pq.write_table(pa.concat_tables(rows), part.with_suffix(".tmp"))
+        part = self.dir / f"part-{len(list(self.dir.glob('part-*.arrow'))):05d}.arrow"
+        table = pa.concat_tables(rows)
+        with pa.OSFile(str(part.with_suffix(".tmp")), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
         part.with_suffix(".tmp").replace(part)
         (self.dir / "key.txt").write_text(self.key)
 
@@ -148,16 +181,27 @@ TOKENS_SCHEMA = pa.schema(
 
 
 def tokenize_rows(rows: pa.Table, tokenizer, settings: dict, batch_size: int = 1000) -> pa.Table:
-    """Tokenize rows in batches straight into Arrow columns (one render and encode per batch)."""
-    cols = {name: [] for name in TOKENS_SCHEMA.names}
+    """Tokenize rows in batches straight into Arrow columns; truncation is one vectorised cut."""
+    max_len, parts = settings["max_seq_len"], []
     for batch in rows.select(["kiln_id", "content_hash", "kind", "messages"]).to_batches(batch_size):
         data = batch.to_pydict()
-        out = tokenize_batch(data, tokenizer, settings["max_seq_len"], settings["assistant_only_loss"])
-        cols["kiln_id"] += data["kiln_id"]
-        cols["content_hash"] += data["content_hash"]
-        for key in ("input_ids", "assistant_masks", "n_tokens"):
-            cols[key] += out[key]
-    return pa.table(cols, schema=TOKENS_SCHEMA)
+        ids, mask, lengths = encode_flat(data, tokenizer, settings["assistant_only_loss"])
+        position = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        keep = position < max_len
+        offsets = pa.array(np.concatenate([[0], np.cumsum(np.minimum(lengths, max_len))]), pa.int32())
+        parts.append(
+            pa.table(
+                {
+                    "kiln_id": batch.column("kiln_id"),
+                    "content_hash": batch.column("content_hash"),
+                    "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids[keep])),
+                    "assistant_masks": pa.ListArray.from_arrays(offsets, pa.array(mask[keep])),
+                    "n_tokens": pa.array(lengths, pa.int32()),
+                },
+                schema=TOKENS_SCHEMA,
+            )
+        )
+    return pa.concat_tables(parts) if parts else TOKENS_SCHEMA.empty_table()
 
 
 def tokenize_split(ds, tokenizer, settings: dict, cache: TokenCache) -> tuple[pa.Table, pa.Table]:
@@ -169,11 +213,14 @@ def tokenize_split(ds, tokenizer, settings: dict, cache: TokenCache) -> tuple[pa
     new = tokenize_rows(rows.filter(pa.array(~hit)), tokenizer, settings)
     if not hit.any():
         return new, new
-    cached = cache.table.take(pc.drop_null(where)).select(TokenCache.COLUMNS).cast(TOKENS_SCHEMA.remove(0))
-    cached = cached.add_column(0, "kiln_id", rows.column("kiln_id").filter(pa.array(hit)))
-    positions = np.concatenate([np.flatnonzero(hit), np.flatnonzero(~hit)])
-    table = pa.concat_tables([cached, new]).append_column("_pos", pa.array(positions))
-    return table.sort_by("_pos").drop_columns(["_pos"]), new
+    # One take, in row order, over the cache and the new rows side by side.
+    columns = list(TokenCache.COLUMNS)
+    both = pa.concat_tables([cache.table.select(columns).cast(TOKENS_SCHEMA.remove(0)), new.select(columns)])
+    index = np.empty(len(hit), dtype=np.int64)
+    index[hit] = pc.drop_null(where).to_numpy()
+    index[~hit] = cache.table.num_rows + np.arange(new.num_rows)
+    table = both.take(pa.array(index)).add_column(0, "kiln_id", rows.column("kiln_id"))
+    return table, new
 
 
 def tokenize_dataset(
@@ -221,6 +268,7 @@ def tokenize_dataset(
                 for q, p in (("min", 0), ("p50", 50), ("p95", 95), ("max", 100))
             },
             "length_histogram": np.histogram(n_tokens, bins=20)[0].tolist() if len(n_tokens) else [],
+            "length_bin_edges": np.histogram_bin_edges(n_tokens, bins=20).round(1).tolist() if len(n_tokens) else [],
         }
         tok = datasets.Dataset(table.select(["kiln_id", "input_ids", "assistant_masks"]))
         if settings["packing"] and len(tok):

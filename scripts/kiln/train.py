@@ -148,6 +148,7 @@ def train(
     data_fingerprints: dict,
     experiment: str = "",
     threads: int | None = None,
+    tracking: dict | None = None,
 ) -> dict:
     t_start = time.perf_counter()
     backend, reason = resolve_backend(settings["backend"])
@@ -158,10 +159,14 @@ def train(
     base_identity = json.loads((Path(base_dir) / "identity.json").read_text())
 
     import datasets
+
+    datasets.disable_caching()  # no cache-*.arrow files written into another rule's output
     import torch
     import transformers
     from transformers import AutoTokenizer, EarlyStoppingCallback
     from trl import SFTConfig
+
+    from kiln.manifest import hardware, package_versions
 
     if threads:
         torch.set_num_threads(threads)
@@ -189,6 +194,7 @@ def train(
             f"(got save_steps={settings['save_steps']}, eval_steps={settings['eval_steps']})"
         )
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(ckpt / "tensorboard")
+    report_to = ["tensorboard"] + _mlflow_setup(tracking or {}, experiment)
     args = SFTConfig(
         output_dir=str(ckpt),
         max_steps=settings["max_steps"],
@@ -219,7 +225,8 @@ def train(
         packing=False,
         padding_free=packed,
         include_num_input_tokens_seen=True,
-        report_to=["tensorboard"],
+        report_to=report_to,
+        run_name=experiment,
         dataloader_num_workers=0,
         remove_unused_columns=True,
         dataset_num_proc=None,
@@ -277,6 +284,8 @@ def train(
         "peak_memory": _peak_memory_mb(),
         "device": "cuda" if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "hardware": hardware(),
+        "packages": package_versions(),  # of the environment training really ran in
     }
     if not losses or not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"training loss is missing or not finite: {losses[-5:]}")
@@ -290,6 +299,25 @@ def train(
         summary["wall_time_s"],
     )
     return summary
+
+
+def _mlflow_setup(tracking: dict, experiment: str | None) -> list[str]:
+    """MLflow through the Trainer's own callback when the config names a tracking URI, else nothing."""
+    uri = tracking.get("mlflow_uri") or ""
+    if not uri:
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        raise RuntimeError(f"tracking.mlflow_uri is {uri!r} but MLflow is not installed: pip install mlflow-skinny")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = tracking.get("mlflow_experiment") or "kiln"
+    os.environ.setdefault("MLFLOW_FLATTEN_PARAMS", "TRUE")
+    if "://" not in uri or uri.startswith("file:"):
+        # A folder store is what was asked for; MLflow 3 wants this opt-in for it.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    log.info("MLflow: run %r in experiment %r at %s", experiment, os.environ["MLFLOW_EXPERIMENT_NAME"], uri)
+    return ["mlflow"]
 
 
 def _fused_loss_available() -> bool:

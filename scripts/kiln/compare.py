@@ -1,0 +1,186 @@
+"""Compare experiments: one row each (key settings, metrics, delta against the base model), as CSV,
+a markdown table and an HTML table, plus loss curves overlaid and a bar chart of the main metric."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pandas as pd
+
+MAIN_METRIC = "exact_match"
+COLUMNS = [  # metrics first (what a reader compares), then the settings that differ between runs
+    "experiment",
+    "base_exact_match",
+    "tuned_exact_match",
+    "delta_exact_match",
+    "adapter_4bit_exact_match",
+    "tuned_valid_json",
+    "tuned_mean_field_accuracy",
+    "base_loss",
+    "tuned_loss",
+    "delta_loss",
+    "dataset",
+    "model",
+    "backend",
+    "learning_rate",
+    "lora_r",
+    "max_steps",
+    "max_seq_len",
+    "packing",
+    "train_rows",
+    "tokens_trained",
+    "final_train_loss",
+    "train_wall_s",
+    "code_commit",
+]
+
+
+def experiment_row(manifest: dict) -> dict:
+    """The comparison row of one experiment, from its manifest."""
+    exp = manifest["config"]["experiment"]
+    m = manifest["metrics"]
+    stages = manifest.get("stages") or {}
+    train_stage = stages.get("train") or {}
+    commit = manifest["code"].get("commit")
+    return {
+        "experiment": manifest["experiment"],
+        "dataset": exp["dataset"],
+        "model": exp["model"],
+        "backend": manifest["training"]["backend"],
+        "learning_rate": exp["training"]["learning_rate"],
+        "lora_r": exp["training"]["lora_r"],
+        "max_steps": exp["training"]["max_steps"],
+        "max_seq_len": exp["tokenize"]["max_seq_len"],
+        "packing": exp["tokenize"]["packing"],
+        "train_rows": manifest["data"]["splits"]["train"]["rows"],
+        "tokens_trained": manifest["training"]["tokens_trained"],
+        "final_train_loss": manifest["training"]["final_loss"],
+        "base_exact_match": m["base"]["exact_match"],
+        "tuned_exact_match": m["tuned"]["exact_match"],
+        "delta_exact_match": m["tuned"]["exact_match"] - m["base"]["exact_match"],
+        "adapter_4bit_exact_match": (m.get("adapter_4bit") or {}).get("exact_match"),
+        "tuned_valid_json": m["tuned"]["valid_json"],
+        "tuned_mean_field_accuracy": m["tuned"]["mean_field_accuracy"],
+        "base_loss": m["base"]["loss"],
+        "tuned_loss": m["tuned"]["loss"],
+        "delta_loss": m["tuned"]["loss"] - m["base"]["loss"],
+        "train_wall_s": train_stage.get("wall_s"),
+        "code_commit": (commit[:10] + ("+dirty" if manifest["code"].get("dirty") else "")) if commit else None,
+    }
+
+
+def comparison_table(manifests: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame([experiment_row(m) for m in manifests], columns=COLUMNS)
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    header = "| " + " | ".join(df.columns) + " |"
+    rule = "|" + "|".join("---" for _ in df.columns) + "|"
+    rows = ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, rule, *rows]) + "\n"
+
+
+def to_html(df: pd.DataFrame, title: str) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
+        for row in df.itertuples(index=False)
+    )
+    return page(title, f'<table id="experiments"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+
+
+def page(title: str, body: str) -> str:
+    """A small self-contained HTML page (the report shows each in a frame)."""
+    style = (
+        "body{font-family:sans-serif;font-size:13px;margin:12px}"
+        "table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ccc;padding:3px 6px;"
+        "vertical-align:top;text-align:left}th{background:#f0f0f0}pre{white-space:pre-wrap;margin:0}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h2>{html.escape(title)}</h2>{body}</body></html>\n"
+    )
+
+
+def plot_loss_curves(logs: dict[str, str | Path], out: str | Path) -> None:
+    """Training (solid) and validation (dashed) loss of every experiment on one chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for i, (name, path) in enumerate(sorted(logs.items())):
+        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        color = f"C{i % 10}"
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if train:
+            ax.plot(*zip(*train), color=color, label=f"{name} train")
+        if evals:
+            ax.plot(*zip(*evals), color=color, linestyle="--", marker="o", markersize=3, label=f"{name} validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Loss curves of all experiments")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def plot_metric(df: pd.DataFrame, out: str | Path, metric: str = MAIN_METRIC) -> None:
+    """Bars of the main metric per experiment: base model, tuned (merged), adapter on the 4-bit base."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = df["experiment"].tolist()
+    x = np.arange(len(names))
+    kinds = [("base", "base model"), ("tuned", "tuned (merged)"), ("adapter_4bit", "adapter on 4-bit base")]
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 4), dpi=110)
+    width = 0.8 / len(kinds)
+    for j, (kind, label) in enumerate(kinds):
+        values = df[f"{kind}_{metric}"].astype(float).fillna(0).to_numpy()
+        bars = ax.bar(x + (j - 1) * width, values, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(f"{metric.replace('_', ' ')} on the test split")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def write_comparison(
+    manifest_paths: list[str | Path],
+    train_logs: dict[str, str | Path],
+    csv_path: str | Path,
+    md_path: str | Path,
+    html_path: str | Path,
+    loss_png: str | Path,
+    metric_png: str | Path,
+) -> pd.DataFrame:
+    manifests = [json.loads(Path(p).read_text()) for p in manifest_paths]
+    df = comparison_table(manifests)
+    df.to_csv(csv_path, index=False)
+    Path(md_path).write_text(to_markdown(df))
+    Path(html_path).write_text(to_html(df, "Experiments: settings, metrics and delta against the base model"))
+    plot_loss_curves(train_logs, loss_png)
+    plot_metric(df, metric_png)
+    return df

@@ -1,0 +1,253 @@
+"""Human-readable views of Kiln's records: data-stage statistics, sample generations, the manifest
+(HTML pages the Snakemake report shows), and the model card written next to a published model."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+from pathlib import Path
+
+from kiln.compare import page
+
+
+def _table(rows: list[dict], columns: list[str] | None = None, table_id: str = "") -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    columns = columns or list(rows[0])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td><pre>{html.escape(_cell(r.get(c)))}</pre></td>" for c in columns) + "</tr>" for r in rows
+    )
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+# ---- data stages ------------------------------------------------------------------------------
+def data_stats(shard_stats: list[str | Path], dataset_stats: str | Path, tokenize_stats: list[str | Path]) -> dict:
+    """Rows per stage, rejected rows by stage and reason, and token lengths, from the stage records."""
+    shards = [json.loads(Path(p).read_text()) for p in shard_stats]
+    built = json.loads(Path(dataset_stats).read_text())
+    rejected: dict[tuple[str, str], int] = {}
+    for s in shards:
+        for reason, n in s["rejected_by_reason"].items():
+            rejected[("clean", reason)] = rejected.get(("clean", reason), 0) + n
+    for reason, n in built.get("rejected_by_reason", {}).items():
+        rejected[("build", reason)] = rejected.get(("build", reason), 0) + n
+    tokenized = {Path(p).stem: json.loads(Path(p).read_text()) for p in tokenize_stats}
+    stages = [
+        {"stage": "collect (raw rows)", "rows": sum(s["rows_in"] for s in shards)},
+        {"stage": "clean (kept)", "rows": sum(s["rows_clean"] for s in shards)},
+        {"stage": "build (deduplicated, split)", "rows": sum(v["rows"] for v in built["splits"].values())},
+    ]
+    for key, tok in tokenized.items():
+        stages.append(
+            {"stage": f"tokenize {key} (rows with loss)", "rows": sum(v["rows_kept"] for v in tok["splits"].values())}
+        )
+    return {
+        "stages": stages,
+        "splits": [{"split": k, **v} for k, v in built["splits"].items()],
+        "rejected": [{"stage": st, "reason": r, "rows": n} for (st, r), n in sorted(rejected.items())],
+        "edited": {
+            op: sum(s.get("rows_edited_by", {}).get(op, 0) for s in shards)
+            for op in sorted({op for s in shards for op in s.get("rows_edited_by", {})})
+        },
+        "tokenized": tokenized,
+    }
+
+
+def data_stats_page(stats: dict, dataset: str) -> str:
+    body = "<h3>Rows per stage</h3>" + _table(stats["stages"], table_id="rows-per-stage")
+    body += "<h3>Splits</h3>" + _table(stats["splits"])
+    body += "<h3>Rejected rows by reason</h3>" + _table(stats["rejected"], table_id="rejected")
+    body += "<h3>Rows changed by each cleaning step</h3>" + _table(
+        [{"step": k, "rows": v} for k, v in stats["edited"].items()]
+    )
+    for key, tok in stats["tokenized"].items():
+        rows = [
+            {
+                "split": split,
+                "rows": s["rows_kept"],
+                "tokens": s["tokens"],
+                "trainable tokens": s["trainable_tokens"],
+                "truncated": s["truncated"],
+                **{f"length {k}": v for k, v in s["length"].items()},
+            }
+            for split, s in tok["splits"].items()
+        ]
+        body += f"<h3>Tokens ({html.escape(key)}, max_seq_len {tok['max_seq_len']})</h3>" + _table(rows)
+    return page(f"Data: {dataset}", body)
+
+
+def plot_token_lengths(tokenize_stats: list[str | Path], out: str | Path) -> None:
+    """Histogram of tokens per row (train split) for each tokenization of the dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    for path in tokenize_stats:
+        tok = json.loads(Path(path).read_text())
+        train = tok["splits"]["train"]
+        counts, edges = train.get("length_histogram") or [], train.get("length_bin_edges") or []
+        if counts and len(edges) == len(counts) + 1:
+            ax.stairs(counts, edges, fill=True, alpha=0.5, label=f"{Path(path).stem}")
+        ax.axvline(tok["max_seq_len"], color="k", linestyle=":", linewidth=1)
+    ax.set_xlabel("tokens per row (before truncation; dotted: max_seq_len)")
+    ax.set_ylabel("rows (train)")
+    ax.legend(fontsize=7)
+    ax.set_title("Token lengths")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+# ---- samples and manifest ---------------------------------------------------------------------
+def samples_page(samples_path: str | Path, experiment: str, limit: int = 40) -> str:
+    rows = []
+    for line in Path(samples_path).read_text().splitlines()[:limit]:
+        r = json.loads(line)
+        rows.append(
+            {k: r.get(k) for k in ("kiln_id", "prompt", "reference", "base", "tuned", "adapter_4bit") if k in r}
+        )
+    return page(f"{experiment}: sample generations (base vs tuned vs reference)", _table(rows, table_id="samples"))
+
+
+def manifest_page(manifest: dict) -> str:
+    m = manifest
+    tuned, base = m["metrics"]["tuned"], m["metrics"]["base"]
+    summary = [
+        {"what": "experiment", "value": m["experiment"]},
+        {"what": "base model", "value": f"{m['base_model']['id']} (revision {m['base_model'].get('revision')})"},
+        {"what": "base weights sha256", "value": m["base_model"].get("weights")},
+        {"what": "data fingerprints", "value": {k: v["fingerprint"] for k, v in m["data"]["splits"].items()}},
+        {"what": "rows per split", "value": {k: v["rows"] for k, v in m["data"]["splits"].items()}},
+        {"what": "code", "value": m["code"]},
+        {"what": "training", "value": m["training"]},
+        {"what": "exact match base -> tuned", "value": f"{base['exact_match']:.3f} -> {tuned['exact_match']:.3f}"},
+    ]
+    stages = [{"stage": k, **(v or {})} for k, v in m["stages"].items()]
+    body = _table(summary, table_id="manifest-summary") + "<h3>Stages (Snakemake benchmark records)</h3>"
+    body += _table(stages, ["stage", "jobs", "wall_s", "max_rss_mb", "cpu_time_s"])
+    body += "<h3>Packages</h3>" + _table([{"package": k, "version": v} for k, v in m["packages"].items()])
+    body += "<h3>Hardware</h3>" + _table([{"what": k, "value": v} for k, v in m["hardware"].items()])
+    body += "<h3>Full manifest</h3><pre>" + html.escape(json.dumps(m, indent=2)) + "</pre>"
+    return page(f"Manifest: {m['experiment']}", body)
+
+
+# ---- model card and the published model folder ---------------------------------------------------
+def model_card(manifest: dict) -> str:
+    """README.md for the published model, generated from the manifest."""
+    m = manifest
+    exp = m["config"]["experiment"]
+    tr = exp["training"]
+    met = m["metrics"]
+    splits = m["data"]["splits"]
+    name = m["experiment"]
+    code = m["code"]
+    commit = code.get("commit") or "not a git checkout"
+    if code.get("dirty"):
+        commit += f" (uncommitted changes, diff sha256 {code['diff_sha256'][:16]}…)"
+
+    def metric_row(key: str, label: str) -> str:
+        cells = [met[k][key] if met.get(k) else None for k in ("base", "tuned", "adapter_4bit")]
+        return f"| {label} | " + " | ".join("" if c is None else f"{c:.4f}" for c in cells) + " |"
+
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [kiln, qlora, lora, sft]",
+        f"base_model: {m['base_model']['id']}",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A fine-tune of **{m['base_model']['id']}** (Kiln model `{exp['model']}`, revision "
+        f"`{m['base_model'].get('revision')}`) on the Kiln dataset `{exp['dataset']}`, trained with "
+        f"{'4-bit NF4 QLoRA' if tr['quantization'] == 'nf4' else 'LoRA'} and merged into the base weights.",
+        "",
+        "## How to load it",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'path = "."  # this folder',
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        "model = AutoModelForCausalLM.from_pretrained(path)",
+        'messages = [{"role": "user", "content": "..."}]',
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt')",
+        "print(tokenizer.decode(model.generate(inputs, max_new_tokens=64)[0][inputs.shape[1]:]))",
+        "```",
+        "",
+        "## Data",
+        "",
+        "| split | rows | fingerprint (sha256 of ids and content hashes) |",
+        "|---|---|---|",
+        *[f"| {k} | {v['rows']} | `{v['fingerprint']}` |" for k, v in splits.items()],
+        "",
+        f"Each row keeps its stable id and the source, file and row it came from "
+        f"(`python scripts/trace.py ID --dataset {exp['dataset']}`).",
+        "",
+        "## Training",
+        "",
+        f"- backend: {m['training']['backend']} ({m['training']['backend_reason']}); compute dtype "
+        f"{m['training']['compute_dtype']}; device {m['training']['device']}",
+        f"- LoRA r={tr['lora_r']}, alpha={tr['lora_alpha']}, dropout={tr['lora_dropout']}, "
+        f"targets {tr['target_modules']}",
+        f"- {m['training']['steps']} steps, batch {tr['per_device_batch_size']} x {tr['gradient_accumulation_steps']}, "
+        f"learning rate {tr['learning_rate']} ({tr['lr_scheduler']}), seed {tr['seed']}",
+        f"- max_seq_len {exp['tokenize']['max_seq_len']}, loss on assistant tokens only: "
+        f"{exp['tokenize']['assistant_only_loss']}, packing: {exp['tokenize']['packing']}",
+        f"- tokens trained: {m['training']['tokens_trained']}; loss {m['training']['first_loss']:.4f} -> "
+        f"{m['training']['final_loss']:.4f}",
+        f"- merged onto the {m['merged']['report'].get('merge_onto')} weights, saved as "
+        f"{m['merged']['report'].get('saved_dtype')}",
+        "",
+        f"## Evaluation ({met.get('generated_rows')} test rows, greedy decoding)",
+        "",
+        "| metric | base model | this model | adapter on 4-bit base |",
+        "|---|---|---|---|",
+        metric_row("exact_match", "exact match"),
+        metric_row("valid_json", "valid JSON"),
+        metric_row("mean_field_accuracy", "mean field accuracy"),
+        metric_row("loss", "loss (test, assistant tokens)"),
+        "",
+        "## Provenance",
+        "",
+        f"- code: {commit}",
+        f"- base weights sha256: {json.dumps(m['base_model'].get('weights'))}",
+        "- packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v),
+        "- the full record: `manifest.json` in this folder (config, hashes, stage times, hardware)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def publish(merged_dir: str | Path, manifest_path: str | Path, out_dir: str | Path) -> None:
+    """The shippable model folder: the merged weights (hard links, no copy), its card and manifest."""
+    src, out = Path(merged_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.rglob("*")):
+        if f.is_dir() or f.name in ("README.md", "manifest.json"):
+            continue  # written below, never through a link into merged/
+        dst = out / f.relative_to(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, dst)
+        except OSError:
+            shutil.copy2(f, dst)
+    manifest = json.loads(Path(manifest_path).read_text())
+    shutil.copyfile(manifest_path, out / "manifest.json")
+    (out / "README.md").write_text(model_card(manifest))
