@@ -193,14 +193,19 @@ def train(
             "training.early_stopping_patience needs save_steps to be a multiple of eval_steps "
             f"(got save_steps={settings['save_steps']}, eval_steps={settings['eval_steps']})"
         )
+    micro, accum, probe = settings["per_device_batch_size"], settings["gradient_accumulation_steps"], None
+    if settings["auto_micro_batch"] and cuda:
+        micro, accum, probe = auto_micro_batch(model, micro * accum, tokenize["max_seq_len"], dtype)
+        log.info("micro-batch %d x %d accumulation steps (effective batch kept): %s", micro, accum, probe)
+    lean = not settings["step_metrics"]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(ckpt / "tensorboard")
     report_to = ["tensorboard"] + _mlflow_setup(tracking or {}, experiment)
     args = SFTConfig(
         output_dir=str(ckpt),
         max_steps=settings["max_steps"],
-        per_device_train_batch_size=settings["per_device_batch_size"],
-        per_device_eval_batch_size=settings["per_device_batch_size"],
-        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accum,
         learning_rate=settings["learning_rate"],
         lr_scheduler_type=settings["lr_scheduler"],
         warmup_steps=settings["warmup_ratio"],
@@ -221,10 +226,12 @@ def train(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=not cuda,
-        max_length=tokenize["max_seq_len"],
+        # Packed rows are already at most max_seq_len (TRL refuses a max_length with padding_free).
+        max_length=None if packed else tokenize["max_seq_len"],
         packing=False,
         padding_free=packed,
-        include_num_input_tokens_seen=True,
+        # Counting tokens costs a host sync every step; the lean step estimates them from the data.
+        include_num_input_tokens_seen="no" if lean else True,
         report_to=report_to,
         run_name=experiment,
         dataloader_num_workers=0,
@@ -240,6 +247,7 @@ def train(
         processing_class=tokenizer,
         peft_config=peft_config,
         adapter_dtype=dtype if dtype == torch.float32 else None,
+        lean=lean,
         callbacks=[_step_logger(ckpt / STEP_LOG, start_step)]
         + ([EarlyStoppingCallback(settings["early_stopping_patience"])] if early else []),
     )
@@ -274,7 +282,13 @@ def train(
         "compute_dtype": resolved["compute_dtype"],
         "steps": trainer.state.global_step,
         "resumed_from_step": start_step,
-        "tokens_trained": int(trainer.state.num_input_tokens_seen),
+        "tokens_trained": int(trainer.state.num_input_tokens_seen)
+        if not lean
+        else _estimated_tokens(train_ds, trainer.state.epoch or 0.0),
+        "tokens_trained_estimated": lean,
+        "micro_batch": micro,
+        "gradient_accumulation_steps": accum,
+        "micro_batch_probe": probe,
         "wall_time_s": round(time.perf_counter() - t_start, 1),
         "train_runtime_s": round(result.metrics.get("train_runtime", math.nan), 1),
         "first_loss": losses[0] if losses else None,
@@ -299,6 +313,60 @@ def train(
         summary["wall_time_s"],
     )
     return summary
+
+
+def _estimated_tokens(train_ds, epochs: float) -> int:
+    """Tokens trained, from the share of the data seen (the lean step does not count per step)."""
+    import pyarrow.compute as pc
+
+    column = "seq_lengths" if "seq_lengths" in train_ds.column_names else "input_ids"
+    lengths = pc.list_value_length(train_ds.data.column("input_ids")) if column == "input_ids" else None
+    total = int(pc.sum(lengths).as_py() or 0) if lengths is not None else sum(map(sum, train_ds["seq_lengths"]))
+    return int(round(total * epochs))
+
+
+def auto_micro_batch(model, effective: int, seq_len: int, dtype, budget: float = 0.85) -> tuple[int, int, dict]:
+    """The largest micro-batch that divides the effective batch and fits the card at ``seq_len``.
+
+    Each candidate (effective, effective/2, ...) runs one forward and backward on a full-length
+    batch; the first whose peak memory stays under ``budget`` of the card wins. The effective batch
+    (micro x accumulation) is what the config says, so the optimisation is unchanged.
+    """
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    device = next(p.device for p in model.parameters())
+    vocab = model.get_input_embeddings().weight.shape[0]
+    tried = {}
+    candidates = [m for m in range(effective, 0, -1) if (effective % m == 0 and m & (m - 1) == 0) or m == effective]
+    # Before TRL adds LoRA (hf backend) nothing is trainable: let the activations carry gradients
+    # instead, which costs the same memory as training the adapters would (a little more: no
+    # checkpointing yet), so the pick errs on the safe side.
+    frozen = not any(p.requires_grad for p in model.parameters())
+    if frozen:
+        model.enable_input_require_grads()
+    model.train()
+    for m in candidates:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            ids = torch.randint(3, vocab, (m, seq_len), device=device)
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            peak = torch.cuda.max_memory_allocated()
+        except torch.OutOfMemoryError:
+            peak = None
+        finally:
+            model.zero_grad(set_to_none=True)
+            loss = ids = None
+            torch.cuda.empty_cache()
+        tried[m] = None if peak is None else round(peak / 2**30, 2)
+        if peak is not None and peak <= budget * total:
+            if frozen:
+                model.disable_input_require_grads()
+            return m, effective // m, {"peak_gib_by_micro_batch": tried, "card_gib": round(total / 2**30, 1)}
+    raise RuntimeError(f"not even a micro-batch of 1 x {seq_len} tokens fits the card: {tried}")
 
 
 def _mlflow_setup(tracking: dict, experiment: str | None) -> list[str]:
@@ -343,14 +411,19 @@ def sft_trainer_class():
           on the same labels is the same quantity, so it is used there.
         """
 
-        def __init__(self, *args, adapter_dtype=None, **kwargs):
+        def __init__(self, *args, adapter_dtype=None, lean=False, **kwargs):
             super().__init__(*args, **kwargs)
+            self.kiln_lean = lean
             if adapter_dtype is not None:
                 for param in self.model.parameters():
                     if param.requires_grad and param.dtype != adapter_dtype:
                         param.data = param.data.to(adapter_dtype)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.kiln_lean:
+                # The model's own loss (Unsloth's fused cross-entropy on its path), without TRL's
+                # per-step entropy / token-accuracy metrics and their host syncs.
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             if _fused_loss_available():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)

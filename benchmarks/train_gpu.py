@@ -1,0 +1,474 @@
+"""GPU training throughput: plain loops beside Kiln's training stage, on one card, in one run.
+
+    python3 benchmarks/train_gpu.py all --out DIR [--part 1|2|all]
+
+Runs, each in its own process (Unsloth patches transformers process-wide), on a model of
+Qwen2.5-0.5B shape with random weights (speed does not depend on the weights), seq 2048, random
+tokens:
+  (1) a plain Hugging Face + PEFT + bitsandbytes QLoRA loop, batch 8;
+  (2) a plain Unsloth QLoRA loop, batch 8;
+  (3) Kiln's training stage (kiln.train.train, the function the `train` rule calls) with the
+      settings of benchmarks/configs/train_gpu.yaml;
+plus the lever runs (the stage with one setting changed at a time) and, on the default task's real
+(short, varied) rows tokenized by Kiln at SmolLM2-135M shape, the stage with and without packing
+(effective, non-pad tokens/s). Prints tokens/s, peak GiB and the 6N-FLOP utilisation (against an
+8192^3 bf16 matmul measured in the same run) for each, and writes DIR/results.jsonl + DIR/table.md.
+
+Method: a fresh random batch each step; warm-up steps excluded; the clock stops after a device
+synchronize. QLoRA everywhere: NF4 + double quant, bf16 compute, LoRA r=16 alpha=16 on q,k,v,o,
+gate,up,down. Worker subcommands: matmul, make, loop, kiln, table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = Path(os.environ.get("KILN_BENCH_WORK", "/tmp/kiln-train-gpu"))
+TOKENIZER = REPO / "tests" / "fixtures" / "smollm2-tokenizer"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "vocab_size": 151936,
+    },
+    "smollm2-135m": {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "tie_word_embeddings": True,
+        "vocab_size": 49152,
+    },
+    "tiny": {  # CPU plumbing checks only
+        "model_type": "qwen2",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "vocab_size": 49152,
+    },
+}
+
+
+def emit(out: Path, record: dict) -> None:
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print("RESULT", json.dumps(record), flush=True)
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def card() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+# ---- workers ------------------------------------------------------------------------------------
+def cmd_matmul(args) -> None:
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    sync()
+    times = []
+    for _ in range(20):
+        t = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t)
+    med = sorted(times)[len(times) // 2]
+    emit(args.out, {"kind": "matmul", "card": card(), "tflops": 2 * n**3 / med / 1e12})
+
+
+def cmd_make(args) -> None:
+    """A random-weight model of a real shape, saved the way Kiln's base_model rule saves one."""
+    from kiln.base_model import prepare_base_model
+
+    for shape in args.shape:
+        out = WORK / "models" / shape
+        if (out / "identity.json").exists():
+            continue
+        cfg = {"kind": "random", "seed": 0, "architecture": SHAPES[shape], "tokenizer_from": str(TOKENIZER)}
+        prepare_base_model(cfg, shape, out, tokenizer_dir=TOKENIZER, dtype="bfloat16")
+        print("made", shape, flush=True)
+
+
+def n_params(shape: str) -> int:
+    return json.loads((WORK / "models" / shape / "identity.json").read_text())["parameters"]
+
+
+def cmd_loop(args) -> None:
+    """A plain QLoRA training loop (no Trainer): the reference both stacks are measured with."""
+    t_start = time.time()
+    if args.backend == "unsloth":
+        import unsloth  # noqa: F401  (before transformers)
+    import bitsandbytes as bnb
+    import torch
+
+    path = str(WORK / "models" / args.shape)
+    dev = "cuda" if cuda() else "cpu"
+    if args.backend == "hf":
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0 if dev == "cuda" else "cpu"}
+        )
+        model.config.use_cache = False
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    else:
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=args.seq, load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(
+            model, r=16, lora_alpha=16, target_modules=TARGETS, use_gradient_checkpointing="unsloth", random_state=0
+        )
+        FastLanguageModel.for_training(model)
+    model.train()
+    opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(3, vocab, (args.warmup + args.steps, args.bs, args.seq), generator=g)
+
+    def step(i):
+        x = data[i].to(dev, non_blocking=True)
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup):
+        step(i).item()
+    sync()
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    losses = [step(args.warmup + i).detach() for i in range(args.steps)]
+    sync()
+    dt = time.perf_counter() - t0
+    tokens = args.bs * args.seq * args.steps
+    emit(
+        args.out,
+        {
+            "kind": "train",
+            "name": args.name,
+            "runner": f"plain {args.backend} loop",
+            "shape": args.shape,
+            "seq": args.seq,
+            "micro_batch": args.bs,
+            "effective_batch": args.bs,
+            "tokens_per_s": tokens / dt,
+            "step_s": dt / args.steps,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
+            "n_params": n_params(args.shape),
+            "loss_last": losses[-1].item(),
+            "card": card(),
+            "wall_s": time.time() - t_start,
+        },
+    )
+
+
+def random_tokenized(shape: str, rows: int, seq: int) -> Path:
+    """A tokenized DatasetDict of full-length random rows, as the tokenize rule would save it."""
+    import datasets
+    import numpy as np
+
+    out = WORK / "data" / f"random-{shape}-{rows}x{seq}"
+    if out.exists():
+        return out
+    vocab = SHAPES[shape]["vocab_size"]
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        ids = rng.integers(3, vocab, size=(n, seq), dtype=np.int64).tolist()
+        return datasets.Dataset.from_dict({"input_ids": ids, "assistant_masks": [[1] * seq] * n})
+
+    datasets.DatasetDict({"train": split(rows), "validation": split(8), "test": split(8)}).save_to_disk(str(out))
+    return out
+
+
+def orders_tokenized(rows: int, packing: bool, seq: int) -> Path:
+    """The default task's rows through Kiln's own data stages (synthetic -> clean -> build -> tokenize)."""
+    import pyarrow.parquet as pq  # noqa: F401
+
+    from kiln.clean import clean_shard
+    from kiln.dataset import build_dataset
+    from kiln.sources import canonical_rows, write_raw
+    from kiln.synthetic import ANSWER_SCHEMA, generate
+    from kiln.tokenize import tokenize_dataset
+
+    base = WORK / "data" / f"orders-{rows}"
+    out = WORK / "data" / f"orders-{rows}-{'packed' if packing else 'unpacked'}-{seq}"
+    if out.exists():
+        return out
+    if not (base / "dataset").exists():
+        base.mkdir(parents=True, exist_ok=True)
+        records = generate(rows, seed=1234, mess_rate=0.12)
+        items = ((i, r, json.dumps(r), None) for i, r in enumerate(records, 1))
+        write_raw(canonical_rows(items, source="synthetic", file="bench", fmt="auto", columns={}), base / "raw.parquet")
+        clean = {"min_chars": 10, "max_chars": 4000, "answer_schema": ANSWER_SCHEMA}
+        clean_shard(base / "raw.parquet", base / "clean.parquet", base / "rej.parquet", base / "clean.json", clean)
+        build = {"near_dedup": False, "near_dedup_threshold": 0.9, "validation": 0.02, "test": 0.02, "seed": 0}
+        build_dataset([str(base / "clean.parquet")], base / "dataset", base / "brej.parquet", base / "b.json", build)
+    settings = {"max_seq_len": seq, "assistant_only_loss": True, "packing": packing}
+    tokenize_dataset(base / "dataset", WORK / "models" / "smollm2-135m", out, str(out) + ".json", settings)
+    return out
+
+
+def cmd_kiln(args) -> None:
+    """Kiln's training stage, called as the `train` rule calls it, on prepared data."""
+    import yaml
+
+    t_start = time.time()
+    spec = yaml.safe_load((REPO / "benchmarks" / "configs" / "train_gpu.yaml").read_text())
+    settings = {**spec["training"], **json.loads(args.set or "{}")}
+    if settings.get("backend") == "unsloth" or (settings.get("backend") == "auto"):
+        try:
+            import unsloth  # noqa: F401  (what the train rule does first when Unsloth will be used)
+        except ImportError:
+            pass
+    from kiln.config import validate
+
+    cfg = {
+        "datasets": {"d": {"sources": [{"name": "s", "kind": "synthetic"}]}},
+        "models": {"m": {"kind": "local", "path": "."}},
+        "experiments": {"e": {"dataset": "d", "model": "m", "training": settings}},
+    }
+    settings = validate(cfg)["experiments"]["e"]["training"]  # defaults filled as the workflow does
+    seq = args.seq
+    if args.data == "random":
+        tokenized = random_tokenized(
+            args.shape, settings["per_device_batch_size"] * (settings["max_steps"] + 2) * 2, seq
+        )
+    else:
+        tokenized = orders_tokenized(args.rows, args.packing, seq)
+    from kiln.train import train
+
+    run = WORK / "runs" / args.name
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    tokenize = {"max_seq_len": seq, "assistant_only_loss": True, "packing": bool(args.packing)}
+    summary = train(
+        str(tokenized),
+        str(WORK / "models" / args.shape),
+        str(run / "adapter"),
+        str(run / "steps.jsonl"),
+        str(run / "loss.png"),
+        str(run / "summary.json"),
+        str(run / "ckpt"),
+        settings,
+        tokenize,
+        data_fingerprints={},
+        experiment=args.name,
+    )
+    steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    timed = [r for r in steps if "loss" in r and r["step"] >= args.warmup]
+    first, last = timed[0], timed[-1]
+    seconds = last["time"] - first["time"]
+    n_steps = last["step"] - first["step"]
+    import datasets
+
+    train_ds = datasets.load_from_disk(str(tokenized))["train"]
+    if args.data == "random":
+        tokens = n_steps * summary["micro_batch"] * summary["gradient_accumulation_steps"] * seq
+    else:  # real rows: the non-pad tokens of the rows seen in the window
+        import pyarrow.compute as pc
+
+        total = int(pc.sum(pc.list_value_length(train_ds.data.column("input_ids"))).as_py())
+        tokens = (last["epoch"] - first["epoch"]) * total
+    emit(
+        args.out,
+        {
+            "kind": "train",
+            "name": args.name,
+            "runner": "kiln train stage",
+            "data": args.data,
+            "packing": bool(args.packing),
+            "shape": args.shape,
+            "seq": seq,
+            "backend": summary["backend"],
+            "micro_batch": summary["micro_batch"],
+            "effective_batch": summary["micro_batch"] * summary["gradient_accumulation_steps"],
+            "micro_batch_probe": summary["micro_batch_probe"],
+            "settings_changed": json.loads(args.set or "{}"),
+            "tokens_per_s": tokens / seconds,
+            "step_s": seconds / n_steps,
+            "timed_steps": n_steps,
+            "peak_gib": (summary["peak_memory"].get("gpu_max_allocated_mb") or 0) / 1024,
+            "n_params": n_params(args.shape),
+            "loss_first": summary["first_loss"],
+            "loss_last": summary["final_loss"],
+            "card": card(),
+            "wall_s": time.time() - t_start,
+        },
+    )
+
+
+def cmd_table(args) -> None:
+    rows = [json.loads(x) for x in (args.out / "results.jsonl").read_text().splitlines()]
+    peak = next((r["tflops"] for r in rows if r["kind"] == "matmul"), None)
+    lines = [
+        f"Card: {next((r['card'] for r in rows if 'card' in r), '?')}; bf16 8192^3 matmul: "
+        + (f"{peak:.0f} TFLOP/s" if peak else "not measured"),
+        "",
+        "| run | runner | shape | seq | micro x accum | tokens/s | step s | peak GiB | 6N MFU | x (1) | x (2) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    trains = [r for r in rows if r["kind"] == "train"]
+    ref = {r["name"]: r["tokens_per_s"] for r in trains}
+    for r in trains:
+        mfu = 6 * r["n_params"] * r["tokens_per_s"] / (peak * 1e12) if peak else float("nan")
+        accum = r["effective_batch"] // r["micro_batch"]
+        x1 = r["tokens_per_s"] / ref["hf_loop_bs8"] if "hf_loop_bs8" in ref else float("nan")
+        x2 = r["tokens_per_s"] / ref["unsloth_loop_bs8"] if "unsloth_loop_bs8" in ref else float("nan")
+        peak_gib = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+        lines.append(
+            f"| {r['name']} | {r['runner']} | {r['shape']} | {r['seq']} | {r['micro_batch']} x {accum} | "
+            f"{r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {peak_gib} | {mfu:.1%} | {x1:.2f} | {x2:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (args.out / "table.md").write_text(text)
+    print(text)
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+PLAN = {
+    # part 1: the three the targets compare, and Kiln's stage before the levers (one call)
+    "1": [
+        ["matmul"],
+        ["make", "--shape", "qwen2.5-0.5b", "smollm2-135m"],
+        ["loop", "--name", "hf_loop_bs8", "--backend", "hf", "--bs", "8"],
+        ["loop", "--name", "unsloth_loop_bs8", "--backend", "unsloth", "--bs", "8"],
+        ["kiln", "--name", "kiln_stage"],
+        [
+            "kiln",
+            "--name",
+            "lever0_kiln_bs8_no_levers",
+            "--set",
+            '{"per_device_batch_size": 8, "auto_micro_batch": false, "step_metrics": true, "logging_steps": 1}',
+        ],
+    ],
+    # part 2: one lever at a time, and packing on the default task's real rows
+    "2": [
+        ["matmul"],
+        ["make", "--shape", "qwen2.5-0.5b", "smollm2-135m"],
+        ["kiln", "--name", "lever1_lean_step_bs8", "--set", '{"per_device_batch_size": 8, "auto_micro_batch": false}'],
+        ["kiln", "--name", "lever2_auto_batch_with_step_metrics", "--set", '{"step_metrics": true}'],
+        ["loop", "--name", "unsloth_loop_bs64", "--backend", "unsloth", "--bs", "64", "--steps", "10"],
+        ["kiln", "--name", "orders_unpacked", "--data", "orders", "--shape", "smollm2-135m", "--seq", "2048"],
+        [
+            "kiln",
+            "--name",
+            "orders_packed",
+            "--data",
+            "orders",
+            "--shape",
+            "smollm2-135m",
+            "--seq",
+            "2048",
+            "--packing",
+        ],
+    ],
+}
+
+
+def cmd_all(args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    parts = ["1", "2"] if args.part == "all" else [args.part]
+    for part in parts:
+        for cmd in PLAN[part]:
+            extra = ["--out", str(args.out)]
+            t = time.time()
+            print(f"=== {' '.join(cmd)}", flush=True)
+            proc = subprocess.run([sys.executable, __file__, *cmd, *extra], cwd=REPO)
+            print(f"=== exit {proc.returncode} after {time.time() - t:.0f} s", flush=True)
+    cmd_table(args)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("all", "matmul", "make", "loop", "kiln", "table"):
+        p = sub.add_parser(name)
+        p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    sub.choices["all"].add_argument("--part", default="1", choices=["1", "2", "all"])
+    sub.choices["make"].add_argument("--shape", nargs="+", required=True)
+    for name in ("loop", "kiln"):
+        p = sub.choices[name]
+        p.add_argument("--name", required=True)
+        p.add_argument("--shape", default="qwen2.5-0.5b")
+        p.add_argument("--seq", type=int, default=2048)
+        p.add_argument("--warmup", type=int, default=5)
+    loop = sub.choices["loop"]
+    loop.add_argument("--backend", choices=["hf", "unsloth"], required=True)
+    loop.add_argument("--bs", type=int, default=8)
+    loop.add_argument("--steps", type=int, default=20)
+    kiln = sub.choices["kiln"]
+    kiln.add_argument("--set", help="JSON of training settings to change from the config")
+    kiln.add_argument("--data", choices=["random", "orders"], default="random")
+    kiln.add_argument("--packing", action="store_true")
+    kiln.add_argument("--rows", type=int, default=20000)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    {"all": cmd_all, "matmul": cmd_matmul, "make": cmd_make, "loop": cmd_loop, "kiln": cmd_kiln, "table": cmd_table}[
+        args.cmd
+    ](args)
+
+
+if __name__ == "__main__":
+    main()
