@@ -388,28 +388,47 @@ def cmd_table(args) -> None:
 
 # ---- the plan -----------------------------------------------------------------------------------
 PLAN = {
-    # part 1: the three the targets compare, and Kiln's stage before the levers (one call)
+    # part 1: the three the targets compare, in one call on one card
     "1": [
         ["matmul"],
-        ["make", "--shape", "qwen2.5-0.5b", "smollm2-135m"],
+        ["make", "--shape", "qwen2.5-0.5b"],
         ["loop", "--name", "hf_loop_bs8", "--backend", "hf", "--bs", "8"],
         ["loop", "--name", "unsloth_loop_bs8", "--backend", "unsloth", "--bs", "8"],
         ["kiln", "--name", "kiln_stage"],
+    ],
+    # part 2: the levers, one at a time from Kiln's stage before them (and the batch lever alone on
+    # the plain Unsloth loop)
+    "2": [
+        ["matmul"],
+        ["make", "--shape", "qwen2.5-0.5b"],
         [
             "kiln",
             "--name",
             "lever0_kiln_bs8_no_levers",
             "--set",
-            '{"per_device_batch_size": 8, "auto_micro_batch": false, "step_metrics": true, "logging_steps": 1}',
+            '{"per_device_batch_size": 8, "auto_micro_batch": false, "step_metrics": true, "logging_steps": 1,'
+            ' "gradient_checkpointing": true}',
         ],
-    ],
-    # part 2: one lever at a time, and packing on the default task's real rows
-    "2": [
-        ["matmul"],
-        ["make", "--shape", "qwen2.5-0.5b", "smollm2-135m"],
-        ["kiln", "--name", "lever1_lean_step_bs8", "--set", '{"per_device_batch_size": 8, "auto_micro_batch": false}'],
-        ["kiln", "--name", "lever2_auto_batch_with_step_metrics", "--set", '{"step_metrics": true}'],
+        [
+            "kiln",
+            "--name",
+            "lever1_lean_step_bs8",
+            "--set",
+            '{"per_device_batch_size": 8, "auto_micro_batch": false, "gradient_checkpointing": true}',
+        ],
+        [
+            "kiln",
+            "--name",
+            "lever2_auto_batch_with_step_metrics",
+            "--set",
+            '{"step_metrics": true, "gradient_checkpointing": true}',
+        ],
+        ["kiln", "--name", "lever2b_auto_batch_lean", "--set", '{"gradient_checkpointing": true}'],
         ["loop", "--name", "unsloth_loop_bs64", "--backend", "unsloth", "--bs", "64", "--steps", "10"],
+    ],
+    # part 3: packing, on the default task's real rows (SmolLM2-135M shape, its tokenizer)
+    "3": [
+        ["make", "--shape", "smollm2-135m"],
         ["kiln", "--name", "orders_unpacked", "--data", "orders", "--shape", "smollm2-135m", "--seq", "2048"],
         [
             "kiln",
@@ -429,7 +448,7 @@ PLAN = {
 
 def cmd_all(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    parts = ["1", "2"] if args.part == "all" else [args.part]
+    parts = ["1", "2", "3"] if args.part == "all" else [args.part]
     for part in parts:
         for cmd in PLAN[part]:
             extra = ["--out", str(args.out)]
@@ -446,7 +465,7 @@ def main() -> None:
     for name in ("all", "matmul", "make", "loop", "kiln", "table"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
-    sub.choices["all"].add_argument("--part", default="1", choices=["1", "2", "all"])
+    sub.choices["all"].add_argument("--part", default="1", choices=["1", "2", "3", "all"])
     sub.choices["make"].add_argument("--shape", nargs="+", required=True)
     for name in ("loop", "kiln"):
         p = sub.choices[name]
