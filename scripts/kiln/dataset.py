@@ -118,8 +118,10 @@ def build_dataset(
     stats = {"rows_in": table.num_rows, "rows_rejected": rejected.num_rows, "splits": {}}
     for name in SPLITS:
         part = kept.filter(pa.array(split == name))
-        dd[name] = datasets.Dataset(part)
-        stats["splits"][name] = {"rows": part.num_rows, "fingerprint": fingerprint(part)}
+        content = fingerprint(part)
+        # Our content fingerprint doubles as the `datasets` one (else it pickles the whole table to make one).
+        dd[name] = datasets.Dataset(part, fingerprint=content)
+        stats["splits"][name] = {"rows": part.num_rows, "fingerprint": content}
     stats["rejected_by_reason"] = {
         r: sum(1 for v in reasons.values() if v[0] == r) for r in sorted({v[0] for v in reasons.values()})
     }

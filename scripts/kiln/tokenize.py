@@ -270,7 +270,12 @@ def tokenize_dataset(
             "length_histogram": np.histogram(n_tokens, bins=20)[0].tolist() if len(n_tokens) else [],
             "length_bin_edges": np.histogram_bin_edges(n_tokens, bins=20).round(1).tolist() if len(n_tokens) else [],
         }
-        tok = datasets.Dataset(table.select(["kiln_id", "input_ids", "assistant_masks"]))
+        # A fingerprint from the input split's and the tokenization's (else `datasets` pickles the table).
+        made_from = f"{getattr(ds, '_fingerprint', '')}:{cache.key}:{split}"
+        tok = datasets.Dataset(
+            table.select(["kiln_id", "input_ids", "assistant_masks"]),
+            fingerprint=hashlib.sha256(made_from.encode()).hexdigest()[:32],
+        )
         if settings["packing"] and len(tok):
             from trl.data_utils import pack_dataset
 
