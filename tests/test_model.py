@@ -129,3 +129,45 @@ def _training_defaults() -> dict:
         }
     )
     return cfg["experiments"]["e"]["training"]
+
+
+def test_packed_rows_train_with_the_lean_step(tiny_run, tmp_path):
+    """Packing (padding-free batches) and `step_metrics: false` (no per-step metric syncs; tokens estimated)."""
+    from kiln.tokenize import tokenize_dataset
+    from kiln.train import train
+
+    packed = tmp_path / "packed"
+    stats = tokenize_dataset(
+        tiny_run.path("data/orders/dataset"),
+        tiny_run.path("base/tiny"),
+        packed,
+        tmp_path / "packed.json",
+        {"max_seq_len": 512, "assistant_only_loss": True, "packing": True},
+    )
+    assert stats["splits"]["train"]["packed_sequences"] < stats["splits"]["train"]["rows_kept"]
+    settings = {
+        **_training_defaults(),
+        **tiny_run.config["experiments"]["tiny"]["training"],
+        "max_steps": 3,
+        "eval_steps": 0,
+        "per_device_batch_size": 2,
+        "step_metrics": False,
+        "auto_micro_batch": True,  # CUDA only: on a CPU the configured batch stays
+    }
+    summary = train(
+        str(packed),
+        str(tiny_run.path("base/tiny")),
+        str(tmp_path / "adapter"),
+        str(tmp_path / "s.jsonl"),
+        str(tmp_path / "l.png"),
+        str(tmp_path / "sum.json"),
+        str(tmp_path / "ckpt"),
+        settings,
+        {"max_seq_len": 512, "assistant_only_loss": True, "packing": True},
+        {"train": "x"},
+        "packed",
+    )
+    assert summary["steps"] == 3 and summary["micro_batch"] == 2 and summary["micro_batch_probe"] is None
+    # Estimated from the share of the data seen: 3 steps x 2 packed sequences of at most 512 tokens.
+    assert summary["tokens_trained_estimated"] and 0 < summary["tokens_trained"] <= 3 * 2 * 512
+    assert all(x > 0 for x in [summary["first_loss"], summary["final_loss"]])
