@@ -28,3 +28,62 @@ def test_tiny_pipeline_on_cuda(workflow_factory, backend):
     assert report["saved_dtype"] == "bfloat16" and report["merge_error_ratio"] < 0.05
     metrics = json.loads(wf.path("tiny/metrics.json").read_text())
     assert all(k in metrics for k in ("base", "tuned", "adapter_4bit"))
+
+
+def test_auto_micro_batch_keeps_the_effective_batch(tiny_run_or_base, tmp_path):
+    """On the card: the probe picks the largest micro-batch that fits and the effective batch stays."""
+    from kiln.train import train
+
+    base_dir, tokenized = tiny_run_or_base
+    settings = _settings(per_device_batch_size=4, gradient_accumulation_steps=2, auto_micro_batch=True, backend="hf")
+    summary = train(
+        str(tokenized),
+        str(base_dir),
+        str(tmp_path / "adapter"),
+        str(tmp_path / "s.jsonl"),
+        str(tmp_path / "l.png"),
+        str(tmp_path / "sum.json"),
+        str(tmp_path / "ckpt"),
+        settings,
+        {"max_seq_len": 192, "assistant_only_loss": True, "packing": False},
+        {"train": "x"},
+        "gpu-auto",
+    )
+    # A 2-layer model fits easily: the whole effective batch of 8 in one micro-batch.
+    assert summary["micro_batch"] * summary["gradient_accumulation_steps"] == 8
+    tried = {str(k): v for k, v in summary["micro_batch_probe"]["peak_gib_by_micro_batch"].items()}
+    assert summary["micro_batch"] == 8 and list(tried) == ["8"] and tried["8"] > 0
+
+
+def test_auto_micro_batch_says_when_nothing_fits(tiny_run_or_base):
+    from transformers import AutoModelForCausalLM
+
+    from kiln.train import auto_micro_batch
+
+    base_dir, _ = tiny_run_or_base
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16).cuda()
+    with pytest.raises(RuntimeError, match="not even a micro-batch of 1 x 64 tokens fits"):
+        auto_micro_batch(model, 4, 64, torch.bfloat16, budget=1e-9)
+
+
+@pytest.fixture(scope="module")
+def tiny_run_or_base(tmp_path_factory):
+    """The tiny workflow's base model and tokenized data, built once on the card."""
+    from conftest import Workflow
+
+    wf = Workflow(tmp_path_factory.mktemp("gpu-tiny"), tiny_config(backend="hf"))
+    wf.run("results/tiny/train_summary.json")  # builds the data, the base model and the tokens
+    tokenized = next(p for p in wf.path("data/orders/tokenized").iterdir() if p.is_dir())
+    return wf.path("base/tiny"), tokenized
+
+
+def _settings(**over) -> dict:
+    from kiln.config import validate
+
+    training = {**tiny_config()["experiments"]["tiny"]["training"], "max_steps": 2, "eval_steps": 0, **over}
+    cfg = {
+        "datasets": {"d": {"sources": [{"name": "s", "kind": "synthetic"}]}},
+        "models": {"m": {"kind": "local", "path": "."}},
+        "experiments": {"e": {"dataset": "d", "model": "m", "training": training}},
+    }
+    return validate(cfg)["experiments"]["e"]["training"]
