@@ -16,6 +16,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from kiln.base_model import sha256_file  # noqa: F401 (also this module's, for callers)
+
 PACKAGES = (
     "torch",
     "transformers",
@@ -99,14 +101,6 @@ def hardware() -> dict:
     except ImportError:
         out["gpu"] = None
     return out
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tree_hashes(folder: str | Path) -> dict[str, str]:
