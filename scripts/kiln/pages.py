@@ -240,8 +240,11 @@ def publish(merged_dir: str | Path, manifest_path: str | Path, out_dir: str | Pa
     src, out = Path(merged_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.rglob("*")):
-        if f.is_dir() or f.name in ("README.md", "manifest.json"):
-            continue  # written below, never through a link into merged/
+        if f.is_dir() or f.name in ("README.md", "manifest.json") or f.name.startswith("."):
+            # README and manifest are written below, never through a link into merged/; hidden
+            # files (Snakemake's .snakemake_timestamp) are each folder's own: a shared inode would
+            # make touching one mark the other as changed.
+            continue
         dst = out / f.relative_to(src)
         dst.parent.mkdir(parents=True, exist_ok=True)
         try:
