@@ -1,3 +1,11 @@
+# Light aggregation: run where Snakemake runs, never submitted to a cluster.
+localrules:
+    all,
+    compare,
+    publish,
+    data_report,
+
+
 # Audit: one manifest per experiment, the published model with its card, the comparison of all
 # experiments, and the data-stage statistics; outputs marked report() make `snakemake --report`.
 

@@ -74,6 +74,11 @@ def base_model_inputs(wildcards):
     return {"tokenizer": source}
 
 
+def gpus(experiment):
+    """GPUs the training, merge and evaluation jobs of an experiment ask a cluster for."""
+    return config["experiments"][experiment]["training"]["num_gpus"]
+
+
 def tokenized_dir(experiment):
     exp = config["experiments"][experiment]
     return f"{R}/data/{exp['dataset']}/tokenized/{tokenization_key(config, experiment)}"

@@ -14,6 +14,9 @@ rule collect:
         f"{R}/benchmarks/collect/{{dataset}}/{{source}}/{{shard}}.tsv"
     conda:
         "../envs/data.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=30,
     params:
         source=lambda w: source_config(config, w.dataset, w.source),
     script:
@@ -35,6 +38,9 @@ rule clean:
         f"{R}/benchmarks/clean/{{dataset}}/{{source}}/{{shard}}.tsv"
     conda:
         "../envs/data.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         settings=lambda w: config["datasets"][w.dataset]["clean"],
     script:
@@ -56,6 +62,9 @@ rule build_dataset:
         f"{R}/benchmarks/build_dataset/{{dataset}}.tsv"
     conda:
         "../envs/data.yaml"
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         settings=lambda w: config["datasets"][w.dataset]["build"],
     script:
@@ -78,6 +87,9 @@ rule tokenize:
     conda:
         "../envs/model.yaml"
     threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
     params:
         settings=lambda w: tokenization_settings(
             config, w.dataset, f"{w.model}-{w.tok}"

@@ -15,6 +15,9 @@ rule base_model:
     conda:
         "../envs/model.yaml"
     threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=60,
     params:
         model=lambda w: config["models"][w.model],
     script:
@@ -41,7 +44,9 @@ rule train:
         "../envs/model.yaml"
     threads: workflow.cores
     resources:
-        mem_mb=8000,
+        mem_mb=16000,
+        runtime=720,
+        gpu=lambda w: gpus(w.experiment),
     params:
         training=lambda w: config["experiments"][w.experiment]["training"],
         tokenize=lambda w: config["experiments"][w.experiment]["tokenize"],
@@ -67,6 +72,10 @@ rule merge:
     conda:
         "../envs/model.yaml"
     threads: workflow.cores
+    resources:
+        mem_mb=16000,
+        runtime=60,
+        gpu=lambda w: gpus(w.experiment),
     params:
         onto=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_onto"],
         dtype=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_dtype"],
@@ -93,6 +102,10 @@ rule evaluate:
     conda:
         "../envs/model.yaml"
     threads: workflow.cores
+    resources:
+        mem_mb=16000,
+        runtime=120,
+        gpu=lambda w: gpus(w.experiment),
     params:
         settings=lambda w: config["experiments"][w.experiment]["evaluate"],
     script:
