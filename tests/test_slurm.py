@@ -76,7 +76,8 @@ def test_tiny_pipeline_runs_as_slurm_jobs(cluster, tmp_path):
         assert records[job_id]["JobState"] == "COMPLETED", records[job_id]
         assert os.path.exists(log)
     train = next(records[j] for j, log in submitted if "rule_train/" in log)
-    assert "mem=16000M" in train["Tres"]  # the rule's resources reached sbatch
+    # The rule's memory and the profile's CPUs reached sbatch.
+    assert "mem=16000M" in train["Tres"] and "cpu=2" in train["Tres"], train["Tres"]
     assert (tmp_path / "results" / "tiny" / "metrics.json").exists()
 
 
