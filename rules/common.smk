@@ -129,7 +129,7 @@ def stage_benchmarks(wildcards):
     """Snakemake benchmark records of every job behind an experiment, by stage."""
     exp = config["experiments"][wildcards.experiment]
     ds, tok = exp["dataset"], tokenized_dir(wildcards.experiment)
-    parts = [(source, shard) for source, shard in shards(ds)]
+    parts = shards(ds)
     b = f"{R}/benchmarks"
     return {
         "collect": [f"{b}/collect/{ds}/{s}/{sh}.tsv" for s, sh in parts],

@@ -316,12 +316,13 @@ def train(
 
 
 def _estimated_tokens(train_ds, epochs: float) -> int:
-    """Tokens trained, from the share of the data seen (the lean step does not count per step)."""
+    """Tokens trained, from the share of the data seen (the lean step does not count per step).
+
+    Packed or not, the rows' ``input_ids`` hold every training token once.
+    """
     import pyarrow.compute as pc
 
-    column = "seq_lengths" if "seq_lengths" in train_ds.column_names else "input_ids"
-    lengths = pc.list_value_length(train_ds.data.column("input_ids")) if column == "input_ids" else None
-    total = int(pc.sum(lengths).as_py() or 0) if lengths is not None else sum(map(sum, train_ds["seq_lengths"]))
+    total = pc.sum(pc.list_value_length(train_ds.data.column("input_ids"))).as_py() or 0
     return int(round(total * epochs))
 
 
