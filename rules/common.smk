@@ -74,9 +74,10 @@ def base_model_inputs(wildcards):
     return {"tokenizer": source}
 
 
-def gpus(experiment):
-    """GPUs the training, merge and evaluation jobs of an experiment ask a cluster for."""
-    return config["experiments"][experiment]["training"]["num_gpus"]
+def gpus(experiment, single=False):
+    """GPUs a job of an experiment asks a cluster for: training all of num_gpus, merge/evaluate one."""
+    n = config["experiments"][experiment]["training"]["num_gpus"]
+    return min(n, 1) if single else n
 
 
 def tokenized_dir(experiment):

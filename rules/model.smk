@@ -75,7 +75,7 @@ rule merge:
     resources:
         mem_mb=16000,
         runtime=60,
-        gpu=lambda w: gpus(w.experiment),
+        gpu=lambda w: gpus(w.experiment, single=True),
     params:
         onto=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_onto"],
         dtype=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_dtype"],
@@ -105,7 +105,7 @@ rule evaluate:
     resources:
         mem_mb=16000,
         runtime=120,
-        gpu=lambda w: gpus(w.experiment),
+        gpu=lambda w: gpus(w.experiment, single=True),
     params:
         settings=lambda w: config["experiments"][w.experiment]["evaluate"],
     script:

@@ -1,25 +1,36 @@
-"""Rule train: tokenized data + base model -> LoRA adapter, step log, loss curve, summary."""
+"""Rule train: tokenized data + base model -> LoRA adapter, step log, loss curve, summary.
+
+training.num_gpus >= 2 (the job's `gpu` resource, which a profile's set-resources can raise): the
+same function in that many DDP processes through `accelerate launch`.
+"""
 
 import json
 
 from kiln.smk import setup_log, use_cores
-from kiln.train import train
+from kiln.train import launch, train
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm, console=True)  # keep the progress bar (with ETA) on the console
 splits = json.loads(open(sm.input.data_stats).read())["splits"]
-train(
-    sm.input.tokenized,
-    sm.input.base,
-    sm.output.adapter,
-    sm.output.steps,
-    sm.output.loss_png,
-    sm.output.summary,
-    sm.params.checkpoints,
-    sm.params.training,
-    sm.params.tokenize,
+spec = dict(
+    tokenized_dir=sm.input.tokenized,
+    base_dir=sm.input.base,
+    adapter_dir=sm.output.adapter,
+    step_log_out=sm.output.steps,
+    loss_png=sm.output.loss_png,
+    summary_path=sm.output.summary,
+    ckpt_dir=sm.params.checkpoints,
+    settings=sm.params.training,
+    tokenize=sm.params.tokenize,
     data_fingerprints={name: s["fingerprint"] for name, s in splits.items()},
     experiment=sm.wildcards.experiment,
     threads=use_cores(sm),
     tracking=sm.config["tracking"],  # where metrics go live: not a parameter of the model
 )
+# The job's resource: training.num_gpus unless the profile set another (set-resources: train:gpu=N).
+processes = int(sm.resources.get("gpu", sm.params.training["num_gpus"]))
+if processes > 1:
+    spec["threads"] = max(1, spec["threads"] // processes)
+    launch(spec, processes, log_file=sm.log[0])
+else:
+    train(**spec)

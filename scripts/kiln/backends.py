@@ -2,7 +2,8 @@
 
 ``hf``: transformers + bitsandbytes NF4 + PEFT LoRA (TRL wraps the model). ``unsloth``: Unsloth's
 FastLanguageModel (CUDA only; it patches transformers, so it must be imported first, in this process
-only). ``auto`` picks unsloth when CUDA is present and unsloth imports, else hf.
+only). ``auto`` picks unsloth when CUDA is present and unsloth imports, else hf. Unsloth trains
+on one GPU: with several processes (DDP) ``auto`` picks hf and says so, and ``unsloth`` is refused.
 """
 
 from __future__ import annotations
@@ -13,14 +14,21 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def resolve_backend(requested: str) -> tuple[str, str]:
-    """Return (backend, reason)."""
+def resolve_backend(requested: str, processes: int = 1) -> tuple[str, str]:
+    """Return (backend, reason). ``processes``: how many data-parallel processes train together."""
     import torch
 
     cuda = torch.cuda.is_available()
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if requested == "hf":
         return "hf", "requested in config"
+    if processes > 1:
+        if requested == "unsloth":
+            raise RuntimeError(
+                f"training.backend is 'unsloth' but training.num_gpus is {processes}: Unsloth trains on one GPU; "
+                "set training.backend: auto (or hf) for data-parallel training, or training.num_gpus: 1"
+            )
+        return "hf", f"auto: {processes} processes (DDP through accelerate); Unsloth trains on one GPU"
     if requested == "unsloth":
         if not cuda or not has_unsloth:
             raise RuntimeError(

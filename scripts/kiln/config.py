@@ -174,6 +174,19 @@ def _check_references(cfg: dict) -> None:
                     f"config: experiments.{name}.{key}: '{exp[key]}' is not in `{table}` "
                     f"(known: {', '.join(sorted(cfg[table]))})"
                 )
+        tr = exp["training"]
+        n = tr["num_gpus"]
+        if n > 1 and tr["backend"] == "unsloth":
+            raise ConfigError(
+                f"config: experiments.{name}.training.backend: 'unsloth' trains on one GPU but num_gpus is {n}; "
+                "use backend: auto or hf for several GPUs (auto picks hf there)"
+            )
+        if n > 1 and (tr["per_device_batch_size"] * tr["gradient_accumulation_steps"]) % n:
+            raise ConfigError(
+                f"config: experiments.{name}.training.num_gpus: {n} processes can't share an effective batch of "
+                f"{tr['per_device_batch_size'] * tr['gradient_accumulation_steps']} sequences "
+                "(per_device_batch_size x gradient_accumulation_steps) evenly"
+            )
 
 
 def tokenizer_source(cfg: dict, model: str) -> str | None:

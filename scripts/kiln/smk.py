@@ -23,7 +23,14 @@ def setup_log(snakemake, console: bool = False) -> logging.Logger:
     logging.basicConfig(
         level=logging.INFO, handlers=handlers, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return logging.getLogger(f"kiln.{snakemake.rule}")
+    logger = logging.getLogger(f"kiln.{snakemake.rule}")
+    if console and snakemake.log:
+        # stderr stays on the terminal: put the error that ends the job in the log file too.
+        def log_uncaught(kind, value, tb):
+            logger.error("%s failed: %s: %s", snakemake.rule, kind.__name__, value, exc_info=(kind, value, tb))
+
+        sys.excepthook = log_uncaught
+    return logger
 
 
 def use_cores(snakemake) -> int:

@@ -13,6 +13,13 @@ summary (tokens, wall time, peak memory).
 Resume: checkpoints live in a folder Snakemake does not own, keyed by a fingerprint of the inputs
 (data, base weights, settings). A rerun with the same key resumes from the last checkpoint; a
 different key sets the old checkpoints aside (with a message) and starts again.
+
+Several GPUs: ``launch`` runs ``train`` in N processes through ``accelerate launch`` (DDP, one
+process per GPU, each loading the 4-bit base on its own card). The effective batch stays what the
+config says (per_device_batch_size x gradient_accumulation_steps sequences per optimizer step, all
+processes together), so the learning rate means the same thing on 1 or N GPUs: each process takes
+1/N of it, by fewer accumulation steps (or, when those don't divide, a smaller micro-batch).
+Only the main process writes the step log, the adapter and the summary.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ import math
 import os
 import resource
 import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,7 +162,8 @@ def train(
     tracking: dict | None = None,
 ) -> dict:
     t_start = time.perf_counter()
-    backend, reason = resolve_backend(settings["backend"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun)
+    backend, reason = resolve_backend(settings["backend"], processes=world)
     log.info("backend: %s (%s)", backend, reason)
     if backend == "unsloth":
         import unsloth  # noqa: F401  (patches transformers and TRL: must come before them, this process only)
@@ -171,8 +183,21 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
+    state = None
+    if world > 1:
+        from accelerate import PartialState
+
+        # Before the model loads: joins the process group and makes this process's GPU current
+        # (cpu=True on a machine without CUDA: gloo, what the CPU tests run).
+        state = PartialState(cpu=not cuda)
+    main = state is None or state.is_main_process
     ckpt = Path(ckpt_dir)
-    resume = prepare_checkpoints(ckpt, run_key(data_fingerprints, base_identity, tokenize, settings))
+    key = run_key(data_fingerprints, base_identity, tokenize, settings)
+    if state is None:
+        resume = prepare_checkpoints(ckpt, key)
+    else:
+        with state.main_process_first():  # the main process sets stale checkpoints aside first
+            resume = prepare_checkpoints(ckpt, key)
     start_step = int(Path(resume).name.split("-")[1]) if resume else 0
 
     transformers.set_seed(settings["seed"])
@@ -193,10 +218,23 @@ def train(
             "training.early_stopping_patience needs save_steps to be a multiple of eval_steps "
             f"(got save_steps={settings['save_steps']}, eval_steps={settings['eval_steps']})"
         )
-    micro, accum, probe = settings["per_device_batch_size"], settings["gradient_accumulation_steps"], None
+    micro, accum = split_batch(settings["per_device_batch_size"], settings["gradient_accumulation_steps"], world)
+    probe = None
     if settings["auto_micro_batch"] and cuda:
         micro, accum, probe = auto_micro_batch(model, micro * accum, tokenize["max_seq_len"], dtype)
+        if state is not None:  # every process must step together: the smallest pick wins
+            picks = torch.tensor([micro], device=state.device)
+            torch.distributed.all_reduce(picks, op=torch.distributed.ReduceOp.MIN)
+            micro, accum = int(picks.item()), micro * accum // int(picks.item())
         log.info("micro-batch %d x %d accumulation steps (effective batch kept): %s", micro, accum, probe)
+    if world > 1:
+        log.info(
+            "%d processes x micro-batch %d x %d accumulation steps = effective batch %d (as configured)",
+            world,
+            micro,
+            accum,
+            world * micro * accum,
+        )
     lean = not settings["step_metrics"]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(ckpt / "tensorboard")
     report_to = ["tensorboard"] + _mlflow_setup(tracking or {}, experiment)
@@ -238,7 +276,20 @@ def train(
         remove_unused_columns=True,
         dataset_num_proc=None,
         disable_tqdm=False,
+        # DDP: every LoRA weight gets a gradient each step; reentrant checkpointing breaks DDP hooks.
+        ddp_find_unused_parameters=False if world > 1 else None,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if world > 1 else None,
     )
+    if world == 1 and args.n_gpu > 1:
+        # One process that sees several GPUs: Trainer would split each batch over them with
+        # nn.DataParallel (which TRL refuses). The model sits on the current GPU; train there.
+        # Several GPUs are used through training.num_gpus (DDP) instead.
+        log.info(
+            "%d GPUs visible to one process: training on %s only (set training.num_gpus for DDP)",
+            args.n_gpu,
+            args.device,
+        )
+        args._n_gpu = 1
     trainer = sft_trainer_class()(
         model=model,
         args=args,
@@ -248,10 +299,18 @@ def train(
         peft_config=peft_config,
         adapter_dtype=dtype if dtype == torch.float32 else None,
         lean=lean,
-        callbacks=[_step_logger(ckpt / STEP_LOG, start_step)]
+        callbacks=([_step_logger(ckpt / STEP_LOG, start_step)] if main else [])
         + ([EarlyStoppingCallback(settings["early_stopping_patience"])] if early else []),
     )
     result = trainer.train(resume_from_checkpoint=resume)
+    peaks = [_peak_memory_mb()]
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        peaks = gather_object(peaks)  # every process's peak, in rank order
+        state.destroy_process_group()  # the rest is the main process's own writing
+    if not main:
+        return {}
 
     adapter = Path(adapter_dir)
     trainer.model.save_pretrained(adapter, safe_serialization=True)
@@ -286,8 +345,10 @@ def train(
         if not lean
         else _estimated_tokens(train_ds, trainer.state.epoch or 0.0),
         "tokens_trained_estimated": lean,
+        "processes": world,
         "micro_batch": micro,
         "gradient_accumulation_steps": accum,
+        "effective_batch": world * micro * accum,
         "micro_batch_probe": probe,
         "wall_time_s": round(time.perf_counter() - t_start, 1),
         "train_runtime_s": round(result.metrics.get("train_runtime", math.nan), 1),
@@ -295,7 +356,8 @@ def train(
         "final_loss": losses[-1] if losses else None,
         "eval_loss": [r["eval_loss"] for r in history if "eval_loss" in r],
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "peak_memory": _peak_memory_mb(),
+        "peak_memory": peaks[0],
+        "peak_memory_per_process": peaks if world > 1 else None,
         "device": "cuda" if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
         "hardware": hardware(),
@@ -335,7 +397,7 @@ def auto_micro_batch(model, effective: int, seq_len: int, dtype, budget: float =
     """
     import torch
 
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     device = next(p.device for p in model.parameters())
     vocab = model.get_input_embeddings().weight.shape[0]
     tried = {}
@@ -430,3 +492,93 @@ def sft_trainer_class():
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return KilnSFTTrainer
+
+
+def split_batch(micro: int, accum: int, processes: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) per process, keeping micro x accum x processes = the config's.
+
+    Fewer accumulation steps first (the micro-batch the config sized for memory stays); when they
+    don't divide, the largest micro-batch that does.
+    """
+    effective = micro * accum
+    if processes <= 1:
+        return micro, accum
+    if effective % processes:
+        raise ValueError(
+            f"training.per_device_batch_size x gradient_accumulation_steps = {effective} sequences per step "
+            f"can't be shared evenly by training.num_gpus = {processes} processes; make it a multiple of {processes}"
+        )
+    if accum % processes == 0:
+        return micro, accum // processes
+    share = effective // processes
+    m = max(d for d in range(1, min(micro, share) + 1) if share % d == 0)
+    return m, share // m
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: dict, processes: int, log_file: str | None = None, allow_cpu: bool = False) -> dict:
+    """``train(**spec)`` in ``processes`` DDP processes through ``accelerate launch``; the summary.
+
+    One process per GPU of this job (CUDA_VISIBLE_DEVICES, as SLURM sets it). ``allow_cpu``: run
+    the processes on CPU with gloo where there is no CUDA (what the tests do: the same code path).
+    """
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < processes and not (allow_cpu and have == 0):
+        raise RuntimeError(
+            f"training.num_gpus is {processes} but this job sees {have} CUDA device(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run it where {processes} "
+            "GPUs are visible (the rule asks a cluster for them as resource `gpu`) or lower training.num_gpus"
+        )
+    work = Path(tempfile.mkdtemp(prefix="kiln-launch-"))
+    spec_file = work / "train.json"
+    spec_file.write_text(json.dumps({"train": spec, "log_file": log_file}))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",  # the trainer sets bf16 itself from the compute dtype
+        "--dynamo_backend",
+        "no",
+        str(Path(__file__).resolve().parent / "ddp" / "worker.py"),
+        str(spec_file),
+    ]
+    log.info("launching %d processes: %s", processes, " ".join(cmd))
+    rc = subprocess.run(cmd, check=False).returncode
+    shutil.rmtree(work, ignore_errors=True)
+    if rc:
+        raise RuntimeError(
+            f"accelerate launch of {processes} training processes exited with status {rc}; "
+            f"each process's error is printed above{f' and in {log_file}' if log_file else ''}"
+        )
+    return json.loads(Path(spec["summary_path"]).read_text())
+
+
+def run_worker(spec_file: str) -> None:
+    """One DDP process (kiln/ddp/worker.py): logging tagged with its rank, then ``train``."""
+    spec = json.loads(Path(spec_file).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if spec["log_file"] and rank == 0:
+        handlers.append(logging.FileHandler(spec["log_file"]))  # appends to the rule's log
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        handlers=handlers,
+        force=True,
+        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
+    )
+    train(**spec["train"])

@@ -1,0 +1,1 @@
+"""Data-parallel training: the file `accelerate launch` runs in each process (worker.py)."""

@@ -1,0 +1,143 @@
+"""Several GPUs: the DDP launch path (`training.num_gpus >= 2`), run here on CPU processes with gloo.
+
+The same `kiln.train.launch` -> `accelerate launch --multi_gpu` -> `kiln.train.train` code a GPU job
+runs; only the collective backend differs (gloo on CPU, NCCL on GPUs). The 1- vs 2-GPU comparison
+on real cards is benchmarks/train_ddp.py (results under benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from kiln.backends import resolve_backend
+from kiln.config import ConfigError, validate
+from kiln.train import launch, split_batch, train
+
+
+def test_the_effective_batch_is_shared_not_multiplied():
+    assert split_batch(4, 2, 1) == (4, 2)
+    assert split_batch(4, 2, 2) == (4, 1)  # fewer accumulation steps first
+    assert split_batch(8, 1, 2) == (4, 1)  # then a smaller micro-batch
+    for micro, accum, n in [(4, 2, 2), (8, 1, 2), (16, 4, 8), (3, 4, 2), (64, 1, 8)]:
+        m, a = split_batch(micro, accum, n)
+        assert m * a * n == micro * accum and m <= micro
+
+
+def test_uneven_batches_and_unsloth_on_several_gpus_are_refused():
+    with pytest.raises(ValueError, match="6 sequences per step can't be shared evenly by training.num_gpus = 4"):
+        split_batch(6, 1, 4)
+    cfg = tiny_config(num_gpus=3)  # 4 x 1 = 4 sequences a step
+    with pytest.raises(ConfigError, match=r"experiments.tiny.training.num_gpus: 3 processes can't share"):
+        validate(cfg)
+    cfg = tiny_config(num_gpus=2, backend="unsloth")
+    with pytest.raises(ConfigError, match=r"experiments.tiny.training.backend: 'unsloth' trains on one GPU"):
+        validate(cfg)
+    assert resolve_backend("auto", processes=2) == (
+        "hf",
+        "auto: 2 processes (DDP through accelerate); Unsloth trains on one GPU",
+    )
+    with pytest.raises(RuntimeError, match="Unsloth trains on one GPU"):
+        resolve_backend("unsloth", processes=2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="checks the message a job without enough GPUs gets")
+def test_too_few_gpus_fails_before_launching(tmp_path):
+    with pytest.raises(RuntimeError, match=r"training.num_gpus is 2 but this job sees \d CUDA device"):
+        launch({"summary_path": str(tmp_path / "s.json")}, 2)
+
+
+def test_the_workflow_asks_the_cluster_for_the_gpus(workflow_factory):
+    """train asks for num_gpus GPUs, merge and evaluate for one (they run one process)."""
+    cfg = tiny_config(num_gpus=2)
+    wf = workflow_factory(cfg)
+    proc = wf.run("--dry-run", "--printshellcmds", "results/tiny/metrics.json", check=True)
+    text = proc.stdout + proc.stderr
+    jobs = {}
+    for block in text.split("\n\n"):
+        lines = block.strip().splitlines()
+        rule = next((ln.split()[1].rstrip(":") for ln in lines if ln.startswith(("rule ", "localrule "))), None)
+        res = next((ln for ln in lines if ln.strip().startswith("resources:")), "")
+        if rule:
+            jobs[rule] = res
+    assert "gpu=2" in jobs["train"], jobs["train"]
+    assert "gpu=1" in jobs["merge"] and "gpu=1" in jobs["evaluate"]
+    if torch.cuda.device_count() >= 2:
+        return
+    # Run for real where the GPUs aren't there: the train job fails before launching, and says why.
+    proc = wf.run("results/tiny/train_summary.json", check=False)
+    assert proc.returncode != 0
+    log = wf.path("logs", "train", "tiny.log").read_text()
+    assert "training.num_gpus is 2 but this job sees 0 CUDA device(s)" in log, log[-2000:]
+
+
+def test_two_processes_train_like_one(tiny_run, tmp_path):
+    """Same data, seed and effective batch on 1 and on 2 (CPU) processes: the same losses, one adapter.
+
+    Every optimizer step sees the same 8 sequences either way (4 x 2 accumulation on one process,
+    4 x 1 on each of two), so only summation order differs.
+    """
+    from test_model import _training_defaults
+
+    cfg = tiny_run.config["experiments"]["tiny"]
+    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
+    settings = {
+        **_training_defaults(),
+        **cfg["training"],
+        "max_steps": 4,
+        "per_device_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "logging_steps": 1,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "lora_dropout": 0.0,
+    }
+    runs = {}
+    for n in (1, 2):
+        d = tmp_path / f"p{n}"
+        spec = dict(
+            tokenized_dir=str(tokenized),
+            base_dir=str(tiny_run.path("base/tiny")),
+            adapter_dir=str(d / "adapter"),
+            step_log_out=str(d / "steps.jsonl"),
+            loss_png=str(d / "loss.png"),
+            summary_path=str(d / "summary.json"),
+            ckpt_dir=str(d / "ckpt"),
+            settings={**settings, "num_gpus": n},
+            tokenize={"max_seq_len": 192},
+            data_fingerprints={"train": "x"},
+            experiment=f"p{n}",
+            threads=1,
+        )
+        d.mkdir()
+        if n == 1:
+            summary = train(**spec)
+        else:
+            summary = launch(spec, n, log_file=str(d / "train.log"), allow_cpu=True)
+            assert "[rank 0]" in (d / "train.log").read_text()
+        steps = [json.loads(x) for x in (d / "steps.jsonl").read_text().splitlines()]
+        runs[n] = summary, steps, load_file(d / "adapter" / "adapter_model.safetensors")
+
+    (s1, steps1, a1), (s2, steps2, a2) = runs[1], runs[2]
+    assert s2["processes"] == 2 and s2["backend"] == "hf"
+    assert (s1["micro_batch"], s1["gradient_accumulation_steps"]) == (4, 2)
+    assert (s2["micro_batch"], s2["gradient_accumulation_steps"]) == (4, 1)
+    assert s1["effective_batch"] == s2["effective_batch"] == 8
+    assert s2["steps"] == 4 and len(s2["peak_memory_per_process"]) == 2
+    # One step log written once (by the main process), one line per logged step.
+    loss1 = [r["loss"] for r in steps1 if "loss" in r]
+    loss2 = [r["loss"] for r in steps2 if "loss" in r]
+    assert [r["step"] for r in steps2 if "loss" in r] == [1, 2, 3, 4]
+    assert loss1 == pytest.approx(loss2, rel=2e-3), (loss1, loss2)
+    eval1 = [r["eval_loss"] for r in steps1 if "eval_loss" in r]
+    eval2 = [r["eval_loss"] for r in steps2 if "eval_loss" in r]
+    assert len(eval2) == 2 and eval1 == pytest.approx(eval2, rel=2e-3)
+    # The same tokens trained, and adapters that moved the same way.
+    assert s1["tokens_trained"] == s2["tokens_trained"] > 0
+    assert a1.keys() == a2.keys()
+    for k in a1:
+        assert torch.allclose(a1[k].float(), a2[k].float(), rtol=1e-2, atol=1e-4), k
