@@ -8,6 +8,7 @@ on real cards is benchmarks/train_ddp.py (results under benchmarks/results/).
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
         "save_steps": 2,
         "lora_dropout": 0.0,
     }
-    runs = {}
+    runs, specs = {}, {}
     for n in (1, 2):
         d = tmp_path / f"p{n}"
         spec = dict(
@@ -121,6 +122,7 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
             assert "[rank 0]" in (d / "train.log").read_text()
         steps = [json.loads(x) for x in (d / "steps.jsonl").read_text().splitlines()]
         runs[n] = summary, steps, load_file(d / "adapter" / "adapter_model.safetensors")
+        specs[n] = spec
 
     (s1, steps1, a1), (s2, steps2, a2) = runs[1], runs[2]
     assert s2["processes"] == 2 and s2["backend"] == "hf"
@@ -141,3 +143,14 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
     assert a1.keys() == a2.keys()
     for k in a1:
         assert torch.allclose(a1[k].float(), a2[k].float(), rtol=1e-2, atol=1e-4), k
+
+    # Resume under DDP: drop the last checkpoint (as if killed after step 2) and run again. Both
+    # processes resume from checkpoint-2 (their own RNG states) and log steps 3-4 once, as before.
+    d = tmp_path / "p2"
+    shutil.rmtree(d / "ckpt" / "checkpoint-4")
+    shutil.rmtree(d / "adapter")
+    resumed = launch(specs[2], 2, log_file=str(d / "train.log"), allow_cpu=True)
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    again = [json.loads(x) for x in (d / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again if "loss" in r] == [1, 2, 3, 4]
+    assert [r["loss"] for r in again if "loss" in r] == pytest.approx(loss2, rel=1e-5)

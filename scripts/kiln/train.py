@@ -190,6 +190,10 @@ def train(
         # Before the model loads: joins the process group and makes this process's GPU current
         # (cpu=True on a machine without CUDA: gloo, what the CPU tests run).
         state = PartialState(cpu=not cuda)
+        if not cuda:
+            # accelerate names the device "cpu:0", which torch.load can't map a checkpoint to
+            # (Trainer loads the optimizer state onto args.device when resuming under DDP).
+            state.device = torch.device("cpu")
     main = state is None or state.is_main_process
     ckpt = Path(ckpt_dir)
     key = run_key(data_fingerprints, base_identity, tokenize, settings)
@@ -279,6 +283,8 @@ def train(
         # DDP: every LoRA weight gets a gradient each step; reentrant checkpointing breaks DDP hooks.
         ddp_find_unused_parameters=False if world > 1 else None,
         gradient_checkpointing_kwargs={"use_reentrant": False} if world > 1 else None,
+        # CPU DDP: keep the process state made above (its plain "cpu" device, see there).
+        accelerator_config={"use_configured_state": True} if world > 1 and not cuda else None,
     )
     if world == 1 and args.n_gpu > 1:
         # One process that sees several GPUs: Trainer would split each batch over them with
