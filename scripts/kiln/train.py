@@ -314,7 +314,6 @@ def train(
         from accelerate.utils import gather_object
 
         peaks = gather_object(peaks)  # every process's peak, in rank order
-        state.destroy_process_group()  # the rest is the main process's own writing
     if not main:
         return {}
 
@@ -588,3 +587,10 @@ def run_worker(spec_file: str) -> None:
         format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
     )
     train(**spec["train"])
+    # Leave without tearing torch.distributed down: freeing a gloo process group can deadlock (its
+    # destructor joins its worker threads holding the GIL that a worker needs to free a tensor),
+    # seen here as a rank that never exited. Everything this process wrote is closed by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
