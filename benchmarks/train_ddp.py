@@ -34,7 +34,7 @@ from train_gpu import TOKENIZER, WORK, random_tokenized  # noqa: E402  (the same
 
 
 def settings(steps: int, batch: int) -> dict:
-    from kiln.config import validate
+    from kiln.config import training_settings
 
     training = {
         "backend": "hf",
@@ -58,12 +58,7 @@ def settings(steps: int, batch: int) -> dict:
         "save_steps": 1000,
         "seed": 42,
     }
-    cfg = {
-        "datasets": {"d": {"sources": [{"name": "s", "kind": "synthetic"}]}},
-        "models": {"m": {"kind": "local", "path": "."}},
-        "experiments": {"e": {"dataset": "d", "model": "m", "training": training}},
-    }
-    return validate(cfg)["experiments"]["e"]["training"]
+    return training_settings(training)
 
 
 def run(name: str, gpus: int, shape: str, tokenized: Path, cfg: dict, seq: int, warmup: int, out: Path) -> dict:

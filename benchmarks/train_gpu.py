@@ -279,14 +279,9 @@ def cmd_kiln(args) -> None:
             import unsloth  # noqa: F401  (what the train rule does first when Unsloth will be used)
         except ImportError:
             pass
-    from kiln.config import validate
+    from kiln.config import training_settings
 
-    cfg = {
-        "datasets": {"d": {"sources": [{"name": "s", "kind": "synthetic"}]}},
-        "models": {"m": {"kind": "local", "path": "."}},
-        "experiments": {"e": {"dataset": "d", "model": "m", "training": settings}},
-    }
-    settings = validate(cfg)["experiments"]["e"]["training"]  # defaults filled as the workflow does
+    settings = training_settings(settings)  # defaults filled as the workflow does
     seq = args.seq
     if args.data == "random":
         tokenized = random_tokenized(

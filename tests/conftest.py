@@ -144,5 +144,16 @@ def tiny_run(tmp_path_factory):
     return wf
 
 
+def train_outputs(folder: Path) -> dict:
+    """The output paths of kiln.train.train, all under ``folder`` (keyword arguments)."""
+    return {
+        "adapter_dir": str(folder / "adapter"),
+        "step_log_out": str(folder / "s.jsonl"),
+        "loss_png": str(folder / "l.png"),
+        "summary_path": str(folder / "sum.json"),
+        "ckpt_dir": str(folder / "ckpt"),
+    }
+
+
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, train_outputs
 from safetensors.torch import load_file
 
 from kiln.backends import resolve_backend
-from kiln.config import ConfigError, validate
+from kiln.config import ConfigError, training_settings, validate
 from kiln.train import launch, split_batch, train
 
 
@@ -82,12 +83,10 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
     Every optimizer step sees the same 8 sequences either way (4 x 2 accumulation on one process,
     4 x 1 on each of two), so only summation order differs.
     """
-    from test_model import _training_defaults
-
     cfg = tiny_run.config["experiments"]["tiny"]
     tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
     settings = {
-        **_training_defaults(),
+        **training_settings(),
         **cfg["training"],
         "max_steps": 4,
         "per_device_batch_size": 4,
@@ -103,11 +102,7 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
         spec = dict(
             tokenized_dir=str(tokenized),
             base_dir=str(tiny_run.path("base/tiny")),
-            adapter_dir=str(d / "adapter"),
-            step_log_out=str(d / "steps.jsonl"),
-            loss_png=str(d / "loss.png"),
-            summary_path=str(d / "summary.json"),
-            ckpt_dir=str(d / "ckpt"),
+            **train_outputs(d),
             settings={**settings, "num_gpus": n},
             tokenize={"max_seq_len": 192},
             data_fingerprints={"train": "x"},
@@ -120,7 +115,7 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
         else:
             summary = launch(spec, n, log_file=str(d / "train.log"), allow_cpu=True)
             assert "[rank 0]" in (d / "train.log").read_text()
-        steps = [json.loads(x) for x in (d / "steps.jsonl").read_text().splitlines()]
+        steps = [json.loads(x) for x in Path(spec["step_log_out"]).read_text().splitlines()]
         runs[n] = summary, steps, load_file(d / "adapter" / "adapter_model.safetensors")
         specs[n] = spec
 
@@ -151,6 +146,6 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
     shutil.rmtree(d / "adapter")
     resumed = launch(specs[2], 2, log_file=str(d / "train.log"), allow_cpu=True)
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
-    again = [json.loads(x) for x in (d / "steps.jsonl").read_text().splitlines()]
+    again = [json.loads(x) for x in Path(specs[2]["step_log_out"]).read_text().splitlines()]
     assert [r["step"] for r in again if "loss" in r] == [1, 2, 3, 4]
     assert [r["loss"] for r in again if "loss" in r] == pytest.approx(loss2, rel=1e-5)

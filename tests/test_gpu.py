@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, train_outputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -39,15 +39,11 @@ def test_auto_micro_batch_keeps_the_effective_batch(tiny_run_or_base, tmp_path):
     summary = train(
         str(tokenized),
         str(base_dir),
-        str(tmp_path / "adapter"),
-        str(tmp_path / "s.jsonl"),
-        str(tmp_path / "l.png"),
-        str(tmp_path / "sum.json"),
-        str(tmp_path / "ckpt"),
-        settings,
-        {"max_seq_len": 192, "assistant_only_loss": True, "packing": False},
-        {"train": "x"},
-        "gpu-auto",
+        **train_outputs(tmp_path),
+        settings=settings,
+        tokenize={"max_seq_len": 192, "assistant_only_loss": True, "packing": False},
+        data_fingerprints={"train": "x"},
+        experiment="gpu-auto",
     )
     # A 2-layer model fits easily: the whole effective batch of 8 in one micro-batch.
     assert summary["micro_batch"] * summary["gradient_accumulation_steps"] == 8
@@ -78,12 +74,8 @@ def tiny_run_or_base(tmp_path_factory):
 
 
 def _settings(**over) -> dict:
-    from kiln.config import validate
+    from kiln.config import training_settings
 
-    training = {**tiny_config()["experiments"]["tiny"]["training"], "max_steps": 2, "eval_steps": 0, **over}
-    cfg = {
-        "datasets": {"d": {"sources": [{"name": "s", "kind": "synthetic"}]}},
-        "models": {"m": {"kind": "local", "path": "."}},
-        "experiments": {"e": {"dataset": "d", "model": "m", "training": training}},
-    }
-    return validate(cfg)["experiments"]["e"]["training"]
+    return training_settings(
+        {**tiny_config()["experiments"]["tiny"]["training"], "max_steps": 2, "eval_steps": 0, **over}
+    )

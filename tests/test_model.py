@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import train_outputs
 from safetensors.torch import load_file
 
 from kiln.backends import resolve_backend, resolve_dtype
 from kiln.base_model import ModelSourceError, load_source, prepare_base_model
+from kiln.config import training_settings
 from kiln.evaluate import score
 from kiln.merge import merge_adapter
 
@@ -47,20 +49,16 @@ def test_plain_lora_trains_the_adapter_and_leaves_base_weights_alone(tiny_run, t
 
     cfg = tiny_run.config["experiments"]["tiny"]
     base_dir = str(tiny_run.path("base/tiny"))
-    settings = {**_training_defaults(), **cfg["training"], "quantization": "none", "max_steps": 3, "eval_steps": 0}
+    settings = {**training_settings(), **cfg["training"], "quantization": "none", "max_steps": 3, "eval_steps": 0}
     tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
     summary = train(
         str(tokenized),
         base_dir,
-        str(tmp_path / "adapter"),
-        str(tmp_path / "s.jsonl"),
-        str(tmp_path / "l.png"),
-        str(tmp_path / "sum.json"),
-        str(tmp_path / "ckpt"),
-        settings,
-        {"max_seq_len": 192},
-        {"train": "x"},
-        "t",
+        **train_outputs(tmp_path),
+        settings=settings,
+        tokenize={"max_seq_len": 192},
+        data_fingerprints={"train": "x"},
+        experiment="t",
     )
     assert summary["steps"] == 3 and summary["final_loss"] < summary["first_loss"] * 2
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
@@ -74,7 +72,7 @@ def test_early_stopping_needs_aligned_steps(tiny_run, tmp_path):
     from kiln.train import train
 
     settings = {
-        **_training_defaults(),
+        **training_settings(),
         **tiny_run.config["experiments"]["tiny"]["training"],
         "early_stopping_patience": 1,
         "eval_steps": 2,
@@ -85,15 +83,11 @@ def test_early_stopping_needs_aligned_steps(tiny_run, tmp_path):
         train(
             str(tokenized),
             str(tiny_run.path("base/tiny")),
-            str(tmp_path / "a"),
-            str(tmp_path / "s"),
-            str(tmp_path / "l"),
-            str(tmp_path / "u"),
-            str(tmp_path / "c"),
-            settings,
-            {"max_seq_len": 192},
-            {},
-            "t",
+            **train_outputs(tmp_path),
+            settings=settings,
+            tokenize={"max_seq_len": 192},
+            data_fingerprints={},
+            experiment="t",
         )
 
 
@@ -118,19 +112,6 @@ def test_scores_for_json_and_for_free_text():
     assert t["exact_match"] == 0.5 and 0 < t["chrf"] < 100
 
 
-def _training_defaults() -> dict:
-    from kiln.config import validate
-
-    cfg = validate(
-        {
-            "datasets": {"d": {"sources": [{"name": "s", "kind": "synthetic"}]}},
-            "models": {"m": {"kind": "local", "path": "."}},
-            "experiments": {"e": {"dataset": "d", "model": "m"}},
-        }
-    )
-    return cfg["experiments"]["e"]["training"]
-
-
 def test_packed_rows_train_with_the_lean_step(tiny_run, tmp_path):
     """Packing (padding-free batches) and `step_metrics: false` (no per-step metric syncs; tokens estimated)."""
     from kiln.tokenize import tokenize_dataset
@@ -146,7 +127,7 @@ def test_packed_rows_train_with_the_lean_step(tiny_run, tmp_path):
     )
     assert stats["splits"]["train"]["packed_sequences"] < stats["splits"]["train"]["rows_kept"]
     settings = {
-        **_training_defaults(),
+        **training_settings(),
         **tiny_run.config["experiments"]["tiny"]["training"],
         "max_steps": 3,
         "eval_steps": 0,
@@ -157,15 +138,11 @@ def test_packed_rows_train_with_the_lean_step(tiny_run, tmp_path):
     summary = train(
         str(packed),
         str(tiny_run.path("base/tiny")),
-        str(tmp_path / "adapter"),
-        str(tmp_path / "s.jsonl"),
-        str(tmp_path / "l.png"),
-        str(tmp_path / "sum.json"),
-        str(tmp_path / "ckpt"),
-        settings,
-        {"max_seq_len": 512, "assistant_only_loss": True, "packing": True},
-        {"train": "x"},
-        "packed",
+        **train_outputs(tmp_path),
+        settings=settings,
+        tokenize={"max_seq_len": 512, "assistant_only_loss": True, "packing": True},
+        data_fingerprints={"train": "x"},
+        experiment="packed",
     )
     assert summary["steps"] == 3 and summary["micro_batch"] == 2 and summary["micro_batch_probe"] is None
     # Estimated from the share of the data seen: 3 steps x 2 packed sequences of at most 512 tokens.

@@ -189,6 +189,17 @@ def _check_references(cfg: dict) -> None:
             )
 
 
+def training_settings(training: dict | None = None) -> dict:
+    """A `training:` block with the schema's defaults filled in and checked, as an experiment gets
+    it: for calling kiln.train.train outside the workflow (tests, benchmarks)."""
+    cfg = {
+        "datasets": {"d": {"sources": [{"name": "s", "kind": "synthetic"}]}},
+        "models": {"m": {"kind": "local", "path": "."}},
+        "experiments": {"e": {"dataset": "d", "model": "m", "training": training or {}}},
+    }
+    return validate(cfg)["experiments"]["e"]["training"]
+
+
 def tokenizer_source(cfg: dict, model: str) -> str | None:
     """For a random-weights model: the model name or folder its tokenizer comes from."""
     spec = cfg["models"][model]
