@@ -25,7 +25,6 @@ Only the main process writes the step log, the adapter and the summary.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -40,45 +39,12 @@ import time
 from pathlib import Path
 
 from kiln.backends import load_for_training, resolve_backend, resolve_dtype
+from kiln.checkpoints import mark_complete, prepare_checkpoints, run_key
 
 log = logging.getLogger(__name__)
-RUN_KEY = "kiln_run_key.json"
 STEP_LOG = "steps.jsonl"
-
-
-def run_key(data_fingerprints: dict, base_identity: dict, tokenize: dict, settings: dict) -> dict:
-    """What a checkpoint was made from: resuming is allowed only when all of it is unchanged."""
-    code = hashlib.sha256()
-    for module in ("train.py", "backends.py"):
-        code.update((Path(__file__).parent / module).read_bytes())
-    return {
-        "data": data_fingerprints,
-        "base_weights": base_identity.get("weights"),
-        "tokenize": tokenize,
-        "training": settings,
-        "code": code.hexdigest(),
-    }
-
-
-def prepare_checkpoints(ckpt_dir: Path, key: dict) -> str | None:
-    """The checkpoint to resume from, or None. Checkpoints made from other inputs are set aside."""
-    key_file = ckpt_dir / RUN_KEY
-    checkpoints = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    if ckpt_dir.exists() and key_file.exists() and json.loads(key_file.read_text()) == key:
-        if checkpoints:
-            log.info("resuming from %s (same data, base weights and settings)", checkpoints[-1])
-            return str(checkpoints[-1])
-    elif ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-        stale = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.warning(
-            "checkpoints in %s were made from other inputs or settings; moved to %s and starting from step 0",
-            ckpt_dir,
-            stale,
-        )
-        shutil.move(str(ckpt_dir), str(stale))
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(json.dumps(key, indent=2, sort_keys=True))
-    return None
+# The code a checkpoint was made by: another version starts training again.
+TRAINING_CODE = [Path(__file__).parent / m for m in ("train.py", "backends.py", "checkpoints.py")]
 
 
 def _step_logger(path: Path, start_step: int):
@@ -86,8 +52,8 @@ def _step_logger(path: Path, start_step: int):
     from transformers import TrainerCallback
 
     # Keep only lines up to the resume point, so a resumed run logs each step exactly once.
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= start_step]
+    # A kill can cut the last line short: lines that don't parse are dropped with the rest.
+    kept = [ln for ln in _json_lines(path) if json.loads(ln).get("step", 0) <= start_step]
     path.write_text("".join(ln + "\n" for ln in kept))
 
     class StepLog(TrainerCallback):
@@ -110,6 +76,17 @@ def _step_logger(path: Path, start_step: int):
                 fh.write(json.dumps(row) + "\n")
 
     return StepLog()
+
+
+def _json_lines(path: Path) -> list[str]:
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            json.loads(line)
+        except ValueError:
+            continue
+        out.append(line)
+    return out
 
 
 def plot_loss(step_log: Path, out_png: Path, title: str) -> None:
@@ -196,7 +173,7 @@ def train(
             state.device = torch.device("cpu")
     main = state is None or state.is_main_process
     ckpt = Path(ckpt_dir)
-    key = run_key(data_fingerprints, base_identity, tokenize, settings)
+    key = run_key(data_fingerprints, base_identity, tokenize, settings, TRAINING_CODE)
     if state is None:
         resume = prepare_checkpoints(ckpt, key)
     else:
@@ -486,6 +463,28 @@ def sft_trainer_class():
                 for param in self.model.parameters():
                     if param.requires_grad and param.dtype != adapter_dtype:
                         param.data = param.data.to(adapter_dtype)
+
+        def _save_checkpoint(self, model, trial):
+            """Transformers' save, then Kiln's completion record, then rotation of old checkpoints.
+
+            Rotation waits until the new checkpoint is recorded complete, so a kill at any moment
+            leaves at least one complete checkpoint behind (kiln.checkpoints).
+            """
+            import torch.distributed as dist
+            from transformers.trainer_utils import rotate_checkpoints
+
+            limit = self.args.save_total_limit
+            self.args.save_total_limit = None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every process has written its files (its RNG state)
+            if self.args.should_save:
+                run_dir = Path(self._get_output_dir(trial=trial))
+                mark_complete(run_dir / f"checkpoint-{self.state.global_step}", self.state.global_step)
+                rotate_checkpoints(str(run_dir), limit, self.state.best_model_checkpoint, use_mtime=True)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.kiln_lean:

@@ -1,0 +1,128 @@
+"""Checkpoints are complete or not taken: a kill during a save never stops a later resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import train_outputs
+
+from kiln.checkpoints import COMPLETE, incomplete_reason, mark_complete, prepare_checkpoints
+from kiln.config import training_settings
+
+
+def _checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    ck = folder / f"checkpoint-{step}"
+    ck.mkdir(parents=True)
+    (ck / "adapter_model.safetensors").write_bytes(b"x" * 100)
+    (ck / "trainer_state.json").write_text("{}")
+    if complete:
+        mark_complete(ck, step)
+    return ck
+
+
+def test_an_empty_checkpoint_left_by_a_kill_is_skipped_and_said(tmp_path, caplog):
+    # The reported case: a kill during the save left an empty checkpoint-4 beside a complete one.
+    key = {"k": 1}
+    assert prepare_checkpoints(tmp_path, key) is None
+    _checkpoint(tmp_path, 2)
+    (tmp_path / "checkpoint-4").mkdir()
+    with caplog.at_level(logging.WARNING, logger="kiln.checkpoints"):
+        resume = prepare_checkpoints(tmp_path, key)
+    assert resume == str(tmp_path / "checkpoint-2")
+    assert "checkpoint-4: no kiln_checkpoint.json: its save was interrupted; deleted" in caplog.text
+    assert not (tmp_path / "checkpoint-4").exists()
+
+
+def test_a_file_cut_short_or_missing_makes_a_checkpoint_incomplete(tmp_path):
+    ck = _checkpoint(tmp_path, 6)
+    assert incomplete_reason(ck) is None
+    (ck / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    assert incomplete_reason(ck) == "adapter_model.safetensors has 10 bytes, 100 were saved"
+    (ck / "adapter_model.safetensors").unlink()
+    assert incomplete_reason(ck) == "adapter_model.safetensors is missing"
+    (ck / COMPLETE).write_text('{"step": 6, "fi')  # the record itself cut short
+    assert incomplete_reason(ck) == f"{COMPLETE} is unreadable"
+
+
+def test_no_complete_checkpoint_starts_again_and_a_cut_run_key_is_not_a_match(tmp_path):
+    key = {"k": 1}
+    prepare_checkpoints(tmp_path, key)
+    _checkpoint(tmp_path, 2, complete=False)
+    assert prepare_checkpoints(tmp_path, key) is None  # nothing complete: from step 0
+    (tmp_path / "kiln_run_key.json").write_text('{"k"')  # a kill while writing the key
+    assert prepare_checkpoints(tmp_path, key) is None
+    assert list(tmp_path.parent.glob(f"{tmp_path.name}.stale-*"))  # set aside, not resumed
+
+
+def _train(tiny_run, out: Path, **overrides):
+    from kiln.train import train
+
+    settings = {
+        **training_settings(),
+        **tiny_run.config["experiments"]["tiny"]["training"],
+        "max_steps": 4,
+        "save_steps": 2,
+        "eval_steps": 0,
+        **overrides,
+    }
+    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
+    return train(
+        str(tokenized),
+        str(tiny_run.path("base/tiny")),
+        **train_outputs(out),
+        settings=settings,
+        tokenize={"max_seq_len": 192},
+        data_fingerprints={"train": "x"},
+        experiment="t",
+    )
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(ln) for ln in (out / "s.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.slow
+def test_a_kill_at_any_file_of_a_save_resumes_to_the_same_losses(tiny_run, tmp_path):
+    """Fault injection: the on-disk state a kill leaves while checkpoint-4 is written, at each of its
+    files in the order the trainer wrote them (earlier files whole, this one cut in half, later ones
+    absent), and once with every file written but the completion record not yet. Each rerun resumes
+    from checkpoint-2 and finishes 4 steps with the uninterrupted run's losses."""
+    clean = tmp_path / "clean"
+    summary = _train(tiny_run, clean)
+    assert summary["steps"] == 4
+    losses = _losses(clean)
+    ckpt = clean / "ckpt"
+    assert incomplete_reason(ckpt / "checkpoint-2") is None and incomplete_reason(ckpt / "checkpoint-4") is None
+    written = sorted(
+        (p for p in (ckpt / "checkpoint-4").rglob("*") if p.is_file() and p.name != COMPLETE),
+        key=lambda p: p.stat().st_mtime_ns,
+    )
+    assert {"optimizer.pt", "trainer_state.json", "adapter_model.safetensors", "rng_state.pth"} <= {
+        p.name for p in written
+    }
+    log_to_step4 = (ckpt / "steps.jsonl").read_text()
+    cases = [(i, p.relative_to(ckpt / "checkpoint-4")) for i, p in enumerate(written)] + [(len(written), None)]
+    for i, cut in cases:
+        run = tmp_path / f"kill-{i}"
+        (run / "ckpt").mkdir(parents=True)
+        shutil.copy(ckpt / "kiln_run_key.json", run / "ckpt")
+        shutil.copytree(ckpt / "checkpoint-2", run / "ckpt" / "checkpoint-2")
+        (run / "ckpt" / "steps.jsonl").write_text(log_to_step4)
+        for p in written[:i]:
+            dst = run / "ckpt" / "checkpoint-4" / p.relative_to(ckpt / "checkpoint-4")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, dst)
+        if cut is not None:
+            data = (ckpt / "checkpoint-4" / cut).read_bytes()
+            dst = run / "ckpt" / "checkpoint-4" / cut
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(data[: len(data) // 2])
+        resumed = _train(tiny_run, run)
+        assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4, (i, cut)
+        assert _losses(run) == pytest.approx(losses, rel=1e-5), (i, cut)
+        assert incomplete_reason(run / "ckpt" / "checkpoint-4") is None  # written again, whole
