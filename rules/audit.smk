@@ -22,7 +22,7 @@ rule manifest:
         samples=f"{R}/{{experiment}}/samples.jsonl",
         summary=f"{R}/{{experiment}}/train_summary.json",
         merge_report=f"{R}/{{experiment}}/merge_report.json",
-        code=code("manifest", "pages", "compare"),
+        code=code("manifest"),
     output:
         manifest=f"{R}/{{experiment}}/manifest.json",
         html=report(
@@ -57,7 +57,7 @@ rule publish:
     input:
         merged=f"{R}/{{experiment}}/merged",
         manifest=f"{R}/{{experiment}}/manifest.json",
-        code=code("pages"),
+        code=code("publish"),
     output:
         model=directory(f"{R}/{{experiment}}/model"),
     log:
@@ -115,7 +115,7 @@ rule data_report:
         shard_stats=shard_stats,
         dataset_stats=f"{R}/data/{{dataset}}/dataset_stats.json",
         tokenize_stats=dataset_tokenize_stats,
-        code=code("pages"),
+        code=code("data_report"),
     output:
         html=report(
             f"{R}/data/{{dataset}}/report/data_stats.html",

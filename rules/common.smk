@@ -4,9 +4,10 @@ import os
 import re
 import sys
 
-# Appended, not prepended: scripts/ holds rule entry points (tokenize.py) named like stdlib modules.
+# The kiln package (scripts/kiln); no entry point in scripts/ is named like a stdlib module.
 sys.path.append(os.path.join(workflow.basedir, "scripts"))
 
+from kiln.codedeps import code_files  # noqa: E402
 from kiln.config import (  # noqa: E402
     ConfigError,
     dataset_shards,
@@ -37,11 +38,13 @@ def _names(table):
     return "|".join(re.escape(name) for name in config[table])
 
 
-def code(*modules):
-    """The kiln modules behind a step; editing one reruns that step and what follows."""
-    return [
-        os.path.join(workflow.basedir, "scripts", "kiln", f"{m}.py") for m in modules
-    ]
+def code(script):
+    """A rule's entry script and every kiln module it runs (derived from its imports): editing any
+    of them reruns that rule and what follows."""
+    scripts = os.path.join(workflow.basedir, "scripts")
+    return code_files(
+        os.path.join(scripts, f"{script}.py"), os.path.join(scripts, "kiln")
+    )
 
 
 def shards(dataset):

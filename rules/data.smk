@@ -5,7 +5,7 @@ rule collect:
     """Read one shard of one source into the canonical raw table, with lineage per row."""
     input:
         data=collect_input,
-        code=code("sources", "records", "synthetic"),
+        code=code("collect"),
     output:
         raw=f"{R}/data/{{dataset}}/raw/{{source}}/{{shard}}.parquet",
     log:
@@ -51,7 +51,7 @@ rule build_dataset:
     """All clean shards -> cross-shard dedup -> hash split -> a DatasetDict on disk."""
     input:
         shards=clean_shards,
-        code=code("dataset"),
+        code=code("build_dataset"),
     output:
         dataset=directory(f"{R}/data/{{dataset}}/dataset"),
         rejected=f"{R}/data/{{dataset}}/build_rejected.parquet",
@@ -76,7 +76,7 @@ rule tokenize:
     input:
         dataset=f"{R}/data/{{dataset}}/dataset",
         base=f"{R}/base/{{model}}",
-        code=code("tokenize"),
+        code=code("tokenize_dataset"),
     output:
         tokenized=directory(f"{R}/data/{{dataset}}/tokenized/{{model}}-{{tok}}"),
         stats=f"{R}/data/{{dataset}}/tokenized/{{model}}-{{tok}}.json",
@@ -97,4 +97,4 @@ rule tokenize:
         # Tokens of rows seen before, by content hash; outside the outputs, which a rerun deletes.
         cache=lambda w: f"{R}/cache/tokenize/{w.dataset}/{w.model}-{w.tok}",
     script:
-        "../scripts/tokenize.py"
+        "../scripts/tokenize_dataset.py"

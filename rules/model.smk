@@ -30,7 +30,7 @@ rule train:
         tokenized=lambda w: tokenized_dir(w.experiment),
         base=lambda w: f"{R}/base/{config['experiments'][w.experiment]['model']}",
         data_stats=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset_stats.json",
-        code=code("train", "backends", "checkpoints"),
+        code=code("train"),
     output:
         adapter=directory(f"{R}/{{experiment}}/adapter"),
         steps=f"{R}/{{experiment}}/train_log.jsonl",

@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tests" / "fixtures" / "smollm2-tokenizer"
 # `python -m snakemake` of this interpreter: works in a venv and where snakemake is only importable.
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+# The `kiln` console script installed beside this interpreter (pyproject.toml [project.scripts]).
+KILN = [str(Path(sys.executable).parent / "kiln")]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

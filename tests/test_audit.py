@@ -11,7 +11,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, SNAKEMAKE, tiny_config
+from conftest import KILN, REPO, SNAKEMAKE, tiny_config
 
 from kiln.lineage import TraceError, trace
 from kiln.manifest import sha256_file
@@ -102,7 +102,7 @@ def test_trace_of_a_rejected_row_gives_the_reason(tiny_run):
     rejected = pq.read_table(tiny_run.path("data/orders/rejected/synthetic/synthetic.parquet")).to_pylist()
     row = next(r for r in rejected if r["reason"] != "duplicate")
     out = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "trace.py"), row["kiln_id"], "--config", str(tiny_run.config_path)],
+        [*KILN, "trace", row["kiln_id"], "--config", str(tiny_run.config_path)],
         capture_output=True,
         text=True,
         cwd=tiny_run.workdir,
@@ -215,8 +215,8 @@ def test_reproducibility_check_fails_on_a_changed_fingerprint(tiny_run, tmp_path
     bad.write_text(json.dumps(manifest))
     out = subprocess.run(
         [
-            sys.executable,
-            str(REPO / "scripts" / "repro.py"),
+            *KILN,
+            "repro",
             "tiny",
             "--manifest",
             str(bad),

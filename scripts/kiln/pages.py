@@ -198,7 +198,7 @@ def model_card(manifest: dict) -> str:
         *[f"| {k} | {v['rows']} | `{v['fingerprint']}` |" for k, v in splits.items()],
         "",
         f"Each row keeps its stable id and the source, file and row it came from "
-        f"(`python scripts/trace.py ID --dataset {exp['dataset']}`).",
+        f"(`kiln trace ID --dataset {exp['dataset']}`).",
         "",
         "## Training",
         "",

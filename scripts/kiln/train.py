@@ -40,11 +40,14 @@ from pathlib import Path
 
 from kiln.backends import load_for_training, resolve_backend, resolve_dtype
 from kiln.checkpoints import mark_complete, prepare_checkpoints, run_key
+from kiln.codedeps import code_files
 
 log = logging.getLogger(__name__)
 STEP_LOG = "steps.jsonl"
-# The code a checkpoint was made by: another version starts training again.
-TRAINING_CODE = [Path(__file__).parent / m for m in ("train.py", "backends.py", "checkpoints.py")]
+# Run by path, not imported (kiln.codedeps): a change to it reruns training too.
+RUNS = ("kiln.ddp.worker",)
+# The code a checkpoint was made by (this module and what it runs): another version starts again.
+TRAINING_CODE = code_files(__file__)
 
 
 def _step_logger(path: Path, start_step: int):

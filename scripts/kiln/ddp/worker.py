@@ -1,7 +1,7 @@
 """One DDP training process: ``accelerate launch ... kiln/ddp/worker.py SPEC.json``.
 
-Run as a file, not ``-m kiln.train``: scripts/ must not come first on sys.path (its tokenize.py
-and trace.py would shadow the standard library's), and this folder holds nothing that can.
+Run as a file so that it works where the package is not installed (a Snakemake conda env): the
+folder that holds the kiln package goes on sys.path.
 """
 
 import sys

@@ -1,0 +1,97 @@
+"""The `kiln` command: audit tools over a finished run (`kiln trace ID`, `kiln repro EXP`).
+
+Installed as a console script (pyproject.toml [project.scripts]); `python -m kiln` is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+TRACE_HELP = """Trace one dataset row back to its raw record: kiln trace ID [--dataset D] [--json].
+
+ID is a row's ``kiln_id`` (or a unique prefix of one), as found in any Kiln output: the dataset,
+the rejected shards, samples.jsonl. Prints every raw occurrence of that content (source, file,
+row, original text), what cleaning changed or why it rejected the row, and the split it is in."""
+
+REPRO_HELP = """Reproducibility check: kiln repro EXPERIMENT [--workdir DIR] [--data-only].
+
+Rebuilds the experiment from its manifest (results/EXPERIMENT/manifest.json) in an empty folder:
+the data stages must give the manifest's split fingerprints exactly and the base model its weight
+hashes; then it retrains on this machine with the same seed and compares the test metrics within
+the tolerances printed. Exit status 0 when everything reproduced, 1 when something did not."""
+
+
+def trace_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="kiln trace", description=TRACE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("id", help="kiln_id of the row, or a unique prefix of one")
+    ap.add_argument("--dataset", help="dataset name (default: the only one, or the first, in the config)")
+    ap.add_argument("--results", help="results folder (default: `results` of the config)")
+    ap.add_argument("--config", default="config/config.yaml", help="the Kiln config the workflow ran with")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = ap.parse_args(argv)
+    import yaml
+
+    from kiln.lineage import TraceError, format_trace, trace
+
+    cfg = {}
+    try:
+        with open(args.config) as f:
+            cfg = yaml.safe_load(f) or {}
+    except OSError:
+        if not (args.dataset and args.results):
+            print(f"kiln trace: cannot read {args.config}; pass --dataset and --results", file=sys.stderr)
+            return 2
+    dataset = args.dataset or next(iter(cfg.get("datasets") or {}), None)
+    results = args.results or cfg.get("results", "results")
+    try:
+        result = trace(results, dataset, args.id)
+    except TraceError as exc:
+        print(f"kiln trace: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_trace(result))
+    return 0
+
+
+def repro_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="kiln repro", description=REPRO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("experiment")
+    ap.add_argument("--results", default="results", help="where the original run's outputs are")
+    ap.add_argument("--manifest", help="manifest to check against (default: RESULTS/EXPERIMENT/manifest.json)")
+    ap.add_argument("--workdir", help="empty folder to rebuild in (default: a new temporary folder)")
+    ap.add_argument("--data-only", action="store_true", help="check data and base model only, no retraining")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    from kiln.repro import format_report, reproduce
+
+    manifest = args.manifest or os.path.join(args.results, args.experiment, "manifest.json")
+    if not os.path.exists(manifest):
+        print(f"kiln repro: {manifest} does not exist: build the experiment first", file=sys.stderr)
+        return 2
+    workdir = args.workdir or tempfile.mkdtemp(prefix=f"kiln-repro-{args.experiment}-")
+    result = reproduce(manifest, workdir, train=not args.data_only, cores=args.cores)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0 if result["ok"] else 1
+
+
+COMMANDS = {"trace": trace_main, "repro": repro_main}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(
+            "usage: kiln {trace,repro} ...\n  kiln trace ID      where a dataset row came from\n"
+            "  kiln repro EXP     rebuild an experiment from its manifest and compare",
+            file=sys.stderr,
+        )
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    return COMMANDS[argv[0]](argv[1:])
