@@ -26,10 +26,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kiln.clean import CONTROL, _check_answer, clean_shard, clean_table
+from kiln.clean import _check_answer, clean_shard, clean_table
 from kiln.dataset import build_dataset, split_by_hash
 from kiln.sources import canonical_rows, write_raw
 from kiln.synthetic import ANSWER_SCHEMA, generate
+from kiln.textfix import CONTROL
 from kiln.tokenize import render, tokenize_batch, tokenize_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@
     python3 benchmarks/train_ddp.py --out DIR --curves RESULTS/EXP_1GPU RESULTS/EXP_NGPU
 
 Both runs call what the `train` rule calls: ``kiln.train.train`` in this process for 1 GPU,
-``kiln.train.launch`` (``accelerate launch --multi_gpu``, DDP) for N. Same model, data, seed and
+``kiln.launch.launch`` (``accelerate launch --multi_gpu``, DDP) for N. Same model, data, seed and
 effective batch; the hf backend on both (Unsloth is one-GPU, so DDP runs the hf backend and the
 comparison holds the backend fixed). Model: Qwen2.5-0.5B shape with random weights (speed does
 not depend on them), seq 2048 random-token rows (no padding: every token counts), NF4 + double
@@ -62,7 +62,8 @@ def settings(steps: int, batch: int) -> dict:
 
 
 def run(name: str, gpus: int, shape: str, tokenized: Path, cfg: dict, seq: int, warmup: int, out: Path) -> dict:
-    from kiln.train import launch, train
+    from kiln.launch import launch
+    from kiln.train import train
 
     work = WORK / "ddp" / name
     shutil.rmtree(work, ignore_errors=True)

@@ -94,10 +94,10 @@ rule compare:
             labels={"view": "loss curves"},
         ),
         metric=report(
-            f"{R}/plots/exact_match.png",
-            caption="../report/exact_match.rst",
+            f"{R}/plots/main_metric.png",
+            caption="../report/main_metric.rst",
             category="Comparison",
-            labels={"view": "exact match"},
+            labels={"view": "main metric"},
         ),
     log:
         f"{R}/logs/compare.log",

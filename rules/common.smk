@@ -8,6 +8,7 @@ import sys
 sys.path.append(os.path.join(workflow.basedir, "scripts"))
 
 from kiln.codedeps import code_files  # noqa: E402
+from kiln.locks import release_stale_lock  # noqa: E402
 from kiln.config import (  # noqa: E402
     ConfigError,
     dataset_shards,
@@ -24,6 +25,12 @@ from kiln.config import (  # noqa: E402
 if workflow.config_settings.configfiles:
     config.clear()
     config.update(workflow.config_settings.overwrite_config)
+# A run killed by SIGKILL or a power cut leaves Snakemake's lock behind; the next plain run
+# removes it when no Snakemake process works in this folder (never a live run's).
+_stale = release_stale_lock(os.getcwd())
+if _stale:
+    print(_stale, file=sys.stderr)
+
 try:
     resolved = validate(config)
 except ConfigError as exc:
@@ -104,7 +111,7 @@ def all_targets():
 
 
 # ---- audit: manifests, comparison, report ------------------------------------------------------
-from kiln.manifest import code_version, package_versions  # noqa: E402
+from kiln.provenance import code_version, package_versions  # noqa: E402
 
 # Parameters of the manifest: a new commit, a dirty tree or another package version reruns it.
 CODE_VERSION = code_version(workflow.basedir)
@@ -171,7 +178,7 @@ def report_targets():
         f"{R}/experiments.csv",
         f"{R}/experiments.md",
         f"{R}/plots/loss_curves.png",
-        f"{R}/plots/exact_match.png",
+        f"{R}/plots/main_metric.png",
     ]
     for name in config["experiments"]:
         targets += [f"{R}/{name}/manifest.json", f"{R}/{name}/model"]

@@ -77,8 +77,8 @@ rule merge:
         runtime=60,
         gpu=lambda w: gpus(w.experiment, single=True),
     params:
-        onto=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_onto"],
-        dtype=lambda w: config["experiments"][w.experiment]["evaluate"]["merge_dtype"],
+        onto=lambda w: config["experiments"][w.experiment]["merge"]["onto"],
+        dtype=lambda w: config["experiments"][w.experiment]["merge"]["dtype"],
     script:
         "../scripts/merge.py"
 

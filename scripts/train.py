@@ -6,8 +6,9 @@ same function in that many DDP processes through `accelerate launch`.
 
 import json
 
+from kiln.launch import launch
 from kiln.smk import setup_log, use_cores
-from kiln.train import launch, train
+from kiln.train import train
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm, console=True)  # keep the progress bar (with ETA) on the console

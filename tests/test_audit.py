@@ -58,7 +58,7 @@ def test_comparison_table_and_plots(tiny_run):
     assert row["learning_rate"] == "0.002" and row["lora_r"] == "4"
     md = tiny_run.path("experiments.md").read_text().splitlines()
     assert md[0].startswith("| experiment | base_exact_match |") and md[2].startswith("| tiny |")
-    for png in ("plots/loss_curves.png", "plots/exact_match.png", "data/orders/report/token_lengths.png"):
+    for png in ("plots/loss_curves.png", "plots/main_metric.png", "data/orders/report/token_lengths.png"):
         assert tiny_run.path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
@@ -238,7 +238,7 @@ def test_snakemake_parse_still_imports_nothing_heavy():
     code = (
         "import sys, time; t = time.time();"
         f"sys.path.append({str(REPO / 'scripts')!r});"
-        "from kiln.manifest import code_version, package_versions;"
+        "from kiln.provenance import code_version, package_versions;"
         f"code_version({str(REPO)!r}); package_versions();"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print(time.time() - t)"
     )

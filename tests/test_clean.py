@@ -6,8 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kiln.clean import CleanError, clean_table
-from kiln.records import RAW_SCHEMA, stable_id
+from kiln.records import stable_id
 from kiln.synthetic import ANSWER_SCHEMA, generate
+from kiln.tables import RAW_SCHEMA
 
 SCHEMA = ANSWER_SCHEMA
 
@@ -100,7 +101,7 @@ def test_query_filter_and_a_bad_query_is_a_clear_error():
     table = raw_table([chat("a b c d e", "ok"), chat("a", "ok"), chat("a b", "ok")])
     clean, rejected, _ = clean_table(table, {"query": "n_chars > 4"})
     assert clean.num_rows == 2 and rejected.column("reason").to_pylist() == ["query"]
-    with pytest.raises(CleanError, match="clean.query: 'nope > 1' cannot be evaluated.*columns available"):
+    with pytest.raises(CleanError, match="clean.query: 'nope > 1': 'nope' is not a column.*columns available"):
         clean_table(table, {"query": "nope > 1"})
 
 

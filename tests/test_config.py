@@ -17,7 +17,7 @@ def test_default_config_is_valid_and_defaults_are_filled():
     src = cfg["datasets"]["orders"]["sources"][0]
     assert src["format"] == "auto" and src["columns"] == {}
     assert cfg["experiments"]["default"]["training"]["quantization"] == "nf4"
-    assert cfg["experiments"]["default"]["evaluate"]["merge_dtype"] == "auto"
+    assert cfg["experiments"]["default"]["merge"]["dtype"] == "auto"
 
 
 def test_every_default_key_is_commented():

@@ -54,7 +54,7 @@ def test_auto_micro_batch_keeps_the_effective_batch(tiny_run_or_base, tmp_path):
 def test_auto_micro_batch_says_when_nothing_fits(tiny_run_or_base):
     from transformers import AutoModelForCausalLM
 
-    from kiln.train import auto_micro_batch
+    from kiln.microbatch import auto_micro_batch
 
     base_dir, _ = tiny_run_or_base
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16).cuda()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from kiln.spec import TrainingSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -53,14 +55,15 @@ def resolve_dtype(requested: str):
     return torch.float32
 
 
-def lora_config(settings: dict):
+def lora_config(settings):
+    s = TrainingSettings.coerce(settings)
     from peft import LoraConfig
 
     return LoraConfig(
-        r=settings["lora_r"],
-        lora_alpha=settings["lora_alpha"],
-        lora_dropout=settings["lora_dropout"],
-        target_modules=settings["target_modules"],
+        r=s.lora_r,
+        lora_alpha=s.lora_alpha,
+        lora_dropout=s.lora_dropout,
+        target_modules=s.target_modules,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -74,43 +77,45 @@ def bnb_config(dtype):
     )
 
 
-def load_hf(base_dir: str, settings: dict, dtype):
+def load_hf(base_dir: str, settings, dtype):
     """(model, peft_config): TRL applies the LoRA config (and k-bit preparation) itself."""
+    s = TrainingSettings.coerce(settings)
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype}
-    if settings["quantization"] == "nf4":
+    if s.quantization == "nf4":
         kwargs["quantization_config"] = bnb_config(dtype)
     kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-    return model, lora_config(settings)
+    return model, lora_config(s)
 
 
-def load_unsloth(base_dir: str, settings: dict, dtype, max_seq_len: int):
+def load_unsloth(base_dir: str, settings, dtype, max_seq_len: int):
     """(model, None): the model comes back already wrapped with LoRA by Unsloth."""
+    s = TrainingSettings.coerce(settings)
     from unsloth import FastLanguageModel  # noqa: I001 (must precede transformers in this process)
 
     model, _ = FastLanguageModel.from_pretrained(
-        model_name=base_dir, max_seq_length=max_seq_len, dtype=dtype, load_in_4bit=settings["quantization"] == "nf4"
+        model_name=base_dir, max_seq_length=max_seq_len, dtype=dtype, load_in_4bit=s.quantization == "nf4"
     )
-    target = settings["target_modules"]
+    target = s.target_modules
     if target == "all-linear":
         target = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = FastLanguageModel.get_peft_model(
         model,
-        r=settings["lora_r"],
-        lora_alpha=settings["lora_alpha"],
-        lora_dropout=settings["lora_dropout"],
+        r=s.lora_r,
+        lora_alpha=s.lora_alpha,
+        lora_dropout=s.lora_dropout,
         target_modules=target,
         bias="none",
-        random_state=settings["seed"],
-        use_gradient_checkpointing="unsloth" if settings["gradient_checkpointing"] else False,
+        random_state=s.seed,
+        use_gradient_checkpointing="unsloth" if s.gradient_checkpointing else False,
     )
     return model, None
 
 
-def load_for_training(backend: str, base_dir: str, settings: dict, dtype, max_seq_len: int):
+def load_for_training(backend: str, base_dir: str, settings, dtype, max_seq_len: int):
     if backend == "unsloth":
         return load_unsloth(base_dir, settings, dtype, max_seq_len)
     return load_hf(base_dir, settings, dtype)

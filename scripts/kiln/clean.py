@@ -8,10 +8,8 @@ Every raw row ends in exactly one of two outputs: the clean shard, or the reject
 from __future__ import annotations
 
 import datetime as dt
-import html
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,157 +19,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
-from kiln.records import MESSAGES_TYPE
-
-CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
-EMAIL = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"
-PHONE = r"\+?\d[\d\s().-]{7,}\d"
-
-CLEAN_SCHEMA = pa.schema(
-    [
-        ("kiln_id", pa.string()),
-        ("source", pa.string()),
-        ("file", pa.string()),
-        ("row", pa.int64()),
-        ("kind", pa.string()),
-        ("messages", MESSAGES_TYPE),
-        ("content_hash", pa.string()),
-        ("n_chars", pa.int64()),
-        ("edits", pa.string()),
-    ]
-)
-REJECTED_SCHEMA = pa.schema(
-    [
-        ("kiln_id", pa.string()),
-        ("source", pa.string()),
-        ("file", pa.string()),
-        ("row", pa.int64()),
-        ("stage", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
-
-DEFAULTS = {
-    "unicode_form": "NFC",
-    "html_unescape": True,
-    "strip_control": True,
-    "normalize_whitespace": True,
-    "min_chars": 1,
-    "max_chars": 20000,
-    "mask_pii": False,
-    "drop_patterns": [],
-    "query": "",
-    "answer_schema": None,
-}
+from kiln.rowfilter import QUERY_COLUMNS, FilterError, parse_filter
+from kiln.spec import CleanSettings
+from kiln.tables import CLEAN_SCHEMA, MESSAGES_TYPE, REJECTED_SCHEMA
+from kiln.textfix import STRING, clean_text, per_row
 
 
 class CleanError(ValueError):
     """A cleaning setting that cannot be applied (a bad query or pattern)."""
-
-
-def _per_row(parent: np.ndarray, flags, n: int) -> np.ndarray:
-    """Sum a per-turn quantity into a per-row one."""
-    return np.bincount(parent, weights=np.asarray(flags, dtype=np.float64), minlength=n)
-
-
-# Each text operation first finds, in one vectorised pass, the turns it could change, then fixes
-# only those: most real text needs no fixing, and a find is cheaper than a rewrite.
-INNER_WHITESPACE = r"[\t\xa0\r]| {2}| \n|\n |\n{3}"
-ANY_FIX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f&\t\xa0\r]|\A\s|\s\z| {2}| \n|\n |\n{3}"
-
-
-STRING = pd.ArrowDtype(pa.string())
-
-
-def clean_text(content: pa.Array, settings: dict) -> tuple[pa.Array, dict[str, np.ndarray]]:
-    """Apply the text operations to an Arrow string array; return it and per-op change flags.
-
-    One vectorised pass finds the turns any operation could change (most real text needs no
-    fixing, and a find is cheaper than a rewrite); the operations then run, as Arrow compute
-    kernels behind pandas' string methods, on those turns only, each again on the subset it could
-    change, and the fixed strings go back into the full array once.
-    """
-    content = content.cast(pa.string())
-    n = len(content)
-    check_unicode = settings["unicode_form"] != "none"
-
-    def find(part: pa.Array) -> np.ndarray:
-        hits = pc.fill_null(pc.match_substring_regex(part, ANY_FIX), False).to_numpy(zero_copy_only=False)
-        if check_unicode:
-            hits |= ~pc.fill_null(pc.string_is_ascii(part), True).to_numpy(zero_copy_only=False)
-        return hits
-
-    # The find reads every byte; Arrow kernels release the GIL, so two halves run on two cores.
-    half = n // 2
-    with ThreadPoolExecutor(2) as pool:
-        suspects = np.concatenate(list(pool.map(find, [content.slice(0, half), content.slice(half)])))
-    if settings["mask_pii"]:
-        suspects = np.ones(n, dtype=bool)
-    idx = np.flatnonzero(suspects)
-    work = content.take(idx)
-    flags: dict[str, np.ndarray] = {}
-
-    def step(name: str, needs: np.ndarray, fix) -> None:
-        nonlocal work
-        hit = np.zeros(len(work), dtype=bool)
-        where = np.flatnonzero(needs)
-        if len(where):
-            before = work.take(where)
-            after = pa.array(fix(pd.Series(before, dtype=STRING)).array).cast(pa.string())
-            diff = pc.fill_null(pc.not_equal(after, before), False).to_numpy(zero_copy_only=False)
-            work = pc.replace_with_mask(work, pa.array(needs), after)
-            hit[where[diff]] = True
-        flags[name] = hit
-
-    def has(pattern: str, regex: bool = True) -> np.ndarray:
-        found = (pc.match_substring_regex if regex else pc.match_substring)(work, pattern)
-        return pc.fill_null(found, False).to_numpy(zero_copy_only=False)
-
-    if check_unicode:
-        non_ascii = ~pc.fill_null(pc.string_is_ascii(work), True).to_numpy(zero_copy_only=False)
-        step("unicode", non_ascii, lambda s: s.str.normalize(settings["unicode_form"]))
-    if settings["html_unescape"]:
-        step("html", has("&", regex=False), lambda s: s.map(html.unescape).astype(STRING))
-    if settings["strip_control"]:
-        step(
-            "control",
-            has(CONTROL + r"|\r"),
-            lambda s: s.str.replace("\r\n", "\n", regex=False).str.replace(CONTROL, "", regex=True),
-        )
-    if settings["normalize_whitespace"]:
-        # Runs inside the text need three regex rewrites; blank edges (far more common, and often
-        # on long texts) need only a strip, so the two are found and fixed apart.
-        inner = has(INNER_WHITESPACE)
-
-        def fix_inner(s):
-            # Match only runs that change (a tab, a no-break space, or 2+ blanks), not every space.
-            s = s.str.replace(r"[\t\xa0][ \t\xa0]*| [ \t\xa0]+", " ", regex=True)
-            s = s.str.replace(r"(?m) +$|^ +", "", regex=True)
-            return s.str.replace(r"\n{3,}", "\n\n", regex=True).str.strip()
-
-        step("whitespace", inner, fix_inner)
-        inner_hit = flags["whitespace"]
-        trimmed = pc.utf8_trim_whitespace(work)
-        edges = pc.fill_null(pc.not_equal(pc.binary_length(trimmed), pc.binary_length(work)), False)
-        edges = edges.to_numpy(zero_copy_only=False)
-        if edges.any():
-            work = pc.if_else(pa.array(edges), trimmed, work)
-        flags["whitespace"] = inner_hit | edges
-    if settings["mask_pii"]:
-        step(
-            "pii",
-            has(f"{EMAIL}|{PHONE}"),
-            lambda s: s.str.replace(EMAIL, "[EMAIL]", regex=True).str.replace(PHONE, "[PHONE]", regex=True),
-        )
-    changed = {}
-    for name, hit in flags.items():
-        full = np.zeros(n, dtype=bool)
-        full[idx[hit]] = True
-        changed[name] = full
-    if any(hit.any() for hit in flags.values()):
-        content = pc.replace_with_mask(content, pa.array(suspects), work)
-    return content, changed
 
 
 _JSON_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"'
@@ -245,14 +100,14 @@ def content_hashes(messages: pa.ListArray) -> np.ndarray:
 
 def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """Clean a canonical raw table; return (clean, rejected, stats)."""
-    settings = {**DEFAULTS, **(settings or {})}
+    opt = CleanSettings.coerce(settings or {})
     n = raw.num_rows
     messages = raw.column("messages").combine_chunks()
     if isinstance(messages, pa.ChunkedArray) or n == 0:
         messages = pa.array([], type=MESSAGES_TYPE) if n == 0 else messages.chunk(0)
     parent = pc.list_parent_indices(messages).to_numpy()
     flat = messages.flatten()
-    content, changed = clean_text(flat.field("content"), settings)
+    content, changed = clean_text(flat.field("content"), opt)
     roles = flat.field("role")
 
     # Rebuild the list column with the cleaned strings and the same offsets.
@@ -260,11 +115,11 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
     cleaned = pa.ListArray.from_arrays(messages.offsets, new_struct, mask=messages.is_null())
 
     lengths = pc.fill_null(pc.utf8_length(content), 0).to_numpy(zero_copy_only=False)
-    n_chars = _per_row(parent, lengths, n).astype(np.int64)
+    n_chars = per_row(parent, lengths, n).astype(np.int64)
     offsets = messages.offsets.to_numpy()
     n_turns = np.diff(offsets)
     has_turns = n_turns > 0
-    n_user = _per_row(parent, pc.equal(roles, "user").to_numpy(zero_copy_only=False), n)
+    n_user = per_row(parent, pc.equal(roles, "user").to_numpy(zero_copy_only=False), n)
     last = pa.array(np.where(has_turns, offsets[1:] - 1, 0)) if len(content) else pa.array([], pa.int64())
     last_role = np.where(has_turns, roles.take(last).to_numpy(zero_copy_only=False) if len(content) else None, None)
     last_content = content.take(last) if len(content) else pa.nulls(n, pa.string())
@@ -291,46 +146,47 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
     )
     reject((kind == "text") & (n_chars == 0), "empty_text", "the text is empty after cleaning")
     reject(
-        n_chars < settings["min_chars"],
+        n_chars < opt.min_chars,
         "too_short",
-        lambda m: [f"{c} chars < min_chars {settings['min_chars']}" for c in n_chars[m]],
+        lambda m: [f"{c} chars < min_chars {opt.min_chars}" for c in n_chars[m]],
     )
     reject(
-        n_chars > settings["max_chars"],
+        n_chars > opt.max_chars,
         "too_long",
-        lambda m: [f"{c} chars > max_chars {settings['max_chars']}" for c in n_chars[m]],
+        lambda m: [f"{c} chars > max_chars {opt.max_chars}" for c in n_chars[m]],
     )
-    for pattern in settings["drop_patterns"]:
+    for pattern in opt.drop_patterns:
         try:
             hit = (
                 pd.Series(content, dtype=STRING).str.contains(pattern, regex=True).to_numpy(dtype=bool, na_value=False)
             )
         except (pa.ArrowInvalid, re.error) as exc:
             raise CleanError(f"clean.drop_patterns: {pattern!r} is not a valid pattern: {exc}") from None
-        reject(_per_row(parent, hit, n) > 0, "drop_pattern", f"matches {pattern!r}")
-    if settings["query"]:
-        frame = pd.DataFrame(
-            {
-                "n_chars": n_chars,
-                "n_turns": n_turns,
-                "kind": kind,
-                "source": raw.column("source").to_numpy(zero_copy_only=False),
-            }
-        )
+        reject(per_row(parent, hit, n) > 0, "drop_pattern", f"matches {pattern!r}")
+    if opt.query:
+        # A filter, never code: parsed by kiln.rowfilter (pandas' eval would run `@` names and calls).
+        frame = {
+            "n_chars": n_chars,
+            "n_turns": n_turns,
+            "kind": np.asarray(kind, dtype=object),
+            "source": raw.column("source").to_numpy(zero_copy_only=False),
+        }
         try:
-            keep = frame.eval(settings["query"]).to_numpy(dtype=bool)
-        except Exception as exc:  # pandas raises many types for a bad expression
+            keep = parse_filter(opt.query, QUERY_COLUMNS)(frame)
+        except FilterError as exc:
+            raise CleanError(f"{exc}; columns available: {', '.join(QUERY_COLUMNS)}") from None
+        except (TypeError, ValueError) as exc:  # e.g. a column compared with a value of another type
             raise CleanError(
-                f"clean.query: {settings['query']!r} cannot be evaluated ({type(exc).__name__}: {exc}); "
-                f"columns available: {', '.join(frame.columns)}"
+                f"clean.query: {opt.query!r} cannot be evaluated ({type(exc).__name__}: {exc}); "
+                f"columns available: {', '.join(QUERY_COLUMNS)}"
             ) from None
-        reject(~keep, "query", f"fails query {settings['query']!r}")
-    if settings["answer_schema"]:
-        pattern = answer_fast_pattern(settings["answer_schema"])
+        reject(~keep, "query", f"fails query {opt.query!r}")
+    if opt.answer_schema:
+        pattern = answer_fast_pattern(opt.answer_schema)
         surely_ok = pc.fill_null(pc.match_substring_regex(last_content, pattern), False).to_numpy(zero_copy_only=False)
         todo = np.flatnonzero(chat & (reason == None) & ~surely_ok)  # noqa: E711
         for i in todo:
-            problem = _check_answer(last_content[int(i)].as_py(), settings["answer_schema"])
+            problem = _check_answer(last_content[int(i)].as_py(), opt.answer_schema)
             if problem:
                 reason[i], detail[i] = problem.split("|", 1)
 
@@ -350,7 +206,7 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
         detail[dup] = [f"same content as row {rows[j]} ({ids[j]}) of this file" for j in orig]
 
     edit_names = list(changed)
-    edit_rows = np.stack([_per_row(parent, changed[k], n) > 0 for k in edit_names]) if edit_names else None
+    edit_rows = np.stack([per_row(parent, changed[k], n) > 0 for k in edit_names]) if edit_names else None
     edits = np.full(n, "", dtype=object)
     if edit_names:
         for i in np.flatnonzero(edit_rows.any(axis=0)):
@@ -390,7 +246,7 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
         "rows_clean": clean.num_rows,
         "rows_rejected": rejected.num_rows,
         "rejected_by_reason": {str(k): int(v) for k, v in sorted(by_reason.items())},
-        "rows_edited_by": {k: int((_per_row(parent, changed[k], n) > 0).sum()) for k in edit_names},
+        "rows_edited_by": {k: int((per_row(parent, changed[k], n) > 0).sum()) for k in edit_names},
         "chars_clean": int(n_chars[keep].sum()),
     }
     assert stats["rows_in"] == stats["rows_clean"] + stats["rows_rejected"]

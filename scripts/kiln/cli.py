@@ -77,7 +77,11 @@ def repro_main(argv=None) -> int:
         print(f"kiln repro: {manifest} does not exist: build the experiment first", file=sys.stderr)
         return 2
     workdir = args.workdir or tempfile.mkdtemp(prefix=f"kiln-repro-{args.experiment}-")
-    result = reproduce(manifest, workdir, train=not args.data_only, cores=args.cores)
+    try:
+        result = reproduce(manifest, workdir, train=not args.data_only, cores=args.cores)
+    except ValueError as exc:  # refused (the manifest's config would be code) or a non-empty workdir
+        print(f"kiln {exc}" if str(exc).startswith("repro:") else f"kiln repro: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0 if result["ok"] else 1
 

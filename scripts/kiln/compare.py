@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-MAIN_METRIC = "exact_match"
-COLUMNS = [  # metrics first (what a reader compares), then the settings that differ between runs
-    "experiment",
-    "base_exact_match",
-    "tuned_exact_match",
-    "delta_exact_match",
-    "adapter_4bit_exact_match",
-    "tuned_valid_json",
-    "tuned_mean_field_accuracy",
-    "base_loss",
-    "tuned_loss",
-    "delta_loss",
+from kiln.metrics import label, main_metric, scale, task_metrics
+
+SETTINGS = [  # after the metrics: the settings that tell runs apart
+    "main_metric",
     "dataset",
     "model",
     "backend",
@@ -37,15 +29,35 @@ COLUMNS = [  # metrics first (what a reader compares), then the settings that di
 ]
 
 
+def metric_columns(metrics: dict) -> dict:
+    """Metric cells of one experiment: its main metric for every model and the delta, the tuned
+    model's other task metrics, then the losses. Names come from the metrics file (any task)."""
+    main = main_metric(metrics)
+    tuned, base = metrics.get("tuned") or {}, metrics.get("base") or {}
+    row = {
+        f"base_{main}": base.get(main),
+        f"tuned_{main}": tuned.get(main),
+        f"delta_{main}": tuned[main] - base[main] if main in tuned and main in base else None,
+        f"adapter_4bit_{main}": (metrics.get("adapter_4bit") or {}).get(main),
+    }
+    for name in task_metrics(metrics):
+        if name != main:
+            row[f"tuned_{name}"] = tuned.get(name)
+    row["base_loss"], row["tuned_loss"] = base.get("loss"), tuned.get("loss")
+    row["delta_loss"] = tuned["loss"] - base["loss"] if "loss" in tuned and "loss" in base else None
+    return row
+
+
 def experiment_row(manifest: dict) -> dict:
     """The comparison row of one experiment, from its manifest."""
     exp = manifest["config"]["experiment"]
-    m = manifest["metrics"]
     stages = manifest.get("stages") or {}
     train_stage = stages.get("train") or {}
     commit = manifest["code"].get("commit")
     return {
         "experiment": manifest["experiment"],
+        **metric_columns(manifest["metrics"]),
+        "main_metric": main_metric(manifest["metrics"]),
         "dataset": exp["dataset"],
         "model": exp["model"],
         "backend": manifest["training"]["backend"],
@@ -57,22 +69,18 @@ def experiment_row(manifest: dict) -> dict:
         "train_rows": manifest["data"]["splits"]["train"]["rows"],
         "tokens_trained": manifest["training"]["tokens_trained"],
         "final_train_loss": manifest["training"]["final_loss"],
-        "base_exact_match": m["base"]["exact_match"],
-        "tuned_exact_match": m["tuned"]["exact_match"],
-        "delta_exact_match": m["tuned"]["exact_match"] - m["base"]["exact_match"],
-        "adapter_4bit_exact_match": (m.get("adapter_4bit") or {}).get("exact_match"),
-        "tuned_valid_json": m["tuned"]["valid_json"],
-        "tuned_mean_field_accuracy": m["tuned"]["mean_field_accuracy"],
-        "base_loss": m["base"]["loss"],
-        "tuned_loss": m["tuned"]["loss"],
-        "delta_loss": m["tuned"]["loss"] - m["base"]["loss"],
         "train_wall_s": train_stage.get("wall_s"),
         "code_commit": (commit[:10] + ("+dirty" if manifest["code"].get("dirty") else "")) if commit else None,
     }
 
 
 def comparison_table(manifests: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame([experiment_row(m) for m in manifests], columns=COLUMNS)
+    """One row per experiment; metric columns are the union over experiments (tasks may differ)."""
+    rows = [experiment_row(m) for m in manifests]
+    columns: dict[str, None] = {"experiment": None}
+    for row in rows:
+        columns.update((k, None) for k in row if k not in SETTINGS)
+    return pd.DataFrame(rows, columns=[*columns, *SETTINGS])
 
 
 def _fmt(value) -> str:
@@ -140,27 +148,32 @@ def plot_loss_curves(logs: dict[str, str | Path], out: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_metric(df: pd.DataFrame, out: str | Path, metric: str = MAIN_METRIC) -> None:
-    """Bars of the main metric per experiment: base model, tuned (merged), adapter on the 4-bit base."""
+def plot_metric(manifests: list[dict], out: str | Path) -> None:
+    """Bars of each experiment's main metric: base model, tuned (merged), adapter on the 4-bit base."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = df["experiment"].tolist()
+    names = [m["experiment"] for m in manifests]
+    mains = [main_metric(m["metrics"]) for m in manifests]
     x = np.arange(len(names))
     kinds = [("base", "base model"), ("tuned", "tuned (merged)"), ("adapter_4bit", "adapter on 4-bit base")]
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 4), dpi=110)
     width = 0.8 / len(kinds)
-    for j, (kind, label) in enumerate(kinds):
-        values = df[f"{kind}_{metric}"].astype(float).fillna(0).to_numpy()
-        bars = ax.bar(x + (j - 1) * width, values, width, label=label)
+    for j, (kind, text) in enumerate(kinds):
+        values = [float((m["metrics"].get(kind) or {}).get(main) or 0.0) for m, main in zip(manifests, mains)]
+        bars = ax.bar(x + (j - 1) * width, values, width, label=text)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.08)
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title(f"{metric.replace('_', ' ')} on the test split")
+    ticks = [f"{n}\n({label(mm)})" if len(set(mains)) > 1 else n for n, mm in zip(names, mains)]
+    ax.set_xticks(x, ticks, rotation=20, ha="right", fontsize=8)
+    top = max((scale(mm) or 0.0) for mm in mains) or None
+    if top:
+        ax.set_ylim(0, top * 1.08)
+    ylabel = label(mains[0]) if len(set(mains)) == 1 else "main metric of each experiment"
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} on the test split")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out)
@@ -182,5 +195,5 @@ def write_comparison(
     Path(md_path).write_text(to_markdown(df))
     Path(html_path).write_text(to_html(df, "Experiments: settings, metrics and delta against the base model"))
     plot_loss_curves(train_logs, loss_png)
-    plot_metric(df, metric_png)
+    plot_metric(manifests, metric_png)
     return df

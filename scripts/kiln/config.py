@@ -15,6 +15,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from kiln.spec import BuildSettings, CleanSettings, Experiment, SpecError, moved_key_error
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
 
 
@@ -100,10 +102,10 @@ def expand_experiments(config: dict) -> dict:
         if not isinstance(grid, dict) or not grid:
             raise ConfigError(f"config: {where}.grid: expected a map of setting -> list of values")
         for key, values in grid.items():
-            if not re.fullmatch(r"(dataset|model|(tokenize|training|evaluate)\.[a-z_0-9]+)", str(key)):
+            if not re.fullmatch(r"(dataset|model|(tokenize|training|merge|evaluate)\.[a-z_0-9]+)", str(key)):
                 raise ConfigError(
                     f"config: {where}.grid.{key}: name a setting as dataset, model, or "
-                    "tokenize.<key> / training.<key> / evaluate.<key>"
+                    "tokenize.<key> / training.<key> / merge.<key> / evaluate.<key>"
                 )
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"config: {where}.grid.{key}: expected a non-empty list of values")
@@ -129,6 +131,10 @@ def validate(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     """Return a copy of ``config`` with defaults filled in; raise ConfigError naming the key."""
     schema = yaml.safe_load(Path(schema_path).read_text())
     resolved = expand_experiments(config)
+    for name, exp in (resolved.get("experiments") or {}).items():
+        moved = moved_key_error(name, exp) if isinstance(exp, dict) else None
+        if moved:
+            raise ConfigError(moved)
     errors = sorted(_Validator(schema).iter_errors(resolved), key=lambda e: len(list(e.absolute_path)))
     if errors:
         # The deepest error of the best match names the key the user got wrong.
@@ -152,9 +158,11 @@ def _check_references(cfg: dict) -> None:
                     f"config: datasets.{name}.sources[{i}].sha256: give one entry per url "
                     f"({len(src['urls'])} urls, {len(src['sha256'])} hashes); null skips a check"
                 )
-        split = ds["build"]
-        if split["validation"] + split["test"] >= 1:
-            raise ConfigError(f"config: datasets.{name}.build: validation + test must be below 1")
+        try:  # the typed settings of each data stage (kiln.spec)
+            CleanSettings.from_dict(ds["clean"], f"datasets.{name}.clean").check(f"datasets.{name}.clean")
+            BuildSettings.from_dict(ds["build"], f"datasets.{name}.build").check(f"datasets.{name}.build")
+        except SpecError as exc:
+            raise ConfigError(f"config: {exc}") from None
     for name, model in cfg["models"].items():
         if model["kind"] != "random":
             continue
@@ -174,19 +182,10 @@ def _check_references(cfg: dict) -> None:
                     f"config: experiments.{name}.{key}: '{exp[key]}' is not in `{table}` "
                     f"(known: {', '.join(sorted(cfg[table]))})"
                 )
-        tr = exp["training"]
-        n = tr["num_gpus"]
-        if n > 1 and tr["backend"] == "unsloth":
-            raise ConfigError(
-                f"config: experiments.{name}.training.backend: 'unsloth' trains on one GPU but num_gpus is {n}; "
-                "use backend: auto or hf for several GPUs (auto picks hf there)"
-            )
-        if n > 1 and (tr["per_device_batch_size"] * tr["gradient_accumulation_steps"]) % n:
-            raise ConfigError(
-                f"config: experiments.{name}.training.num_gpus: {n} processes can't share an effective batch of "
-                f"{tr['per_device_batch_size'] * tr['gradient_accumulation_steps']} sequences "
-                "(per_device_batch_size x gradient_accumulation_steps) evenly"
-            )
+        try:  # the typed spec: every rule between settings (kiln.spec)
+            Experiment.from_config(name, exp)
+        except SpecError as exc:
+            raise ConfigError(f"config: {exc}") from None
 
 
 def training_settings(training: dict | None = None) -> dict:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kiln.clean import REJECTED_SCHEMA
+from kiln.tables import REJECTED_SCHEMA
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")

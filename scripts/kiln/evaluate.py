@@ -14,6 +14,9 @@ import math
 import time
 from pathlib import Path
 
+from kiln.metrics import check_main_metric, task_metrics
+from kiln.spec import EvaluateSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -146,29 +149,32 @@ def evaluate(
     datasets.disable_caching()  # no cache-*.arrow files written into another rule's output
     from transformers import AutoTokenizer
 
+    s = EvaluateSettings.coerce(settings)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     test = datasets.load_from_disk(dataset_dir)["test"]
     tokenized_test = datasets.load_from_disk(tokenized_dir)["test"]
-    tokenized_test = tokenized_test.select(range(min(settings["max_samples"], len(tokenized_test))))
+    tokenized_test = tokenized_test.select(range(min(s.max_samples, len(tokenized_test))))
     if "seq_lengths" in tokenized_test.column_names:  # packed: score each row on its own
         raise ValueError("evaluation needs the unpacked test split; set tokenize.packing only for training")
-    prompts, refs, rows = prompts_and_references(test, tokenizer, settings["max_samples"])
+    prompts, refs, rows = prompts_and_references(test, tokenizer, s.max_samples)
     metrics: dict = {"experiment": experiment, "test_rows": len(test), "generated_rows": len(prompts)}
     outputs = {}
     for kind in models:
         t0 = time.perf_counter()
         model = load_model(kind, base_dir, merged_dir, adapter_dir)
         m = masked_loss(model, tokenized_test, tokenizer.pad_token_id)
-        outputs[kind] = generate(model, tokenizer, prompts, settings["batch_size"], settings["max_new_tokens"])
+        outputs[kind] = generate(model, tokenizer, prompts, s.batch_size, s.max_new_tokens)
         m.update(score(outputs[kind], refs))
         m["eval_seconds"] = round(time.perf_counter() - t0, 1)
         metrics[kind] = m
         log.info("%s: loss %.4f, exact match %.3f", kind, m["loss"], m["exact_match"])
         del model
+    produced = task_metrics(metrics)
+    main = s.main_metric
+    check_main_metric(main, produced)
+    metrics["main_metric"], metrics["task_metrics"] = main, produced
     if "base" in metrics and "tuned" in metrics:
-        metrics["delta_tuned_minus_base"] = {
-            k: metrics["tuned"][k] - metrics["base"][k] for k in ("loss", "exact_match")
-        }
+        metrics["delta_tuned_minus_base"] = {k: metrics["tuned"][k] - metrics["base"][k] for k in ("loss", main)}
     if "tuned" in metrics and "adapter_4bit" in metrics:
         agree = sum(a == b for a, b in zip(outputs["tuned"], outputs["adapter_4bit"], strict=True))
         metrics["merge_drift"] = {

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from kiln.compare import page
+from kiln.metrics import label, main_metric, task_metrics
 
 
 def _table(rows: list[dict], columns: list[str] | None = None, table_id: str = "") -> str:
@@ -128,6 +129,7 @@ def samples_page(samples_path: str | Path, experiment: str, limit: int = 40) -> 
 def manifest_page(manifest: dict) -> str:
     m = manifest
     tuned, base = m["metrics"]["tuned"], m["metrics"]["base"]
+    main = main_metric(m["metrics"])
     summary = [
         {"what": "experiment", "value": m["experiment"]},
         {"what": "base model", "value": f"{m['base_model']['id']} (revision {m['base_model'].get('revision')})"},
@@ -136,7 +138,7 @@ def manifest_page(manifest: dict) -> str:
         {"what": "rows per split", "value": {k: v["rows"] for k, v in m["data"]["splits"].items()}},
         {"what": "code", "value": m["code"]},
         {"what": "training", "value": m["training"]},
-        {"what": "exact match base -> tuned", "value": f"{base['exact_match']:.3f} -> {tuned['exact_match']:.3f}"},
+        {"what": f"{label(main)} base -> tuned", "value": f"{base[main]:.3f} -> {tuned[main]:.3f}"},
     ]
     stages = [{"stage": k, **(v or {})} for k, v in m["stages"].items()]
     body = _table(summary, table_id="manifest-summary") + "<h3>Stages (Snakemake benchmark records)</h3>"
@@ -217,12 +219,11 @@ def model_card(manifest: dict) -> str:
         "",
         f"## Evaluation ({met.get('generated_rows')} test rows, greedy decoding)",
         "",
+        f"Main metric: {label(main_metric(met))}.",
+        "",
         "| metric | base model | this model | adapter on 4-bit base |",
         "|---|---|---|---|",
-        metric_row("exact_match", "exact match"),
-        metric_row("valid_json", "valid JSON"),
-        metric_row("mean_field_accuracy", "mean field accuracy"),
-        metric_row("loss", "loss (test, assistant tokens)"),
+        *[metric_row(name, label(name)) for name in [*task_metrics(met), "loss"]],
         "",
         "## Provenance",
         "",

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-import pyarrow as pa
-
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
@@ -23,22 +21,6 @@ SHAREGPT_ROLES = {
     "model": "assistant",
     "system": "system",
 }
-
-TURN_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
-MESSAGES_TYPE = pa.list_(TURN_TYPE)
-RAW_SCHEMA = pa.schema(
-    [
-        ("kiln_id", pa.string()),  # stable id: hash of the canonical content (or raw text if unparsable)
-        ("source", pa.string()),  # source name in the config
-        ("file", pa.string()),  # file, URL or generator the row came from
-        ("row", pa.int64()),  # 1-based line (jsonl/txt/csv data row) or record index
-        ("format", pa.string()),  # detected record format
-        ("kind", pa.string()),  # chat | text | null when unparsable
-        ("messages", MESSAGES_TYPE),
-        ("raw", pa.string()),  # the original record, for lineage
-        ("error", pa.string()),  # why the row could not be read; null when it could
-    ]
-)
 
 
 class RecordError(ValueError):

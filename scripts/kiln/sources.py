@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kiln.config import local_files, url_shards
-from kiln.records import RAW_SCHEMA, RecordError, stable_id, to_canonical
+from kiln.records import RecordError, stable_id, to_canonical
+from kiln.tables import RAW_SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kiln.spec import TokenizeSettings
+from kiln.tables import TOKENS_SCHEMA
+
 log = logging.getLogger(__name__)
 
 
@@ -169,23 +172,13 @@ class TokenCache:
         (self.dir / "key.txt").write_text(self.key)
 
 
-TOKENS_SCHEMA = pa.schema(
-    [
-        ("kiln_id", pa.string()),
-        ("content_hash", pa.string()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("assistant_masks", pa.list_(pa.int8())),
-        ("n_tokens", pa.int32()),
-    ]
-)
-
-
 def tokenize_rows(rows: pa.Table, tokenizer, settings: dict, batch_size: int = 1000) -> pa.Table:
     """Tokenize rows in batches straight into Arrow columns; truncation is one vectorised cut."""
-    max_len, parts = settings["max_seq_len"], []
+    s = TokenizeSettings.coerce(settings)
+    max_len, parts = s.max_seq_len, []
     for batch in rows.select(["kiln_id", "content_hash", "kind", "messages"]).to_batches(batch_size):
         data = batch.to_pydict()
-        ids, mask, lengths = encode_flat(data, tokenizer, settings["assistant_only_loss"])
+        ids, mask, lengths = encode_flat(data, tokenizer, s.assistant_only_loss)
         position = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         keep = position < max_len
         offsets = pa.array(np.concatenate([[0], np.cumsum(np.minimum(lengths, max_len))]), pa.int32())
@@ -234,13 +227,15 @@ def tokenize_dataset(
     import datasets
     from transformers import AutoTokenizer
 
+    s = TokenizeSettings.coerce(settings)
+    settings = s.to_dict()  # the token cache is keyed by the settings as data
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if not tokenizer.is_fast:
         raise ValueError(f"{tokenizer_dir}: Kiln needs a fast tokenizer (character offsets for the loss mask)")
     dd = datasets.load_from_disk(str(dataset_dir))
     cache = TokenCache(cache_dir, tokenizer_dir, settings)
     out, fresh = {}, []
-    stats = {"max_seq_len": settings["max_seq_len"], "packing": settings["packing"], "splits": {}}
+    stats = {"max_seq_len": s.max_seq_len, "packing": s.packing, "splits": {}}
     for split, ds in dd.items():
         table, new = tokenize_split(ds, tokenizer, settings, cache)
         fresh.append(new)
@@ -259,9 +254,9 @@ def tokenize_dataset(
             "rows_tokenized_now": new.num_rows,
             "rows_from_cache": len(ds) - new.num_rows,
             "dropped_no_trainable_tokens": {"count": len(no_loss), "kiln_ids": no_loss[:100]},
-            "truncated": int(np.sum(n_tokens > settings["max_seq_len"])),
+            "truncated": int(np.sum(n_tokens > s.max_seq_len)),
             "tokens_before_truncation": int(n_tokens.sum()),
-            "tokens": int(np.minimum(n_tokens, settings["max_seq_len"]).sum()),
+            "tokens": int(np.minimum(n_tokens, s.max_seq_len).sum()),
             "trainable_tokens": int(trainable.sum()),
             "length": {
                 q: int(np.percentile(n_tokens, p)) if len(n_tokens) else 0
@@ -276,10 +271,10 @@ def tokenize_dataset(
             table.select(["kiln_id", "input_ids", "assistant_masks"]),
             fingerprint=hashlib.sha256(made_from.encode()).hexdigest()[:32],
         )
-        if settings["packing"] and len(tok):
+        if s.packing and len(tok):
             from trl.data_utils import pack_dataset
 
-            tok = pack_dataset(tok.remove_columns(["kiln_id"]), settings["max_seq_len"], strategy="bfd")
+            tok = pack_dataset(tok.remove_columns(["kiln_id"]), s.max_seq_len, strategy="bfd")
             split_stats["packed_sequences"] = len(tok)
         out[split] = tok
         stats["splits"][split] = split_stats
@@ -288,7 +283,7 @@ def tokenize_dataset(
                 "%s: %d rows longer than max_seq_len=%d were truncated",
                 split,
                 split_stats["truncated"],
-                settings["max_seq_len"],
+                s.max_seq_len,
             )
     datasets.DatasetDict(out).save_to_disk(str(out_dir))
     cache.add_and_save(fresh)

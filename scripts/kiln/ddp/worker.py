@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # scripts/, after the standard library
 
-from kiln.train import run_worker  # noqa: E402
+from kiln.launch import run_worker  # noqa: E402
 
 if __name__ == "__main__":
     run_worker(sys.argv[1])

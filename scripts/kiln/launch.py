@@ -1,0 +1,99 @@
+"""Several GPUs: ``train`` in N DDP processes through ``accelerate launch`` (one process per GPU).
+
+The effective batch stays what the config says (kiln.microbatch.split_batch); only the main
+process writes the step log, the adapter and the summary (kiln.train).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+# Run by path, not imported (kiln.codedeps): a change to it reruns training too.
+RUNS = ("kiln.ddp.worker",)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: dict, processes: int, log_file: str | None = None, allow_cpu: bool = False) -> dict:
+    """``train(**spec)`` in ``processes`` DDP processes through ``accelerate launch``; the summary.
+
+    One process per GPU of this job (CUDA_VISIBLE_DEVICES, as SLURM sets it). ``allow_cpu``: run
+    the processes on CPU with gloo where there is no CUDA (what the tests do: the same code path).
+    """
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < processes and not (allow_cpu and have == 0):
+        raise RuntimeError(
+            f"training.num_gpus is {processes} but this job sees {have} CUDA device(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run it where {processes} "
+            "GPUs are visible (the rule asks a cluster for them as resource `gpu`) or lower training.num_gpus"
+        )
+    work = Path(tempfile.mkdtemp(prefix="kiln-launch-"))
+    spec_file = work / "train.json"
+    spec_file.write_text(json.dumps({"train": spec, "log_file": log_file}))
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",  # the trainer sets bf16 itself from the compute dtype
+        "--dynamo_backend",
+        "no",
+        str(Path(__file__).resolve().parent / "ddp" / "worker.py"),
+        str(spec_file),
+    ]
+    log.info("launching %d processes: %s", processes, " ".join(cmd))
+    rc = subprocess.run(cmd, check=False).returncode
+    shutil.rmtree(work, ignore_errors=True)
+    if rc:
+        raise RuntimeError(
+            f"accelerate launch of {processes} training processes exited with status {rc}; "
+            f"each process's error is printed above{f' and in {log_file}' if log_file else ''}"
+        )
+    return json.loads(Path(spec["summary_path"]).read_text())
+
+
+def run_worker(spec_file: str) -> None:
+    """One DDP process (kiln/ddp/worker.py): logging tagged with its rank, then ``train``."""
+    spec = json.loads(Path(spec_file).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if spec["log_file"] and rank == 0:
+        handlers.append(logging.FileHandler(spec["log_file"]))  # appends to the rule's log
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        handlers=handlers,
+        force=True,
+        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
+    )
+    from kiln.train import train
+
+    train(**spec["train"])
+    # Leave without tearing torch.distributed down: freeing a gloo process group can deadlock (its
+    # destructor joins its worker threads holding the GIL that a worker needs to free a tensor),
+    # seen here as a rank that never exited. Everything this process wrote is closed by now.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,238 @@
+"""Typed experiment settings: one field per key with its default and help, cross-field rules in one place.
+
+Stdlib dataclasses, not pydantic: they import in microseconds (the workflow builds them at parse
+time for every experiment), Snakemake params stay plain dicts (``asdict``), and validation of types
+and ranges already happens in ``config/schema.yaml``. The two describe the same keys: a test holds
+them to the same names, defaults and choices (tests/test_spec.py). What the schema cannot say, the
+rules between fields, lives in ``check()`` here and runs when the workflow is parsed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+
+class SpecError(ValueError):
+    """A settings problem, as one line naming the key (kiln.config turns it into ConfigError)."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None):
+    meta = {"help": help, **({"choices": choices} if choices else {})}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Settings:
+    """from_dict / to_dict / help for the settings dataclasses below."""
+
+    section = ""
+
+    @classmethod
+    def from_dict(cls, values: dict | None, where: str = ""):
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SpecError(f"{where or cls.section}.{unknown[0]}: not a setting (known: {', '.join(sorted(known))})")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def coerce(cls, value):
+        """The typed settings, from themselves or from a plain dict (a Snakemake param, a benchmark)."""
+        return value if isinstance(value, cls) else cls.from_dict(value)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {
+            f.name: (f.default if f.default is not MISSING else f.default_factory())  # type: ignore[misc]
+            for f in fields(cls)
+        }
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class CleanSettings(_Settings):
+    section = "clean"
+    unicode_form: str = _f("NFC", "Unicode normal form of every turn (none: leave as is).", ("NFC", "NFKC", "none"))
+    html_unescape: bool = _f(True, "Turn HTML entities (&amp;) into characters.")
+    strip_control: bool = _f(True, "Remove control characters (not tab or newline).")
+    normalize_whitespace: bool = _f(True, "Collapse runs of spaces and blank lines; trim each turn.")
+    min_chars: int = _f(1, "Rows shorter than this (all turns) are rejected.")
+    max_chars: int = _f(20000, "Rows longer than this (all turns) are rejected.")
+    mask_pii: bool = _f(False, "Replace e-mail addresses and phone numbers with [EMAIL] / [PHONE].")
+    drop_patterns: list = _f([], "Regular expressions: a row any of them matches is rejected.")
+    query: str = _f("", "A row filter over the row's columns; rows it rejects get reason query.")
+    answer_schema: Any = _f(None, "Field -> type map the final answer (a JSON object) must satisfy.")
+
+    def check(self, where: str = "clean") -> None:
+        """The query must parse as a filter over the columns the clean stage gives it (never code)."""
+        if self.query:
+            from kiln.rowfilter import QUERY_COLUMNS, FilterError, parse_filter
+
+            try:
+                parse_filter(self.query, QUERY_COLUMNS)
+            except FilterError as exc:
+                raise SpecError(f"{where}.query: {str(exc).removeprefix('clean.query: ')}") from None
+
+
+@dataclass(frozen=True)
+class BuildSettings(_Settings):
+    section = "build"
+    near_dedup: bool = _f(False, "Also drop near-duplicates (MinHash LSH over word 5-grams).")
+    near_dedup_threshold: float = _f(0.9, "Jaccard similarity above which rows are near-duplicates.")
+    validation: float = _f(0.05, "Share of rows in the validation split (by a hash of each row's id).")
+    test: float = _f(0.05, "Share of rows in the test split.")
+    seed: int = _f(0, "Seed of the split hash.")
+
+    def check(self, where: str = "build") -> None:
+        if self.validation + self.test >= 1:
+            raise SpecError(f"{where}: validation + test must be below 1")
+
+
+@dataclass(frozen=True)
+class TokenizeSettings(_Settings):
+    section = "tokenize"
+    max_seq_len: int = _f(512, "Longest sequence in tokens; longer rows are truncated and counted.")
+    assistant_only_loss: bool = _f(True, "Loss only on assistant tokens (the answer and its end-of-turn token).")
+    packing: bool = _f(False, "Pack several rows into one max_seq_len sequence (padding-free training).")
+
+
+@dataclass(frozen=True)
+class TrainingSettings(_Settings):
+    section = "training"
+    backend: str = _f(
+        "auto", "hf | unsloth | auto (unsloth where CUDA and unsloth are present).", ("auto", "hf", "unsloth")
+    )
+    quantization: str = _f("nf4", "nf4: 4-bit NF4 base with double quantization (QLoRA); none: LoRA.", ("nf4", "none"))
+    compute_dtype: str = _f(
+        "auto", "auto = bfloat16 on a CUDA card with bf16, float32 on CPU.", ("auto", "float32", "bfloat16", "float16")
+    )
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: float = _f(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA path.")
+    target_modules: Any = _f("all-linear", "Module names to adapt, or all-linear (every linear but the LM head).")
+    learning_rate: float = _f(0.0002, "Peak learning rate.")
+    lr_scheduler: str = _f(
+        "cosine", "Learning-rate schedule.", ("linear", "cosine", "constant", "constant_with_warmup")
+    )
+    warmup_ratio: float = _f(0.03, "Share of max_steps spent warming up.")
+    max_steps: int = _f(100, "Optimizer steps.")
+    per_device_batch_size: int = _f(8, "Sequences per micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, slower).")
+    auto_micro_batch: bool = _f(False, "CUDA: largest micro-batch that fits, effective batch kept.")
+    num_gpus: int = _f(0, "GPUs the train job asks for; N >= 2 trains in N DDP processes.")
+    step_metrics: bool = _f(True, "TRL's per-step entropy / token accuracy (false: a lean step).")
+    eval_steps: int = _f(0, "Validation every eval_steps steps; 0 = never.")
+    eval_samples: int = _f(64, "Validation rows per evaluation.")
+    early_stopping_patience: int = _f(0, "Evaluations without improvement before stopping; 0 = off.")
+    save_steps: int = _f(50, "A resumable checkpoint every save_steps steps.")
+    save_total_limit: int = _f(2, "Checkpoints kept.")
+    logging_steps: int = _f(1, "Steps between step-log lines.")
+    seed: int = _f(42, "Seed of weights init, data order and dropout.")
+
+    @property
+    def effective_batch(self) -> int:
+        return self.per_device_batch_size * self.gradient_accumulation_steps
+
+    def check(self, where: str = "training") -> None:
+        """The rules between training settings (the schema checks each key on its own)."""
+        n = self.num_gpus
+        if n > 1 and self.backend == "unsloth":
+            raise SpecError(
+                f"{where}.backend: 'unsloth' trains on one GPU but num_gpus is {n}; "
+                "use backend: auto or hf for several GPUs (auto picks hf there)"
+            )
+        if n > 1 and self.effective_batch % n:
+            raise SpecError(
+                f"{where}.num_gpus: {n} processes can't share an effective batch of {self.effective_batch} "
+                "sequences (per_device_batch_size x gradient_accumulation_steps) evenly"
+            )
+        if self.early_stopping_patience and self.eval_steps and self.save_steps % self.eval_steps:
+            raise SpecError(
+                f"{where}.early_stopping_patience needs save_steps to be a multiple of eval_steps "
+                f"(got save_steps={self.save_steps}, eval_steps={self.eval_steps})"
+            )
+
+
+@dataclass(frozen=True)
+class MergeSettings(_Settings):
+    section = "merge"
+    onto: str = _f(
+        "original",
+        "Merge onto the original 16-bit weights, or onto the NF4-dequantized ones the adapter was trained against.",
+        ("original", "dequantized"),
+    )
+    dtype: str = _f(
+        "auto",
+        "dtype of the saved merged model: auto = bfloat16 on CUDA, float32 on CPU.",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(_Settings):
+    section = "evaluate"
+    max_samples: int = _f(128, "Test rows scored (the first ones: every experiment gets the same rows).")
+    batch_size: int = _f(32, "Prompts per generation batch.")
+    max_new_tokens: int = _f(64, "New-token budget of greedy generation.")
+    main_metric: str = _f(
+        "exact_match",
+        "The metric experiments are compared and plotted by.",
+        ("exact_match", "valid_json", "mean_field_accuracy", "chrf"),
+    )
+
+
+DATASET_SECTIONS = {"clean": CleanSettings, "build": BuildSettings}
+SECTIONS = {
+    "tokenize": TokenizeSettings,
+    "training": TrainingSettings,
+    "merge": MergeSettings,
+    "evaluate": EvaluateSettings,
+}
+# Keys that moved: old place -> new place (a config that still uses one gets one line saying so).
+MOVED = {("evaluate", "merge_onto"): ("merge", "onto"), ("evaluate", "merge_dtype"): ("merge", "dtype")}
+
+
+def moved_key_error(experiment: str, exp: dict) -> str | None:
+    for (section, key), (new_section, new_key) in MOVED.items():
+        if isinstance(exp.get(section), dict) and key in exp[section]:
+            return (
+                f"config: experiments.{experiment}.{section}.{key} moved to "
+                f"experiments.{experiment}.{new_section}.{new_key} (same values); rename it there"
+            )
+    return None
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One resolved experiment: its name, what it trains on and with, and every stage's settings."""
+
+    name: str
+    dataset: str
+    model: str
+    tokenize: TokenizeSettings
+    training: TrainingSettings
+    merge: MergeSettings
+    evaluate: EvaluateSettings
+
+    @classmethod
+    def from_config(cls, name: str, exp: dict) -> Experiment:
+        where = f"experiments.{name}"
+        parts = {s: kind.from_dict(exp.get(s), f"{where}.{s}") for s, kind in SECTIONS.items()}
+        spec = cls(name=name, dataset=exp["dataset"], model=exp["model"], **parts)
+        spec.training.check(f"{where}.training")
+        return spec
+
+    def to_dict(self) -> dict:
+        return asdict(self)

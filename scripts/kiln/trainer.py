@@ -1,0 +1,129 @@
+"""TRL's SFTConfig from Kiln's settings, and its SFTTrainer with Kiln's corrections.
+
+The corrections: adapter dtype, a loss that runs without Triton, and checkpoints that are recorded
+complete before older ones are rotated away (kiln.checkpoints).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from kiln.checkpoints import mark_complete
+
+
+def _fused_loss_available() -> bool:
+    from trl.trainer import utils as trl_utils
+
+    return getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
+
+
+@functools.cache
+def sft_trainer_class():
+    """TRL's SFTTrainer, with a loss that also runs where TRL's fused LM-head kernel can't."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class KilnSFTTrainer(SFTTrainer):
+        """Two corrections to TRL 1.15 for the CPU path.
+
+        - TRL casts QLoRA adapter weights to bfloat16 whatever the compute dtype. With float32
+          compute on a CPU that made every LoRA matmul a slow bf16 one (2x the step time) and is
+          where the bf16 divergence came from; ``adapter_dtype`` casts them back.
+        - TRL computes the loss with a chunked LM-head kernel written in Triton; without Triton (a
+          CPU machine) the kernel is missing and training crashes. The model's own causal-LM loss
+          on the same labels is the same quantity, so it is used there.
+        """
+
+        def __init__(self, *args, adapter_dtype=None, lean=False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kiln_lean = lean
+            if adapter_dtype is not None:
+                for param in self.model.parameters():
+                    if param.requires_grad and param.dtype != adapter_dtype:
+                        param.data = param.data.to(adapter_dtype)
+
+        def _save_checkpoint(self, model, trial):
+            """Transformers' save, then Kiln's completion record, then rotation of old checkpoints.
+
+            Rotation waits until the new checkpoint is recorded complete, so a kill at any moment
+            leaves at least one complete checkpoint behind (kiln.checkpoints).
+            """
+            import torch.distributed as dist
+            from transformers.trainer_utils import rotate_checkpoints
+
+            limit = self.args.save_total_limit
+            self.args.save_total_limit = None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every process has written its files (its RNG state)
+            if self.args.should_save:
+                run_dir = Path(self._get_output_dir(trial=trial))
+                mark_complete(run_dir / f"checkpoint-{self.state.global_step}", self.state.global_step)
+                rotate_checkpoints(str(run_dir), limit, self.state.best_model_checkpoint, use_mtime=True)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.kiln_lean:
+                # The model's own loss (Unsloth's fused cross-entropy on its path), without TRL's
+                # per-step entropy / token-accuracy metrics and their host syncs.
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if _fused_loss_available():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return KilnSFTTrainer
+
+
+def sft_args(job, report_to: list[str]):
+    """TRL's SFTConfig for a kiln.train.TrainingJob after its setup phase (settings, batch sizes, data)."""
+    import torch
+    from trl import SFTConfig
+
+    s, world, cuda = job.s, job.world, job.cuda
+    return SFTConfig(
+        output_dir=str(job.ckpt),
+        max_steps=s.max_steps,
+        per_device_train_batch_size=job.micro,
+        per_device_eval_batch_size=job.micro,
+        gradient_accumulation_steps=job.accum,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type=s.lr_scheduler,
+        warmup_steps=s.warmup_ratio,
+        weight_decay=s.weight_decay,
+        max_grad_norm=s.max_grad_norm,
+        gradient_checkpointing=s.gradient_checkpointing,
+        logging_steps=s.logging_steps,
+        save_strategy="steps",
+        save_steps=s.save_steps,
+        save_total_limit=s.save_total_limit,
+        eval_strategy="steps" if job.eval_ds is not None else "no",
+        eval_steps=s.eval_steps or None,
+        load_best_model_at_end=job.early,
+        metric_for_best_model="eval_loss" if job.early else None,
+        greater_is_better=False if job.early else None,
+        seed=s.seed,
+        data_seed=s.seed,
+        bf16=job.dtype == torch.bfloat16,
+        fp16=job.dtype == torch.float16,
+        use_cpu=not cuda,
+        # Packed rows are already at most max_seq_len (TRL refuses a max_length with padding_free).
+        max_length=None if job.packed else job.tokenize.max_seq_len,
+        packing=False,
+        padding_free=job.packed,
+        # Counting tokens costs a host sync every step; the lean step estimates them from the data.
+        include_num_input_tokens_seen="no" if job.lean else True,
+        report_to=report_to,
+        run_name=job.experiment,
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+        dataset_num_proc=None,
+        disable_tqdm=False,
+        # DDP: every LoRA weight gets a gradient each step; reentrant checkpointing breaks DDP hooks.
+        ddp_find_unused_parameters=False if world > 1 else None,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if world > 1 else None,
+        # CPU DDP: keep the process state made above (its plain "cpu" device, see there).
+        accelerator_config={"use_configured_state": True} if world > 1 and not cuda else None,
+    )

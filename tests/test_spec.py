@@ -1,0 +1,71 @@
+"""The typed spec and the schema describe the same settings; rules between settings fail at parse time."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from kiln.config import ConfigError, validate
+from kiln.spec import DATASET_SECTIONS, SECTIONS, Experiment, TrainingSettings
+
+SCHEMA = yaml.safe_load(Path(REPO / "config" / "schema.yaml").read_text())
+DEFAULT = yaml.safe_load(Path(REPO / "config" / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "owner, section", [("experiment", s) for s in sorted(SECTIONS)] + [("dataset", s) for s in sorted(DATASET_SECTIONS)]
+)
+def test_schema_and_dataclass_have_the_same_keys_defaults_and_choices(owner, section):
+    props = SCHEMA["definitions"][owner]["properties"][section]["properties"]
+    kind = {**SECTIONS, **DATASET_SECTIONS}[section]
+    assert set(props) == set(kind.defaults()), section
+    for name, default in kind.defaults().items():
+        assert props[name]["default"] == default, f"{section}.{name}"
+        choices = next((f.metadata.get("choices") for f in kind.__dataclass_fields__.values() if f.name == name), None)
+        if "enum" in props[name] or choices:
+            assert tuple(props[name].get("enum", ())) == tuple(choices or ()), f"{section}.{name}"
+        assert kind.help()[name].strip(), f"{section}.{name} has no help text"
+
+
+def test_the_default_config_resolves_to_a_typed_experiment():
+    cfg = validate(DEFAULT)
+    exp = Experiment.from_config("default", cfg["experiments"]["default"])
+    assert exp.training.learning_rate == cfg["experiments"]["default"]["training"]["learning_rate"]
+    assert exp.merge.onto == "original" and exp.evaluate.main_metric == "exact_match"
+    assert exp.to_dict()["training"] == cfg["experiments"]["default"]["training"]  # params stay plain data
+
+
+def _with(**sections) -> dict:
+    cfg = copy.deepcopy(DEFAULT)
+    for section, values in sections.items():
+        cfg["experiments"]["default"].setdefault(section, {}).update(values)
+    return cfg
+
+
+def test_a_moved_merge_key_says_where_it_went():
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["experiments"]["default"].pop("merge")
+    cfg["experiments"]["default"]["evaluate"]["merge_onto"] = "dequantized"
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value) == (
+        "config: experiments.default.evaluate.merge_onto moved to experiments.default.merge.onto "
+        "(same values); rename it there"
+    )
+
+
+def test_early_stopping_misalignment_fails_when_the_workflow_is_parsed():
+    # It used to fail only inside the training job, after the model had loaded.
+    cfg = _with(training={"early_stopping_patience": 2, "eval_steps": 4, "save_steps": 6})
+    with pytest.raises(ConfigError, match="experiments.default.training.early_stopping_patience needs save_steps"):
+        validate(cfg)
+    validate(_with(training={"early_stopping_patience": 2, "eval_steps": 3, "save_steps": 6}))
+
+
+def test_unknown_training_key_is_named():
+    with pytest.raises(ValueError, match=r"training.lr: not a setting"):
+        TrainingSettings.from_dict({"lr": 1e-4})
