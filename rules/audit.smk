@@ -44,7 +44,7 @@ rule manifest:
     conda:
         "../envs/model.yaml"
     params:
-        config=lambda w: experiment_config(w.experiment),
+        settings=lambda w: stage_settings(w.experiment),
         code_version=CODE_VERSION,
         packages=PACKAGES,
         benchmarks=stage_benchmarks,

@@ -9,6 +9,7 @@ sys.path.append(os.path.join(workflow.basedir, "scripts"))
 
 from kiln.codedeps import code_files  # noqa: E402
 from kiln.locks import release_stale_lock  # noqa: E402
+from kiln.spec import adapter_spec as adapter_spec_of  # noqa: E402
 from kiln.config import (  # noqa: E402
     ConfigError,
     dataset_shards,
@@ -118,14 +119,17 @@ CODE_VERSION = code_version(workflow.basedir)
 PACKAGES = package_versions()
 
 
-def experiment_config(experiment):
-    """What of the config made this experiment: the manifest reruns when any of it changes."""
+def adapter_spec(experiment):
+    """What made an experiment's adapter (kiln.spec.adapter_spec): the train rule's parameter,
+    saved beside the adapter as experiment.json for merge, evaluate, manifest and repro.
+    """
+    return adapter_spec_of(config, experiment)
+
+
+def stage_settings(experiment):
+    """The settings of the stages after training (merge, evaluate): the manifest's parameter."""
     exp = config["experiments"][experiment]
-    return {
-        "experiment": exp,
-        "dataset": config["datasets"][exp["dataset"]],
-        "model": config["models"][exp["model"]],
-    }
+    return {"merge": exp["merge"], "evaluate": exp["evaluate"]}
 
 
 def dataset_of(experiment):

@@ -48,8 +48,7 @@ rule train:
         runtime=720,
         gpu=lambda w: gpus(w.experiment),
     params:
-        training=lambda w: config["experiments"][w.experiment]["training"],
-        tokenize=lambda w: config["experiments"][w.experiment]["tokenize"],
+        spec=lambda w: adapter_spec(w.experiment),
         # Outside every declared output: Snakemake deletes a failed job's outputs, not these.
         checkpoints=lambda w: f"{R}/checkpoints/{w.experiment}",
     script:

@@ -9,14 +9,9 @@ from kiln.smk import setup_log
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
 experiment = sm.wildcards.experiment
-cfg = {
-    "experiments": {experiment: sm.params.config["experiment"]},
-    "datasets": {sm.params.config["experiment"]["dataset"]: sm.params.config["dataset"]},
-    "models": {sm.params.config["experiment"]["model"]: sm.params.config["model"]},
-}
 manifest = build_manifest(
     experiment,
-    cfg,
+    dict(sm.params.settings),
     sm.input.dataset_stats,
     sm.input.tokenize_stats,
     sm.input.base,

@@ -21,15 +21,16 @@ spec = dict(
     loss_png=sm.output.loss_png,
     summary_path=sm.output.summary,
     ckpt_dir=sm.params.checkpoints,
-    settings=sm.params.training,
-    tokenize=sm.params.tokenize,
+    settings=sm.params.spec["training"],
+    tokenize=sm.params.spec["tokenize"],
+    spec=sm.params.spec,
     data_fingerprints={name: s["fingerprint"] for name, s in splits.items()},
     experiment=sm.wildcards.experiment,
     threads=use_cores(sm),
     tracking=sm.config["tracking"],  # where metrics go live: not a parameter of the model
 )
 # The job's resource: training.num_gpus unless the profile set another (set-resources: train:gpu=N).
-processes = int(sm.resources.get("gpu", sm.params.training["num_gpus"]))
+processes = int(sm.resources.get("gpu", sm.params.spec["training"]["num_gpus"]))
 if processes > 1:
     spec["threads"] = max(1, spec["threads"] // processes)
     launch(spec, processes, log_file=sm.log[0])

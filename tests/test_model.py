@@ -118,6 +118,39 @@ def test_merge_onto_dequantized_weights_is_recorded_and_checked(tiny_run, tmp_pa
     assert original["merge_onto"] == "original"
 
 
+def test_merge_reads_how_the_adapter_was_trained_from_beside_it(tiny_run, tmp_path):
+    """A plain-LoRA adapter (no 4-bit base): merge reads that from experiment.json, and 'dequantized'
+    merges onto the original weights it was trained against, saying so."""
+    from kiln.train import train
+
+    cfg = tiny_run.config["experiments"]["tiny"]
+    settings = {**training_settings(), **cfg["training"], "quantization": "none", "max_steps": 2, "eval_steps": 0}
+    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
+    train(
+        str(tokenized),
+        str(tiny_run.path("base/tiny")),
+        **train_outputs(tmp_path),
+        settings=settings,
+        tokenize={"max_seq_len": 192},
+        data_fingerprints={"train": "x"},
+        experiment="t",
+    )
+    spec = json.loads((tmp_path / "adapter" / "experiment.json").read_text())
+    assert spec["quantization"] == "none" and spec["training"]["max_steps"] == 2
+    report = merge_adapter(
+        str(tmp_path / "adapter"),
+        str(tmp_path / "merged"),
+        str(tmp_path / "r.json"),
+        str(tiny_run.path("data/orders/dataset")),
+        onto="dequantized",
+    )
+    assert report["merge_onto"] == "original" and report["merge_onto_requested"] == "dequantized"
+    assert report["trained_quantization"] == "none" and report["merge_error_ratio"] < 0.05
+    (tmp_path / "adapter" / "experiment.json").unlink()
+    with pytest.raises(FileNotFoundError, match="experiment.json is missing"):
+        merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "m2"), str(tmp_path / "r2.json"), "unused")
+
+
 def test_scores_for_json_and_for_free_text():
     refs = ['{"a": 1, "b": "x"}', '{"a": 2, "b": "y"}']
     s = score(['{"a": 1, "b": "x"}', '{"a": 2, "b": "z"'], refs)

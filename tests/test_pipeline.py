@@ -43,8 +43,16 @@ def test_tiny_pipeline_end_to_end(tiny_run):
     assert adapter and all("lora_" in k for k in adapter)
     assert all(v.dtype == torch.float32 for v in adapter.values())
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
-    trained = json.loads(wf.path("tiny/adapter/kiln_training.json").read_text())
+    trained = json.loads(wf.path("tiny/adapter/experiment.json").read_text())
     assert trained["quantization"] == "nf4" and trained["base_identity"]["name"] == "tiny"
+    # experiment.json carries what made the adapter: merge, evaluate, the manifest and repro read it.
+    assert trained["dataset"]["name"] == "orders" and trained["model"]["kind"] == "random"
+    raw_sources = wf.config["datasets"]["orders"]["sources"]  # as written; the record has defaults filled
+    assert all(s.items() >= r.items() for s, r in zip(trained["dataset"]["sources"], raw_sources, strict=True))
+    assert trained["training"]["max_steps"] == wf.config["experiments"]["tiny"]["training"]["max_steps"]
+    manifest = json.loads(wf.path("tiny/manifest.json").read_text())
+    assert manifest["config"]["dataset"] == trained["dataset"] and manifest["config"]["model"] == trained["model"]
+    assert manifest["config"]["experiment"]["training"] == trained["training"]
 
     # The base weights on disk are untouched by training.
     from kiln.base_model import sha256_file

@@ -113,6 +113,8 @@ def masked_loss(model, tokenized_test, pad_id: int, batch_size: int = 16) -> dic
 
 
 def load_model(kind: str, base_dir: str, merged_dir: str, adapter_dir: str):
+    """base, tuned (merged) or adapter_4bit: the adapter on the base as it was trained (NF4 unless
+    the adapter's experiment.json says it was trained without quantization)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -125,10 +127,11 @@ def load_model(kind: str, base_dir: str, merged_dir: str, adapter_dir: str):
     from peft import PeftModel
 
     from kiln.backends import bnb_config
+    from kiln.merge import read_adapter_spec
 
-    base = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=dtype, quantization_config=bnb_config(dtype), device_map={"": device}
-    )
+    quantized = read_adapter_spec(adapter_dir)["quantization"] == "nf4"
+    extra = {"quantization_config": bnb_config(dtype)} if quantized else {}
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map={"": device}, **extra)
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 

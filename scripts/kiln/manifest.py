@@ -61,7 +61,7 @@ def stage_benchmarks(paths: dict[str, list[str]]) -> dict:
 
 def build_manifest(
     experiment: str,
-    config: dict,
+    stage_settings: dict,
     dataset_stats: str | Path,
     tokenize_stats: str | Path,
     base_dir: str | Path,
@@ -74,21 +74,31 @@ def build_manifest(
     code: dict,
     packages: dict,
 ) -> dict:
-    """Everything about one experiment in one JSON-able dict."""
-    exp = config["experiments"][experiment]
+    """Everything about one experiment in one JSON-able dict.
+
+    What made the adapter (dataset, model, tokenize and training settings, what training resolved)
+    comes from the experiment.json beside it; ``stage_settings`` holds the merge and evaluate
+    settings (the rule's parameter).
+    """
+    from kiln.merge import read_adapter_spec
+
+    training = read_adapter_spec(adapter_dir)
+    dataset, model = training["dataset"], training["model"]
+    exp = {
+        "dataset": dataset["name"],
+        "model": model["name"],
+        "tokenize": training["tokenize"],
+        "training": training["training"],
+        **stage_settings,
+    }
     data = json.loads(Path(dataset_stats).read_text())
     tok = json.loads(Path(tokenize_stats).read_text())
     summary = json.loads(Path(train_summary).read_text())
     scores = json.loads(Path(metrics).read_text())
-    training = json.loads((Path(adapter_dir) / "kiln_training.json").read_text())
     return {
         "kiln_manifest": 1,
         "experiment": experiment,
-        "config": {
-            "experiment": exp,
-            "dataset": {"name": exp["dataset"], **config["datasets"][exp["dataset"]]},
-            "model": {"name": exp["model"], **config["models"][exp["model"]]},
-        },
+        "config": {"experiment": exp, "dataset": dataset, "model": model},
         "data": {
             "splits": data["splits"],
             "rows_in": data["rows_in"],
@@ -113,9 +123,9 @@ def build_manifest(
             "hardware": summary.get("hardware"),
         },
         "seeds": {
-            "data_split": config["datasets"][exp["dataset"]]["build"]["seed"],
+            "data_split": dataset["build"]["seed"],
             "training": exp["training"]["seed"],
-            "sources": {s["name"]: s["seed"] for s in config["datasets"][exp["dataset"]]["sources"] if "seed" in s},
+            "sources": {s["name"]: s["seed"] for s in dataset["sources"] if "seed" in s},
         },
         "code": code,
         # Versions in the training job's environment (with --sdm conda, envs/model.yaml), and in

@@ -1,8 +1,10 @@
 """Merge a LoRA adapter into its base model and prove the merged model is the same function.
 
-Idempotent: everything needed (base model folder, quantization, dtype) is read from the
-``kiln_training.json`` that training saved beside the adapter. The policy is recorded: merge onto the
-original 16-bit weights, or onto the NF4-dequantized weights the adapter was trained against.
+Idempotent: what the adapter was trained against (base model folder, quantization, compute dtype)
+is read from the ``experiment.json`` training saved beside it; the merge settings (onto, dtype) are
+the rule's. The policy is recorded: merge onto the original 16-bit weights, or onto the
+NF4-dequantized weights the adapter was trained against (for a plain-LoRA adapter, with no 4-bit
+base, the two are the same weights: "original" is used and the report says why).
 """
 
 from __future__ import annotations
@@ -12,6 +14,21 @@ import logging
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def read_adapter_spec(adapter_dir: str | Path) -> dict:
+    """The experiment.json training saved beside an adapter, with a message a user can act on."""
+    from kiln.spec import ADAPTER_SPEC
+
+    path = Path(adapter_dir) / ADAPTER_SPEC
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: {adapter_dir} was not written by Kiln's train stage (or by an older Kiln); "
+            "retrain it (snakemake reruns train when its outputs are incomplete)"
+        )
+    return json.loads(path.read_text())
+
+
 MAX_MERGE_ERROR_RATIO = 0.05  # merge error relative to the adapter's own effect on the logits
 
 
@@ -72,8 +89,12 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
 
-    trained = json.loads((Path(adapter_dir) / "kiln_training.json").read_text())
+    trained = read_adapter_spec(adapter_dir)
     base_dir = str(Path(adapter_dir) / trained["base_model_relpath"])
+    requested = onto
+    if onto == "dequantized" and trained["quantization"] != "nf4":
+        onto = "original"
+        log.info("adapter trained without quantization: merging onto the original weights it was trained against")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     save_dtype = resolve_merge_dtype(dtype)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
@@ -113,6 +134,9 @@ def merge_adapter(
         "adapter": str(adapter_dir),
         "base_model_dir": base_dir,
         "merge_onto": onto,
+        "merge_onto_requested": requested,
+        "trained_quantization": trained["quantization"],
+        "trained_compute_dtype": trained["compute_dtype"],
         "saved_dtype": str(save_dtype).removeprefix("torch."),
         "samples": len(texts),
         "tokens_compared": int(mask.sum()),

@@ -214,6 +214,24 @@ def moved_key_error(experiment: str, exp: dict) -> str | None:
     return None
 
 
+ADAPTER_SPEC = "experiment.json"  # beside the adapter: what made it (see adapter_spec)
+
+
+def adapter_spec(cfg: dict, name: str) -> dict:
+    """What made one experiment's adapter, as plain data: its name, the dataset and model (with their
+    config), and the tokenize and training settings. Training saves it beside the adapter
+    (``experiment.json``, with what it resolved: backend, dtype, base model); merge, evaluate, the
+    manifest and repro read it there instead of re-assembling the config."""
+    exp = cfg["experiments"][name]
+    return {
+        "name": name,
+        "dataset": {"name": exp["dataset"], **cfg["datasets"][exp["dataset"]]},
+        "model": {"name": exp["model"], **cfg["models"][exp["model"]]},
+        "tokenize": exp["tokenize"],
+        "training": exp["training"],
+    }
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One resolved experiment: its name, what it trains on and with, and every stage's settings."""

@@ -7,9 +7,10 @@ Supports: NF4 4-bit base weights with double quantization (or none: plain LoRA),
 configured modules, TRL SFTTrainer on pre-tokenized data (loss on assistant tokens via the
 ``assistant_masks`` column), periodic validation, early stopping, seeded runs and checkpoints.
 
-Saves: the adapter (safetensors + adapter_config.json) with ``kiln_training.json`` beside it (the
-resolved config, base model and dtype: everything merge needs), a JSONL step log, a loss PNG and a
-summary (tokens, wall time, peak memory).
+Saves: the adapter (safetensors + adapter_config.json) with ``experiment.json`` beside it (the
+dataset, model, tokenize and training settings that made it, and what training resolved: backend,
+compute dtype, quantization, base model; everything merge, evaluate and the manifest need), a
+JSONL step log, a loss PNG and a summary (tokens, wall time, peak memory).
 
 Resume: checkpoints live in a folder Snakemake does not own, keyed by a fingerprint of the inputs
 (data, base weights, settings, code). A rerun with the same key resumes from the newest complete
@@ -33,7 +34,7 @@ from kiln.backends import load_for_training, resolve_backend, resolve_dtype
 from kiln.checkpoints import prepare_checkpoints, run_key
 from kiln.codedeps import code_files
 from kiln.microbatch import auto_micro_batch, split_batch
-from kiln.spec import TokenizeSettings, TrainingSettings
+from kiln.spec import ADAPTER_SPEC, TokenizeSettings, TrainingSettings
 from kiln.steplog import STEP_LOG, plot_loss, step_logger
 from kiln.tracking import mlflow_setup
 from kiln.trainer import sft_args, sft_trainer_class
@@ -74,17 +75,19 @@ class TrainingJob:
         experiment: str = "",
         threads: int | None = None,
         tracking: dict | None = None,
+        spec: dict | None = None,
     ):
         self.t_start = time.perf_counter()
         self.s = TrainingSettings.from_dict(settings)
         self.s.check()  # rules between settings fail here, before anything loads
-        self.settings = self.s.to_dict()  # what the run key and kiln_training.json record
+        self.settings = self.s.to_dict()  # what the run key and experiment.json record
         self.tokenize = TokenizeSettings.from_dict(tokenize)
         self.tokenized_dir, self.base_dir, self.adapter_dir = tokenized_dir, base_dir, adapter_dir
         self.step_log_out, self.loss_png, self.summary_path = step_log_out, loss_png, summary_path
         self.ckpt = Path(ckpt_dir)
         self.data_fingerprints, self.experiment = data_fingerprints, experiment
         self.threads, self.tracking = threads, tracking or {}
+        self.spec = spec or {}  # what made this adapter (kiln.spec.adapter_spec); saved beside it
         self.world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun)
 
     # ---- setup: backend, processes, resume point, model, data, batch sizes --------------------
@@ -223,7 +226,10 @@ class TrainingJob:
         self.trainer.model.save_pretrained(adapter, safe_serialization=True)
         self.tokenizer.save_pretrained(adapter)
         self.resolved = {
+            "kiln_experiment": 1,
             "experiment": self.experiment,
+            "dataset": self.spec.get("dataset"),
+            "model": self.spec.get("model"),
             "base_model_dir": str(Path(self.base_dir)),
             # Relative to this adapter folder: found again wherever the results tree is read from.
             "base_model_relpath": os.path.relpath(self.base_dir, self.adapter_dir),
@@ -236,7 +242,7 @@ class TrainingJob:
             "tokenize": self.tokenize.to_dict(),
             "data_fingerprints": self.data_fingerprints,
         }
-        (adapter / "kiln_training.json").write_text(json.dumps(self.resolved, indent=2))
+        (adapter / ADAPTER_SPEC).write_text(json.dumps(self.resolved, indent=2))
         shutil.copyfile(self.ckpt / STEP_LOG, self.step_log_out)
         title = f"{self.experiment or 'training'}: {self.backend}, {self.resolved['compute_dtype']}"
         plot_loss(Path(self.step_log_out), Path(self.loss_png), title)
