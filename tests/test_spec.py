@@ -69,3 +69,41 @@ def test_early_stopping_misalignment_fails_when_the_workflow_is_parsed():
 def test_unknown_training_key_is_named():
     with pytest.raises(ValueError, match=r"training.lr: not a setting"):
         TrainingSettings.from_dict({"lr": 1e-4})
+
+
+# ---- pins that are pins (issue 12, finding 5) ------------------------------------------------------
+HUB_COMMIT = "7ae557604adf67be50417f59c2c2f167def9a775"
+
+
+def _hub_model(**extra) -> dict:
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["models"]["qwen"] = {"kind": "hub", "repo_id": "Qwen/Qwen2.5-0.5B-Instruct", **extra}
+    return cfg
+
+
+def _hf_source(**extra) -> dict:
+    cfg = copy.deepcopy(DEFAULT)
+    cfg["datasets"]["orders"]["sources"].append({"name": "hub", "kind": "hf", "path": "org/data", **extra})
+    return cfg
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", "7ae5576"])
+def test_a_revision_that_is_not_a_commit_is_refused(revision):
+    with pytest.raises(ConfigError, match=rf"^config: models.qwen.revision: '{revision}' is not a commit hash"):
+        validate(_hub_model(revision=revision))
+    with pytest.raises(ConfigError, match=r"^config: datasets.orders.sources\[1\].revision: .* allow_unpinned: true"):
+        validate(_hf_source(revision=revision))
+
+
+def test_a_commit_or_an_explicit_allow_unpinned_is_accepted_and_the_card_says_so():
+    from kiln.pages import unpinned_inputs
+
+    validate(_hub_model(revision=HUB_COMMIT))
+    validate(_hf_source(revision=HUB_COMMIT))
+    cfg = validate(_hub_model(revision="main", allow_unpinned=True))
+    assert cfg["models"]["qwen"]["allow_unpinned"] is True
+    dataset = validate(_hf_source(revision="main", allow_unpinned=True))["datasets"]["orders"]
+    manifest = {"config": {"model": cfg["models"]["qwen"], "dataset": dataset}}
+    lines = unpinned_inputs(manifest)
+    assert lines[0] == "base model Qwen/Qwen2.5-0.5B-Instruct at revision 'main' (allow_unpinned)"
+    assert lines[1] == "data source hub (org/data) at revision 'main' (allow_unpinned)"

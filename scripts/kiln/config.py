@@ -153,6 +153,8 @@ def _check_references(cfg: dict) -> None:
             if src["name"] in seen:
                 raise ConfigError(f"config: datasets.{name}.sources[{i}].name: '{src['name']}' is used twice")
             seen.add(src["name"])
+            if src["kind"] == "hf":
+                _check_pinned(src, f"datasets.{name}.sources[{i}]")
             if src["kind"] == "url" and src["sha256"] and len(src["sha256"]) != len(src["urls"]):
                 raise ConfigError(
                     f"config: datasets.{name}.sources[{i}].sha256: give one entry per url "
@@ -164,6 +166,8 @@ def _check_references(cfg: dict) -> None:
         except SpecError as exc:
             raise ConfigError(f"config: {exc}") from None
     for name, model in cfg["models"].items():
+        if model["kind"] == "hub":
+            _check_pinned(model, f"models.{name}")
         if model["kind"] != "random":
             continue
         ref = model["tokenizer_from"]
@@ -186,6 +190,20 @@ def _check_references(cfg: dict) -> None:
             Experiment.from_config(name, exp)
         except SpecError as exc:
             raise ConfigError(f"config: {exc}") from None
+
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _check_pinned(spec: dict, where: str) -> None:
+    """A Hub revision must be a commit hash: a branch or tag can point at other bytes tomorrow."""
+    if spec.get("allow_unpinned") or COMMIT.fullmatch(str(spec["revision"])):
+        return
+    raise ConfigError(
+        f"config: {where}.revision: {spec['revision']!r} is not a commit hash, so the same config could "
+        "fetch other bytes later; pin the full 40-character commit (the Hub page's 'History' lists them), "
+        "or set allow_unpinned: true to accept it (the manifest and model card will say so)"
+    )
 
 
 def training_settings(training: dict | None = None) -> dict:

@@ -137,6 +137,7 @@ def manifest_page(manifest: dict) -> str:
         {"what": "data fingerprints", "value": {k: v["fingerprint"] for k, v in m["data"]["splits"].items()}},
         {"what": "rows per split", "value": {k: v["rows"] for k, v in m["data"]["splits"].items()}},
         {"what": "code", "value": m["code"]},
+        {"what": "unpinned inputs", "value": unpinned_inputs(m) or "none"},
         {"what": "training", "value": m["training"]},
         {"what": f"{label(main)} base -> tuned", "value": f"{base[main]:.3f} -> {tuned[main]:.3f}"},
     ]
@@ -231,9 +232,25 @@ def model_card(manifest: dict) -> str:
         f"- base weights sha256: {json.dumps(m['base_model'].get('weights'))}",
         "- packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v),
         "- the full record: `manifest.json` in this folder (config, hashes, stage times, hardware)",
+        *[f"- **unpinned**: {u}" for u in unpinned_inputs(m)],
         "",
     ]
     return "\n".join(lines)
+
+
+def unpinned_inputs(manifest: dict) -> list[str]:
+    """Hub inputs taken at a revision that is not a commit (allowed by allow_unpinned): they may
+    hold other bytes if fetched again."""
+    cfg = manifest.get("config") or {}
+    out = []
+    model = cfg.get("model") or {}
+    if model.get("allow_unpinned"):
+        out.append(f"base model {model.get('repo_id')} at revision {model.get('revision')!r} (allow_unpinned)")
+    for src in (cfg.get("dataset") or {}).get("sources", []):
+        if src.get("allow_unpinned"):
+            where = f"data source {src['name']} ({src.get('path')})"
+            out.append(f"{where} at revision {src.get('revision')!r} (allow_unpinned)")
+    return out
 
 
 def publish(merged_dir: str | Path, manifest_path: str | Path, out_dir: str | Path) -> None:
