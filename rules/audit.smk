@@ -22,6 +22,7 @@ rule manifest:
         samples=f"{R}/{{experiment}}/samples.jsonl",
         summary=f"{R}/{{experiment}}/train_summary.json",
         merge_report=f"{R}/{{experiment}}/merge_report.json",
+        shard_stats=lambda w: shard_stats_of_dataset(dataset_of(w.experiment)),
         code=code("manifest"),
     output:
         manifest=f"{R}/{{experiment}}/manifest.json",

@@ -170,9 +170,13 @@ def dataset_tokenize_stats(wildcards):
 
 
 def shard_stats(wildcards):
+    return shard_stats_of_dataset(wildcards.dataset)
+
+
+def shard_stats_of_dataset(dataset):
     return [
-        f"{R}/data/{wildcards.dataset}/stats/{source}/{shard}.json"
-        for source, shard in shards(wildcards.dataset)
+        f"{R}/data/{dataset}/stats/{source}/{shard}.json"
+        for source, shard in shards(dataset)
     ]
 
 

@@ -23,6 +23,7 @@ manifest = build_manifest(
     benchmarks=dict(sm.params.benchmarks),
     code=dict(sm.params.code_version),
     packages=dict(sm.params.packages),
+    shard_stats=list(sm.input.shard_stats),
 )
 write_manifest(sm.output.manifest, json.loads(json.dumps(manifest)))
 with open(sm.output.html, "w") as f:

@@ -84,7 +84,9 @@ def test_tiny_pipeline_runs_as_slurm_jobs(cluster, tmp_path):
 def test_a_failing_job_is_retried_and_reported_with_its_slurm_log(cluster, tmp_path):
     cfg = tiny_config()
     # A download from a closed local port: fails when the job runs on the node, not at parse time.
-    cfg["datasets"]["orders"]["sources"] = [{"name": "web", "kind": "url", "urls": ["http://127.0.0.1:9/x.jsonl"]}]
+    cfg["datasets"]["orders"]["sources"] = [
+        {"name": "web", "kind": "url", "urls": ["http://127.0.0.1:9/x.jsonl"], "sha256": ["0" * 64]}
+    ]
     proc = _run(tmp_path, cfg, "results/data/orders/dataset_stats.json")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0

@@ -2,7 +2,10 @@ import hashlib
 import http.server
 import json
 import threading
+import time
+from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -158,3 +161,135 @@ def test_synthetic_is_deterministic_and_messy():
     assert sum(1 for x in answers if x.strip()) > 300
     assert len({json.dumps(r) for r in a}) < 400  # duplicates
     assert any("&amp;" in r["messages"][1]["content"] for r in a)
+
+
+# ---- downloads with limits (issue 12, finding 4) ----------------------------------------------------
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Routes: /drip (a byte every 0.2 s), /big (announces 10 MB), /stream (no length, 200 KB),
+    /redirect.parquet (to /data.parquet), /data.parquet."""
+
+    body = b""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/drip":
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(100):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+        elif self.path == "/big":
+            self.send_response(200)
+            self.send_header("Content-Length", str(10_000_000))
+            self.end_headers()
+        elif self.path == "/stream":
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(200):
+                self.wfile.write(b"y" * 1000)
+        elif self.path == "/redirect.parquet":
+            self.send_response(302)
+            self.send_header("Location", "/data.parquet")
+            self.end_headers()
+        elif self.path == "/data.parquet":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.body)))
+            self.end_headers()
+            self.wfile.write(self.body)
+        else:
+            self.send_response(404)
+            self.end_headers()
+
+
+@pytest.fixture
+def tricky_server(tmp_path):
+    table = pa.Table.from_pylist([CHAT])
+    pq.write_table(table, tmp_path / "src.parquet")
+    handler = type("H", (_Handler,), {"body": (tmp_path / "src.parquet").read_bytes()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler.body
+    server.shutdown()
+
+
+def test_downloads_have_a_size_limit_and_a_deadline(tmp_path, tricky_server):
+    from kiln.sources import download
+
+    base, _ = tricky_server
+    with pytest.raises(CollectError, match=r"/big: 10000000 bytes announced, over max_bytes 1000000"):
+        download(f"{base}/big", tmp_path / "a", None, 5, max_bytes=1_000_000)
+    with pytest.raises(CollectError, match=r"/stream: more than max_bytes 50000 bytes; download stopped"):
+        download(f"{base}/stream", tmp_path / "b", None, 5, max_bytes=50_000)
+    # A server dripping a byte every 0.2 s never trips the per-read timeout; the deadline cuts it off.
+    t0 = time.monotonic()
+    with pytest.raises(CollectError, match=r"/drip: not finished within deadline_s 1 s"):
+        download(f"{base}/drip", tmp_path / "c", None, 5, deadline_s=1)
+    assert time.monotonic() - t0 < 4
+    assert not list(tmp_path.glob("*.part"))  # nothing half-written is left behind
+
+
+def test_a_redirected_parquet_download_is_recorded_and_kept_apart_from_the_raw_shard(tmp_path, tricky_server):
+    base, body = tricky_server
+    sha = hashlib.sha256(body).hexdigest()
+    # A URL ending in .parquet: its shard's raw output is 000-redirect.parquet.parquet, the name the
+    # kept original bytes used to take (and were overwritten by).
+    raw = tmp_path / "data" / "d" / "raw" / "web" / "000-redirect.parquet.parquet"
+    src = {"name": "web", "kind": "url", "urls": [f"{base}/redirect.parquet"], "sha256": [sha], "format": "auto"}
+    stats = collect_shard(src, "000-redirect.parquet", raw)
+    rec = stats["download"]
+    assert rec["final_url"] == f"{base}/data.parquet" and rec["redirected"] is True
+    assert rec["bytes"] == len(body) and rec["sha256"] == sha and rec["verified"] is True
+    kept = Path(rec["kept_as"])
+    assert kept.parent == tmp_path / "data" / "d" / "downloads" / "web" and kept.read_bytes() == body
+    assert pq.read_table(raw).num_rows == 1  # the raw shard did not overwrite the original bytes
+    from kiln.sources import download_record
+
+    assert download_record(raw)["final_url"] == rec["final_url"]  # rides to the stats and manifest
+
+
+def test_an_https_to_http_redirect_is_refused():
+    import urllib.request
+
+    from kiln.sources import _NoDowngrade
+
+    req = urllib.request.Request("https://example.org/data.jsonl")
+    with pytest.raises(CollectError, match="refused a redirect from https to http"):
+        _NoDowngrade().redirect_request(req, None, 302, "Found", {}, "http://example.org/data.jsonl")
+
+
+def test_a_url_without_a_sha256_is_a_config_error_unless_allowed():
+    import copy
+
+    import yaml
+    from conftest import REPO
+
+    from kiln.config import ConfigError, validate
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["datasets"]["orders"]["sources"].append({"name": "web", "kind": "url", "urls": ["https://x.org/a.jsonl"]})
+    with pytest.raises(ConfigError, match=r"sources\[1\].sha256: no hash for https://x.org/a.jsonl.*kiln url-hash"):
+        validate(copy.deepcopy(cfg))
+    cfg["datasets"]["orders"]["sources"][1]["allow_unverified"] = True
+    validate(cfg)
+
+
+def test_the_download_record_reaches_the_shard_stats_through_the_workflow(workflow_factory, http_server):
+    from conftest import tiny_config
+
+    root, base = http_server
+    body = "".join(json.dumps(CHAT).replace("yo", f"yo {i}") + "\n" for i in range(30)).encode()
+    (root / "orders.jsonl").write_bytes(body)
+    cfg = tiny_config()
+    sha = hashlib.sha256(body).hexdigest()
+    source = {"name": "web", "kind": "url", "urls": [f"{base}/orders.jsonl"], "sha256": [sha]}
+    cfg["datasets"]["orders"]["sources"] = [source]
+    wf = workflow_factory(cfg)
+    wf.run("results/data/orders/stats/web/000-orders.jsonl.json")
+    stats = json.loads(wf.path("data/orders/stats/web/000-orders.jsonl.json").read_text())
+    assert stats["download"]["sha256"] == sha and stats["download"]["bytes"] == len(body)
+    assert stats["download"]["final_url"] == f"{base}/orders.jsonl" and stats["download"]["verified"]
+    assert wf.path("data/orders/downloads/web/000-orders.jsonl.original.jsonl").read_bytes() == body

@@ -263,5 +263,8 @@ def clean_shard(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
     Path(stats_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(stats_path).write_text(json.dumps({"raw": str(raw_path), **stats}, indent=2))
+    # A url shard's download (final URL, bytes, sha256), from the raw shard's metadata.
+    meta = pq.read_schema(raw_path).metadata or {}
+    download = json.loads(meta[b"kiln.download"]) if b"kiln.download" in meta else None
+    Path(stats_path).write_text(json.dumps({"raw": str(raw_path), **stats, "download": download}, indent=2))
     return stats

@@ -1,4 +1,4 @@
-"""The `kiln` command: audit tools over a finished run (`kiln trace ID`, `kiln repro EXP`).
+"""The `kiln` command: `kiln trace ID`, `kiln repro EXP` (audit a finished run), `kiln url-hash URL`.
 
 Installed as a console script (pyproject.toml [project.scripts]); `python -m kiln` is the same.
 """
@@ -86,15 +86,44 @@ def repro_main(argv=None) -> int:
     return 0 if result["ok"] else 1
 
 
-COMMANDS = {"trace": trace_main, "repro": repro_main}
+def url_hash_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="kiln url-hash", description="Download URLs with the url source's limits; print each sha256 to pin."
+    )
+    ap.add_argument("urls", nargs="+")
+    ap.add_argument("--max-bytes", type=int, default=None, help="size limit (default: the url source's)")
+    ap.add_argument("--deadline-s", type=float, default=None, help="whole-download limit (default: the source's)")
+    args = ap.parse_args(argv)
+    from pathlib import Path
+
+    from kiln.sources import DEADLINE_S, MAX_BYTES, CollectError, download
+
+    status = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for url in args.urls:
+            try:
+                rec = download(
+                    url, Path(tmp) / "x", None, 60, args.max_bytes or MAX_BYTES, args.deadline_s or DEADLINE_S
+                )
+            except CollectError as exc:
+                print(f"kiln url-hash: {exc}", file=sys.stderr)
+                status = 1
+                continue
+            moved = f"  (redirected to {rec['final_url']})" if rec["redirected"] else ""
+            print(f"{rec['sha256']}  {url}  {rec['bytes']} bytes{moved}")
+    return status
+
+
+COMMANDS = {"trace": trace_main, "repro": repro_main, "url-hash": url_hash_main}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(
-            "usage: kiln {trace,repro} ...\n  kiln trace ID      where a dataset row came from\n"
-            "  kiln repro EXP     rebuild an experiment from its manifest and compare",
+            "usage: kiln {trace,repro,url-hash} ...\n  kiln trace ID      where a dataset row came from\n"
+            "  kiln repro EXP     rebuild an experiment from its manifest and compare\n"
+            "  kiln url-hash URL  the sha256 to pin a url source with",
             file=sys.stderr,
         )
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2

@@ -160,6 +160,15 @@ def _check_references(cfg: dict) -> None:
                     f"config: datasets.{name}.sources[{i}].sha256: give one entry per url "
                     f"({len(src['urls'])} urls, {len(src['sha256'])} hashes); null skips a check"
                 )
+            if src["kind"] == "url" and not src["allow_unverified"]:
+                hashes = src["sha256"] or [None] * len(src["urls"])
+                missing = [u for u, h in zip(src["urls"], hashes) if not h]
+                if missing:
+                    raise ConfigError(
+                        f"config: datasets.{name}.sources[{i}].sha256: no hash for {missing[0]}; a download is "
+                        f"checked against its sha256 (`kiln url-hash {missing[0]}` prints it), or set "
+                        "allow_unverified: true to accept unverified bytes"
+                    )
         try:  # the typed settings of each data stage (kiln.spec)
             CleanSettings.from_dict(ds["clean"], f"datasets.{name}.clean").check(f"datasets.{name}.clean")
             BuildSettings.from_dict(ds["build"], f"datasets.{name}.build").check(f"datasets.{name}.build")

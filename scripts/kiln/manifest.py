@@ -73,6 +73,7 @@ def build_manifest(
     benchmarks: dict[str, list[str]],
     code: dict,
     packages: dict,
+    shard_stats: list[str | Path] = (),
 ) -> dict:
     """Everything about one experiment in one JSON-able dict.
 
@@ -103,6 +104,8 @@ def build_manifest(
             "splits": data["splits"],
             "rows_in": data["rows_in"],
             "rejected_in_build": data["rows_rejected"],
+            # url shards: the final URL after redirects, the byte count and the sha256 of what came
+            "downloads": [d for d in (json.loads(Path(p).read_text()).get("download") for p in shard_stats) if d],
             "tokenized": {
                 split: {k: s[k] for k in ("rows_kept", "tokens", "trainable_tokens", "truncated") if k in s}
                 for split, s in tok["splits"].items()

@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -152,30 +150,100 @@ def canonical_rows(items: Iterable[Item], *, source: str, file: str, fmt: str, c
     return rows
 
 
-def write_raw(rows: list[dict], out_path: str | Path) -> None:
+def write_raw(rows: list[dict], out_path: str | Path, download: dict | None = None) -> None:
+    """The raw shard; a url source's download record (final URL, bytes, sha256) rides in its
+    schema metadata, for the clean stage's stats and the manifest."""
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+    schema = RAW_SCHEMA.with_metadata({DOWNLOAD_KEY: json.dumps(download)}) if download else RAW_SCHEMA
+    table = pa.Table.from_pylist(rows, schema=schema)
     pq.write_table(table, out_path)
 
 
-def download(url: str, dest: Path, sha256: str | None, timeout_s: float) -> Path:
-    """HTTP(S) download to ``dest`` with an optional checksum; errors name the URL."""
+DOWNLOAD_KEY = b"kiln.download"
+
+
+def download_path(raw_path: str | Path, suffix: str) -> Path:
+    """Where a url shard's original bytes are kept: data/<ds>/downloads/<source>/<shard>.original<suffix>."""
+    raw = Path(raw_path)  # data/<ds>/raw/<source>/<shard>.parquet
+    if raw.parent.parent.name == "raw":
+        return raw.parent.parent.parent / "downloads" / raw.parent.name / f"{raw.stem}.original{suffix}"
+    return raw.with_name(f"{raw.name}.original{suffix}")  # outside the workflow's layout (tests)
+
+
+def download_record(raw_path: str | Path) -> dict | None:
+    meta = pq.read_schema(raw_path).metadata or {}
+    return json.loads(meta[DOWNLOAD_KEY]) if DOWNLOAD_KEY in meta else None
+
+
+MAX_BYTES = 1 << 30  # url sources: default size limit (max_bytes), 1 GiB
+DEADLINE_S = 900.0  # url sources: default limit on a whole download (deadline_s)
+
+
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but never from https to http (the bytes would travel unprotected)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if req.full_url.startswith("https:") and newurl.startswith("http:"):
+            raise CollectError(f"{req.full_url}: refused a redirect from https to http ({newurl})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def download(
+    url: str,
+    dest: Path,
+    sha256: str | None,
+    timeout_s: float,
+    max_bytes: int = MAX_BYTES,
+    deadline_s: float = DEADLINE_S,
+) -> dict:
+    """HTTP(S) download to ``dest`` within a size limit and an overall deadline; the record of it.
+
+    ``timeout_s`` bounds each wait for data, ``deadline_s`` the whole transfer (a server that drips
+    a byte at a time is cut off), ``max_bytes`` its size (announced or streamed). Redirects are
+    followed except https -> http; the final URL, byte count and sha256 are returned for the
+    stats and the manifest. Errors name the URL.
+    """
+    import time
+
     tmp = dest.with_suffix(dest.suffix + ".part")
-    digest = hashlib.sha256()
+    digest, size, start = hashlib.sha256(), 0, time.monotonic()
+    opener = urllib.request.build_opener(_NoDowngrade)
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp, open(tmp, "wb") as fh:
-            while chunk := resp.read(1 << 20):
+        with opener.open(url, timeout=timeout_s) as resp, open(tmp, "wb") as fh:
+            announced = resp.headers.get("Content-Length")
+            if announced and announced.isdigit() and int(announced) > max_bytes:
+                raise CollectError(f"{url}: {int(announced)} bytes announced, over max_bytes {max_bytes}")
+            final_url = resp.geturl()
+            while chunk := resp.read1(1 << 16):  # returns what has arrived: the deadline is checked
+                size += len(chunk)
+                if size > max_bytes:
+                    raise CollectError(f"{url}: more than max_bytes {max_bytes} bytes; download stopped")
+                if time.monotonic() - start > deadline_s:
+                    raise CollectError(f"{url}: not finished within deadline_s {deadline_s:g} s ({size} bytes)")
                 digest.update(chunk)
                 fh.write(chunk)
+    except CollectError:
+        tmp.unlink(missing_ok=True)
+        raise
     except urllib.error.HTTPError as exc:
+        tmp.unlink(missing_ok=True)
         raise CollectError(f"{url}: download failed: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
         raise CollectError(f"{url}: download failed: {getattr(exc, 'reason', exc)}") from None
     if sha256 and digest.hexdigest() != sha256:
         tmp.unlink()
         raise CollectError(f"{url}: sha256 mismatch: expected {sha256}, got {digest.hexdigest()}")
     tmp.replace(dest)
-    return dest
+    return {
+        "url": url,
+        "final_url": final_url,
+        "redirected": final_url != url,
+        "bytes": size,
+        "sha256": digest.hexdigest(),
+        "verified": bool(sha256),
+        "seconds": round(time.monotonic() - start, 3),
+    }
 
 
 def _hf_items(src: dict) -> Iterator[Item]:
@@ -201,6 +269,7 @@ def _hf_items(src: dict) -> Iterator[Item]:
 def collect_shard(src: dict, shard: str, out_path: str | Path, dataset: str = "") -> dict:
     """Read one shard of a configured source and write its canonical raw Parquet."""
     kind, fmt, columns = src["kind"], src.get("format", "auto"), src.get("columns", {})
+    record = None  # a url source's download record
     encoding = src.get("encoding", "utf-8")
     if kind == "synthetic":
         from kiln.synthetic import generate
@@ -219,13 +288,21 @@ def collect_shard(src: dict, shard: str, out_path: str | Path, dataset: str = ""
         file = urls[shard]
         index = list(urls).index(shard)
         sha = src["sha256"][index] if src.get("sha256") else None
-        with tempfile.TemporaryDirectory() as tmpdir:
-            suffix = Path(file.split("?")[0]).suffix or ".jsonl"
-            local = download(file, Path(tmpdir) / f"download{suffix}", sha, src.get("timeout_s", 60))
-            # Keep the bytes beside the shard: the raw input of this row set, for audit.
-            kept = Path(out_path).with_suffix(suffix)
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local, kept)
+        suffix = Path(file.split("?")[0]).suffix or ".jsonl"
+        # The original bytes, kept for audit under a name no output can take (a URL ending in
+        # .parquet once overwrote them with the raw shard): downloads/<source>/<shard>.original<suffix>,
+        # written in place (no second copy) and renamed only when complete and verified.
+        kept = download_path(out_path, suffix)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        record = download(
+            file,
+            kept,
+            sha,
+            src.get("timeout_s", 60),
+            max_bytes=src.get("max_bytes", MAX_BYTES),
+            deadline_s=src.get("deadline_s", DEADLINE_S),
+        )
+        record["kept_as"] = str(kept)
         items = read_file_items(str(kept), encoding)
     elif kind == "hf":
         file = f"hf://{src['path']}@{src['revision']}/{src['split']}"
@@ -236,13 +313,14 @@ def collect_shard(src: dict, shard: str, out_path: str | Path, dataset: str = ""
     if rows and all(r["error"] for r in rows):
         first = rows[0]
         raise CollectError(f"{file}: no row could be read; first problem, row {first['row']}: {first['error']}")
-    write_raw(rows, out_path)
+    write_raw(rows, out_path, download=record)
     stats = {
         "source": src["name"],
         "shard": shard,
         "file": str(file),
         "rows": len(rows),
         "unreadable": sum(r["error"] is not None for r in rows),
+        "download": record,
     }
     log.info("collected %s rows from %s (%s unreadable)", stats["rows"], file, stats["unreadable"])
     return stats
