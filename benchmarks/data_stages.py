@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from kiln.clean import _check_answer, clean_shard, clean_table
 from kiln.dataset import build_dataset, split_by_hash
 from kiln.sources import canonical_rows, write_raw
+from kiln.spec import BuildSettings, CleanSettings, TokenizeSettings
 from kiln.synthetic import ANSWER_SCHEMA, generate
 from kiln.textfix import CONTROL
 from kiln.tokenize import render, tokenize_batch, tokenize_dataset
@@ -36,20 +37,10 @@ from kiln.tokenize import render, tokenize_batch, tokenize_dataset
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tests" / "fixtures" / "smollm2-tokenizer"
 SCHEMA = ANSWER_SCHEMA
-CLEAN = {
-    "unicode_form": "NFC",
-    "html_unescape": True,
-    "strip_control": True,
-    "normalize_whitespace": True,
-    "min_chars": 10,
-    "max_chars": 4000,
-    "mask_pii": False,
-    "drop_patterns": [],
-    "query": "",
-    "answer_schema": SCHEMA,
-}
-BUILD = {"near_dedup": False, "near_dedup_threshold": 0.9, "validation": 0.05, "test": 0.05, "seed": 0}
-TOKENIZE = {"max_seq_len": 256, "assistant_only_loss": True, "packing": False}
+# The defaults from kiln.spec, with what this benchmark sets.
+CLEAN = {**CleanSettings.defaults(), "min_chars": 10, "max_chars": 4000, "answer_schema": SCHEMA}
+BUILD = BuildSettings.defaults()
+TOKENIZE = {**TokenizeSettings.defaults(), "max_seq_len": 256}
 
 
 def timed(fn, *args, **kwargs):
