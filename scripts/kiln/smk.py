@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 
 
@@ -30,7 +32,58 @@ def setup_log(snakemake, console: bool = False) -> logging.Logger:
             logger.error("%s failed: %s: %s", snakemake.rule, kind.__name__, value, exc_info=(kind, value, tb))
 
         sys.excepthook = log_uncaught
+    _say_storage_errors(snakemake)
     return logger
+
+
+STORAGE_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+}
+
+
+_STORAGE_TEXT = {
+    errno.ENOSPC: ("No space left on device", "StorageFull"),
+    errno.EDQUOT: ("Disk quota exceeded",),
+    errno.EROFS: ("Read-only file system", "ReadOnlyFilesystem"),
+}
+
+
+def storage_problem(exc: BaseException, outputs: list[str], rule: str) -> str | None:
+    """One line naming what could not be written and why, for the errors a user fixes by hand."""
+    code, filename, seen = None, None, exc
+    while seen is not None and code is None:
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRORS:
+            code, filename = seen.errno, seen.filename
+        else:  # libraries that wrap the OS error in their own (safetensors, some pyarrow paths)
+            text = str(seen)
+            code = next((c for c, words in _STORAGE_TEXT.items() if any(w in text for w in words)), None)
+        seen = seen.__cause__ or seen.__context__
+    if code is None:
+        return None
+    where = filename or ", ".join(outputs) or "its outputs"
+    return (
+        f"Kiln: rule {rule} could not write {where}: {STORAGE_ERRORS[code]} ({os.strerror(code)}). "
+        "Free space or fix the folder's permissions, then run the same command again: Snakemake removes "
+        "this job's partial outputs, so nothing half-written is taken as complete."
+    )
+
+
+def _say_storage_errors(snakemake) -> None:
+    """On a disk-full or unwritable error, a line on the console (not only deep in the rule's log)."""
+    previous = sys.excepthook
+    outputs = [str(o) for o in snakemake.output]
+
+    def hook(kind, value, tb):
+        line = storage_problem(value, outputs, snakemake.rule)
+        if line:
+            print(line, file=sys.__stderr__, flush=True)
+            logging.getLogger(f"kiln.{snakemake.rule}").error(line)
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def use_cores(snakemake) -> int:
