@@ -157,5 +157,24 @@ def train_outputs(folder: Path) -> dict:
     }
 
 
+def train_tiny(tiny_run, folder: Path, **overrides) -> dict:
+    """kiln.train.train on the tiny run's tokenized data and base model, outputs under ``folder``;
+    the tiny experiment's training settings with ``overrides``. The summary."""
+    from kiln.config import training_settings
+    from kiln.train import train
+
+    settings = {**training_settings(), **tiny_run.config["experiments"]["tiny"]["training"], **overrides}
+    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
+    return train(
+        str(tokenized),
+        str(tiny_run.path("base/tiny")),
+        **train_outputs(folder),
+        settings=settings,
+        tokenize={"max_seq_len": 192},
+        data_fingerprints={"train": "x"},
+        experiment="t",
+    )
+
+
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -8,10 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import train_outputs
+from conftest import train_tiny
 
 from kiln.checkpoints import COMPLETE, incomplete_reason, mark_complete, prepare_checkpoints
-from kiln.config import training_settings
 
 
 def _checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
@@ -59,26 +58,7 @@ def test_no_complete_checkpoint_starts_again_and_a_cut_run_key_is_not_a_match(tm
 
 
 def _train(tiny_run, out: Path, **overrides):
-    from kiln.train import train
-
-    settings = {
-        **training_settings(),
-        **tiny_run.config["experiments"]["tiny"]["training"],
-        "max_steps": 4,
-        "save_steps": 2,
-        "eval_steps": 0,
-        **overrides,
-    }
-    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
-    return train(
-        str(tokenized),
-        str(tiny_run.path("base/tiny")),
-        **train_outputs(out),
-        settings=settings,
-        tokenize={"max_seq_len": 192},
-        data_fingerprints={"train": "x"},
-        experiment="t",
-    )
+    return train_tiny(tiny_run, out, **{"max_steps": 4, "save_steps": 2, "eval_steps": 0, **overrides})
 
 
 def _losses(out: Path) -> list[float]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import train_outputs
+from conftest import train_outputs, train_tiny
 from safetensors.torch import load_file
 
 from kiln.backends import resolve_backend, resolve_dtype
@@ -121,20 +121,7 @@ def test_merge_onto_dequantized_weights_is_recorded_and_checked(tiny_run, tmp_pa
 def test_merge_reads_how_the_adapter_was_trained_from_beside_it(tiny_run, tmp_path):
     """A plain-LoRA adapter (no 4-bit base): merge reads that from experiment.json, and 'dequantized'
     merges onto the original weights it was trained against, saying so."""
-    from kiln.train import train
-
-    cfg = tiny_run.config["experiments"]["tiny"]
-    settings = {**training_settings(), **cfg["training"], "quantization": "none", "max_steps": 2, "eval_steps": 0}
-    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
-    train(
-        str(tokenized),
-        str(tiny_run.path("base/tiny")),
-        **train_outputs(tmp_path),
-        settings=settings,
-        tokenize={"max_seq_len": 192},
-        data_fingerprints={"train": "x"},
-        experiment="t",
-    )
+    train_tiny(tiny_run, tmp_path, quantization="none", max_steps=2, eval_steps=0)
     spec = json.loads((tmp_path / "adapter" / "experiment.json").read_text())
     assert spec["quantization"] == "none" and spec["training"]["max_steps"] == 2
     report = merge_adapter(
