@@ -246,7 +246,7 @@ def test_a_redirected_parquet_download_is_recorded_and_kept_apart_from_the_raw_s
     kept = Path(rec["kept_as"])
     assert kept.parent == tmp_path / "data" / "d" / "downloads" / "web" and kept.read_bytes() == body
     assert pq.read_table(raw).num_rows == 1  # the raw shard did not overwrite the original bytes
-    from kiln.sources import download_record
+    from kiln.tables import download_record
 
     assert download_record(raw)["final_url"] == rec["final_url"]  # rides to the stats and manifest
 

@@ -21,7 +21,7 @@ import xxhash
 
 from kiln.rowfilter import QUERY_COLUMNS, FilterError, parse_filter
 from kiln.spec import CleanSettings
-from kiln.tables import CLEAN_SCHEMA, MESSAGES_TYPE, REJECTED_SCHEMA
+from kiln.tables import CLEAN_SCHEMA, MESSAGES_TYPE, REJECTED_SCHEMA, download_record
 from kiln.textfix import STRING, clean_text, per_row
 
 
@@ -264,7 +264,6 @@ def clean_shard(
         pq.write_table(table, path)
     Path(stats_path).parent.mkdir(parents=True, exist_ok=True)
     # A url shard's download (final URL, bytes, sha256), from the raw shard's metadata.
-    meta = pq.read_schema(raw_path).metadata or {}
-    download = json.loads(meta[b"kiln.download"]) if b"kiln.download" in meta else None
-    Path(stats_path).write_text(json.dumps({"raw": str(raw_path), **stats, "download": download}, indent=2))
+    stats["download"] = download_record(raw_path)
+    Path(stats_path).write_text(json.dumps({"raw": str(raw_path), **stats}, indent=2))
     return stats

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from kiln.metrics import check_main_metric, task_metrics
-from kiln.spec import EvaluateSettings
+from kiln.spec import EvaluateSettings, read_adapter_spec
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,6 @@ def load_model(kind: str, base_dir: str, merged_dir: str, adapter_dir: str):
     from peft import PeftModel
 
     from kiln.backends import bnb_config
-    from kiln.merge import read_adapter_spec
 
     quantized = read_adapter_spec(adapter_dir)["quantization"] == "nf4"
     extra = {"quantization_config": bnb_config(dtype)} if quantized else {}

@@ -64,9 +64,10 @@ def release_stale_lock(workdir: str | Path = ".") -> str | None:
     if not files or not Path("/proc/self").exists():
         return None
     me = _ancestors(os.getpid())
-    if set(live_snakemake(workdir, exclude={os.getpid()})) & me:
+    others = live_snakemake(workdir, exclude={os.getpid()})
+    if set(others) & me:
         return None  # a job of a running workflow (an ancestor holds the lock): not ours to judge
-    live = live_snakemake(workdir, exclude=me)
+    live = [pid for pid in others if pid not in me]
     if live:
         return (
             f"Kiln: the lock in {locks} belongs to a running Snakemake (pid {', '.join(map(str, live))}); "

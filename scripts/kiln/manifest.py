@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kiln.base_model import sha256_file  # noqa: F401 (also this module's, for callers)
 from kiln.provenance import hardware
+from kiln.spec import read_adapter_spec
 
 STAGES = ("collect", "clean", "build_dataset", "tokenize", "base_model", "train", "merge", "evaluate")
 
@@ -81,8 +82,6 @@ def build_manifest(
     comes from the experiment.json beside it; ``stage_settings`` holds the merge and evaluate
     settings (the rule's parameter).
     """
-    from kiln.merge import read_adapter_spec
-
     training = read_adapter_spec(adapter_dir)
     dataset, model = training["dataset"], training["model"]
     exp = {

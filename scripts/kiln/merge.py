@@ -13,20 +13,9 @@ import json
 import logging
 from pathlib import Path
 
+from kiln.spec import read_adapter_spec
+
 log = logging.getLogger(__name__)
-
-
-def read_adapter_spec(adapter_dir: str | Path) -> dict:
-    """The experiment.json training saved beside an adapter, with a message a user can act on."""
-    from kiln.spec import ADAPTER_SPEC
-
-    path = Path(adapter_dir) / ADAPTER_SPEC
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: {adapter_dir} was not written by Kiln's train stage (or by an older Kiln); "
-            "retrain it (snakemake reruns train when its outputs are incomplete)"
-        )
-    return json.loads(path.read_text())
 
 
 MAX_MERGE_ERROR_RATIO = 0.05  # merge error relative to the adapter's own effect on the logits

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from kiln.config import local_files, url_shards
 from kiln.records import RecordError, stable_id, to_canonical
-from kiln.tables import RAW_SCHEMA
+from kiln.tables import DOWNLOAD_KEY, RAW_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -159,20 +159,12 @@ def write_raw(rows: list[dict], out_path: str | Path, download: dict | None = No
     pq.write_table(table, out_path)
 
 
-DOWNLOAD_KEY = b"kiln.download"
-
-
 def download_path(raw_path: str | Path, suffix: str) -> Path:
     """Where a url shard's original bytes are kept: data/<ds>/downloads/<source>/<shard>.original<suffix>."""
     raw = Path(raw_path)  # data/<ds>/raw/<source>/<shard>.parquet
     if raw.parent.parent.name == "raw":
         return raw.parent.parent.parent / "downloads" / raw.parent.name / f"{raw.stem}.original{suffix}"
     return raw.with_name(f"{raw.name}.original{suffix}")  # outside the workflow's layout (tests)
-
-
-def download_record(raw_path: str | Path) -> dict | None:
-    meta = pq.read_schema(raw_path).metadata or {}
-    return json.loads(meta[DOWNLOAD_KEY]) if DOWNLOAD_KEY in meta else None
 
 
 MAX_BYTES = 1 << 30  # url sources: default size limit (max_bytes), 1 GiB

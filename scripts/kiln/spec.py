@@ -9,7 +9,9 @@ rules between fields, lives in ``check()`` here and runs when the workflow is pa
 
 from __future__ import annotations
 
+import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 
@@ -230,6 +232,17 @@ def adapter_spec(cfg: dict, name: str) -> dict:
         "tokenize": exp["tokenize"],
         "training": exp["training"],
     }
+
+
+def read_adapter_spec(adapter_dir: str | Path) -> dict:
+    """The experiment.json training saved beside an adapter, with a message a user can act on."""
+    path = Path(adapter_dir) / ADAPTER_SPEC
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: {adapter_dir} was not written by Kiln's train stage (or by an older Kiln); "
+            "retrain it (snakemake reruns train when its outputs are incomplete)"
+        )
+    return json.loads(path.read_text())
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@ tokens (tokenize's cache). One module, so a column added by one stage is seen by
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 TURN_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES_TYPE = pa.list_(TURN_TYPE)
@@ -59,3 +62,12 @@ TOKENS_SCHEMA = pa.schema(
         ("n_tokens", pa.int32()),
     ]
 )
+
+
+# A url shard's download record (final URL, bytes, sha256) rides in the raw table's schema metadata.
+DOWNLOAD_KEY = b"kiln.download"
+
+
+def download_record(raw_path) -> dict | None:
+    meta = pq.read_schema(raw_path).metadata or {}
+    return json.loads(meta[DOWNLOAD_KEY]) if DOWNLOAD_KEY in meta else None
