@@ -213,12 +213,42 @@ class TrainingJob:
 
     # ---- fit: the optimisation (resumed where a checkpoint says) -------------------------------
     def fit(self) -> None:
-        self.result = self.trainer.train(resume_from_checkpoint=self.resume)
+        if self.resume and self.start_step >= self.s.max_steps:
+            self.result = self._finished_at_checkpoint()
+        else:
+            self.result = self.trainer.train(resume_from_checkpoint=self.resume)
         self.peaks = [_peak_memory_mb()]
         if self.state is not None:
             from accelerate.utils import gather_object
 
             self.peaks = gather_object(self.peaks)  # every process's peak, in rank order
+
+    def _finished_at_checkpoint(self):
+        """The newest complete checkpoint is the last step: training was done when the run was
+        killed (before the adapter was saved). Transformers' resume would train one step past
+        max_steps (its loop checks the limit after a step; the kill campaign found checkpoint-5 of
+        a 4-step run), so the checkpoint's adapter and state are loaded and nothing is trained."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        resume = Path(self.resume)
+        log.info(
+            "%s is step %d of %d: training was complete; its adapter is saved",
+            resume,
+            self.start_step,
+            self.s.max_steps,
+        )
+        self.trainer._load_from_checkpoint(str(resume))
+        self.trainer.state = state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        if self.main:
+            step_log = self.ckpt / STEP_LOG
+            rows = [json.loads(ln) for ln in step_log.read_text().splitlines()] if step_log.exists() else []
+            if not any("total_flos" in r for r in rows):  # the kill came before training's last line
+                end = {"step": state.global_step, "time": round(time.time(), 3), "epoch": state.epoch}
+                end |= {"num_input_tokens_seen": state.num_input_tokens_seen, "resumed_from": self.start_step}
+                with open(step_log, "a") as fh:
+                    fh.write(json.dumps(end) + "\n")
+        return TrainOutput(state.global_step, math.nan, {})
 
     # ---- save: adapter, resolved settings beside it, step log, loss plot (main process) --------
     def save(self) -> None:
@@ -272,7 +302,7 @@ class TrainingJob:
             "effective_batch": world * self.micro * self.accum,
             "micro_batch_probe": self.probe,
             "wall_time_s": round(time.perf_counter() - self.t_start, 1),
-            "train_runtime_s": round(self.result.metrics.get("train_runtime", math.nan), 1),
+            "train_runtime_s": round(self.result.metrics["train_runtime"], 1) if self.result.metrics else None,
             "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,
             "eval_loss": [r["eval_loss"] for r in history if "eval_loss" in r],

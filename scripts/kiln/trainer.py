@@ -25,7 +25,7 @@ def sft_trainer_class():
     from trl import SFTTrainer
 
     class KilnSFTTrainer(SFTTrainer):
-        """Two corrections to TRL 1.15 for the CPU path.
+        """Corrections to TRL 1.15 for the CPU path, and a deterministic adapter config.
 
         - TRL casts QLoRA adapter weights to bfloat16 whatever the compute dtype. With float32
           compute on a CPU that made every LoRA matmul a slow bf16 one (2x the step time) and is
@@ -38,6 +38,21 @@ def sft_trainer_class():
         def __init__(self, *args, adapter_dtype=None, lean=False, **kwargs):
             super().__init__(*args, **kwargs)
             self.kiln_lean = lean
+            # PEFT resolves `all-linear` into a set of module names and saves it as list(set): hash
+            # order, so two identical runs wrote different adapter_config.json bytes (the kill
+            # campaign's content-hash comparison found it). A sorted list means the same modules.
+            for config in getattr(self.model, "peft_config", {}).values():
+                if isinstance(getattr(config, "target_modules", None), set):
+                    config.target_modules = sorted(config.target_modules)
+            # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel the first time the
+            # layer runs in eval mode without grad (the evaluation at eval_steps), and the training
+            # forwards after it use that kernel: different rounding (losses 2.5e-6 apart). A run
+            # resumed from the checkpoint saved at that evaluation then trained on the unpacked
+            # kernel, so its adapter differed from the uninterrupted run's (the kill campaign found
+            # it). Training keeps one kernel throughout; a resume is then bit-identical.
+            for module in self.model.modules():
+                if getattr(module, "support_avx512bf16_for_cpu", False):
+                    module.support_avx512bf16_for_cpu = False
             if adapter_dtype is not None:
                 for param in self.model.parameters():
                     if param.requires_grad and param.dtype != adapter_dtype:
