@@ -6,12 +6,14 @@ Used by tests/test_kills.py (CI) and benchmarks/kill_campaign.py (the figures RE
 
 How a campaign runs: one uninterrupted reference run gives each stage's start and duration (from
 Snakemake's own ``rule X:`` / ``Finished jobid`` lines). The schedule is one kill per stage (the
-parse before the first job counts as a stage) plus extra kills in the stages that write the most
-(training's checkpoints, the merge), each at a seeded random fraction of that stage's reference
-duration after the stage started *in the run being killed*. The runs form a chain in a second
-folder: run 1 is killed in the first stage of the schedule, its plain rerun in the second, and so on;
-the rerun after the last kill must complete. So every kill is followed by the plain command, which
-must get past the killed job (its Finished line is checked) before the next kill lands.
+parse before the first job counts as a stage) plus extra kills where the most is written, each at
+a seeded random fraction of that stage's reference duration after the stage started *in the run
+being killed*, and kills in training once that run has recorded a new checkpoint (so the rerun
+resumes from it). Kills go in the order of the moments they aim at on the reference timeline. The
+runs form a chain in a second folder: run 1 is killed at the first moment, its plain rerun at the
+second, and so on; the rerun after the last kill must complete, and every job a kill stopped must
+be finished by a later plain run (read from the runs' logs). A kill whose moment never comes (its
+stage ended first) is not counted.
 
 Written here rather than taken from a library: pytest-timeout / chaos tools kill a test, not a
 Snakemake process group at a stage boundary read from its log.
@@ -169,8 +171,14 @@ def schedule(
             kills.append(Kill(stage, round(rng.uniform(0.05, 0.95), 3)))
         if stage == "train":
             kills += [Kill(stage, round(rng.uniform(0.05, 0.95), 3), CHECKPOINT) for _ in range(after_checkpoint)]
-    # Kills of one stage go in order: by fraction, those after a checkpoint last.
-    kills.sort(key=lambda k: (list(stages).index(k.target), k.after is not None, k.fraction))
+
+    # In order of the moment they aim at on the reference run's timeline (stages that run side by
+    # side interleave); those after a checkpoint last in their stage.
+    def moment(k: Kill) -> tuple[float, float]:
+        start, duration = stages[k.target]
+        return (start + (1.0 if k.after else k.fraction) * duration, k.fraction)
+
+    kills.sort(key=moment)
     return kills
 
 
@@ -270,15 +278,14 @@ def campaign(
     stages = stage_times(ref)
     kills = schedule(stages, seed, extra, after_checkpoint)
     window = after_window(reference_dir / "results", CHECKPOINT, ref.t0_wall, stages, "train")
-    runs = 0
+    runs, run = 0, None
     for kill in kills:
-        runs += 1
-        run = WatchedRun(command, chain_dir, chain_dir / f"run-{runs:02d}.log")
+        if run is None:
+            runs += 1
+            run = WatchedRun(command, chain_dir, chain_dir / f"run-{runs:02d}.log")
         start = 0.0 if kill.target == PARSE else run.wait_started(kill.target, timeout=600)
-        if start is None:  # already built by an earlier rerun (a stage that ran beside the killed one)
-            kill.running = []
-            kill.at_s = -1.0
-            rc = run.finish(timeout=1800)
+        if start is None:  # the run ended without running the stage: everything was built
+            rc, run = run.finish(timeout=1800), None
             if rc:
                 raise AssertionError(f"run {runs} failed (rc {rc}): see {chain_dir}/run-{runs:02d}.log")
             continue
@@ -287,20 +294,23 @@ def campaign(
         elif run.wait_new_file(chain_dir / "results", kill.after, kill.target, timeout=600):
             delay = kill.fraction * window
         else:
-            delay = 0.0  # the stage ended without a new checkpoint: the kill lands where it lands
+            continue  # the stage ended without a new checkpoint: no kill; the run goes on to the next
         time.sleep(max(0.0, delay))
         kill.at_s, kill.run = round(time.monotonic() - run.t0, 2), runs
         kill.running = run.kill()
         kill.checkpoints = sorted(
             p.parent.name for p in (chain_dir / "results" / "checkpoints").glob("*/checkpoint-*/kiln_checkpoint.json")
         )
-        if run.proc.returncode == 0:  # the run ended before the moment came: no kill landed
+        rc, run = run.proc.returncode, None
+        if rc == 0:  # the run ended before the moment came: no kill landed
             kill.at_s, kill.running = -1.0, []
-        elif run.proc.returncode != -signal.SIGKILL:
+        elif rc != -signal.SIGKILL:
             raise AssertionError(f"run {runs} failed before its kill: see {chain_dir}/run-{runs:02d}.log")
-    runs += 1
-    final = WatchedRun(command, chain_dir, chain_dir / f"run-{runs:02d}.log")
-    rc = final.finish(timeout=1800)
+    if run is not None:
+        rc = run.finish(timeout=1800)
+    else:
+        runs += 1
+        rc = WatchedRun(command, chain_dir, chain_dir / f"run-{runs:02d}.log").finish(timeout=1800)
     # Which later run finished the job(s) each kill stopped: read from the runs' logs.
     finished = {
         n: set(re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", (chain_dir / f"run-{n:02d}.log").read_text()))
@@ -320,7 +330,8 @@ def campaign(
         "seed": seed,
         "kills": len(landed),
         "stages": list(stages),
-        "stages_hit": sorted({job for k in landed for job in k.running} | {k.target for k in landed if not k.running}),
+        "stages_hit": sorted({job for k in landed for job in k.running} | ({PARSE} & {k.target for k in landed})),
+        "between_jobs": sum(1 for k in landed if not k.running and k.target != PARSE),
         "runs": runs,
         "completed": rc == 0,
         "reference_s": round(sum(d for _, d in stages.values()), 1),
