@@ -66,7 +66,7 @@ class Kill:
     target: str  # the stage this kill was aimed at
     fraction: float  # of that stage's reference duration, after it started (or after `after`)
     after: str | None = None  # a glob under results/: kill only once a new file matches it
-    at_s: float = 0.0  # seconds into the killed run
+    at_s: float = -1.0  # seconds into the killed run; -1: the kill never landed
     running: list[str] = field(default_factory=list)  # jobs started and not finished at the kill
     run: int = 0  # the run (1, 2, ...) this kill stopped; its log is run-NN.log
     finished_by_run: int | None = None  # the first later run that finished every job this kill stopped
