@@ -124,6 +124,7 @@ def test_a_kill_after_the_last_checkpoint_trains_nothing_more(tiny_run, tmp_path
     resumed = _train(tiny_run, run)
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 4
     assert sorted(p.name for p in (run / "ckpt").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (clean / "ckpt" / "README.md").exists()  # TRL's card for "[None]" (kiln.trainer)
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == (
         clean / "adapter" / "adapter_model.safetensors"
     ).read_bytes()

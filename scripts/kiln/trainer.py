@@ -58,6 +58,13 @@ def sft_trainer_class():
                     if param.requires_grad and param.dtype != adapter_dtype:
                         param.data = param.data.to(adapter_dtype)
 
+        def create_model_card(self, *args, **kwargs):
+            """Not written. TRL writes README.md into the checkpoint folder before every save: a card
+            for "a fine-tuned version of [None]" with a Hub snippet for a model that is not on the
+            Hub, its tags in set (hash) order, so two identical runs differed (the kill campaign
+            found it). The checkpoint folder is Kiln's working state; the published model has
+            Kiln's own card."""
+
         def _save_checkpoint(self, model, trial):
             """Transformers' save, then Kiln's completion record, then rotation of old checkpoints.
 
