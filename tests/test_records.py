@@ -72,3 +72,24 @@ def test_stable_id_depends_on_content_only():
     assert stable_id("chat", turns) == stable_id("chat", [dict(t) for t in turns])
     assert stable_id("chat", turns) != stable_id("chat", turns[:1])
     assert len(stable_id("chat", turns)) == 16
+
+
+def test_openai_content_parts_are_joined_and_other_parts_named():
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]
+    _, _, turns = to_canonical(
+        {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": "hi"}]}
+    )
+    assert turns[0]["content"] == "Hello, world"
+    image = [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    with pytest.raises(RecordError, match=r"content part of type 'image_url' is not supported") as err:
+        to_canonical({"messages": [{"role": "user", "content": image}]})
+    assert err.value.field == "messages[0].content[1]"
+
+
+def test_a_null_field_is_called_null_not_missing():
+    with pytest.raises(RecordError, match="field 'output': is null"):
+        to_canonical({"instruction": "x", "output": None})
+    with pytest.raises(RecordError, match="field 'output': missing"):
+        to_canonical({"instruction": "x"}, "alpaca")
+    with pytest.raises(RecordError, match="messages\\[0\\].content': is null"):
+        to_canonical({"messages": [{"role": "user", "content": None}]})

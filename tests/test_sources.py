@@ -293,3 +293,77 @@ def test_the_download_record_reaches_the_shard_stats_through_the_workflow(workfl
     assert stats["download"]["sha256"] == sha and stats["download"]["bytes"] == len(body)
     assert stats["download"]["final_url"] == f"{base}/orders.jsonl" and stats["download"]["verified"]
     assert wf.path("data/orders/downloads/web/000-orders.jsonl.original.jsonl").read_bytes() == body
+
+
+def _chat_lines(n: int) -> str:
+    return "".join(json.dumps(CHAT).replace("yo", f"yo {i}") + "\n" for i in range(n))
+
+
+def test_a_utf8_byte_order_mark_costs_no_record(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + _chat_lines(3).encode())
+    rows = collect(tmp_path, local_source(tmp_path / "*.jsonl"), "bom.jsonl")
+    assert [r["error"] for r in rows] == [None, None, None]
+    assert "\ufeff" not in rows[0]["raw"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_utf16_jsonl_is_read_whole_with_the_default_or_its_own_encoding(tmp_path, encoding):
+    (tmp_path / "wide.jsonl").write_bytes(_chat_lines(4).replace("yo 3", "yö 3").encode("utf-16"))
+    rows = collect(tmp_path, local_source(tmp_path / "*.jsonl", encoding=encoding), "wide.jsonl")
+    assert len(rows) == 4 and all(r["error"] is None for r in rows)
+    assert rows[3]["messages"][1]["content"] == "yö 3"
+
+
+def test_a_latin1_line_names_the_encoding_setting(tmp_path):
+    lines = _chat_lines(2) + json.dumps(CHAT, ensure_ascii=False).replace("yo", "café").encode("latin-1").decode(
+        "latin-1"
+    )
+    (tmp_path / "l.jsonl").write_bytes(lines.encode("latin-1"))
+    rows = collect(tmp_path, local_source(tmp_path / "*.jsonl"), "l.jsonl")
+    assert rows[2]["error"].startswith("not valid utf-8 at byte")
+    assert "set `encoding:` on the source" in rows[2]["error"]
+
+
+def test_a_columns_mapping_naming_an_absent_column_says_which(tmp_path):
+    (tmp_path / "qa.csv").write_text("question,answer\nq,a\n")
+    src = local_source(tmp_path / "*.csv", columns={"prompt": "question", "completion": "anwser"})
+    with pytest.raises(CollectError) as err:
+        collect(tmp_path, src, "qa.csv")
+    assert "maps completion to column 'anwser', which is not in the file (its columns: answer, question)" in str(
+        err.value
+    )
+
+
+@pytest.mark.parametrize("name, content", [("head.csv", b"text\n"), ("blank.jsonl", b"\n\n")])
+def test_a_file_without_rows_is_a_file_problem_whatever_its_type(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(CollectError, match="no rows"):
+        collect(tmp_path, local_source(tmp_path / "*"), name)
+
+
+def test_on_bad_file_skip_sets_a_file_aside_with_its_reason(tmp_path):
+    (tmp_path / "bad.csv").write_bytes(b"text\ncaf\xe9\n")
+    src = local_source(tmp_path / "*.csv", on_bad_file="skip")
+    out = tmp_path / "raw.parquet"
+    stats = collect_shard(src, "bad.csv", out)
+    assert pq.read_table(out).num_rows == 0
+    assert stats["skipped"]["file"] == str(tmp_path / "bad.csv")
+    assert "not valid utf-8 at line 2" in stats["skipped"]["reason"]
+    with pytest.raises(CollectError):  # the default stops
+        collect_shard(local_source(tmp_path / "*.csv"), "bad.csv", out)
+
+
+def test_a_skipped_file_reaches_the_dataset_stats_and_page(workflow_factory, tmp_path):
+    from conftest import tiny_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "good.jsonl").write_text(_chat_lines(40).replace('"hi"', '"hello, what is in my order?"'))
+    (data / "broken.jsonl").write_bytes(b"")
+    cfg = tiny_config()
+    cfg["datasets"]["orders"]["sources"] = [local_source(data / "*.jsonl", on_bad_file="skip")]
+    cfg["datasets"]["orders"]["clean"].pop("answer_schema")
+    wf = workflow_factory(cfg)
+    wf.run("results/data/orders/report/data_stats.html")
+    page = wf.path("data/orders/report/data_stats.html").read_text()
+    assert "Files set aside (on_bad_file: skip)" in page and "broken.jsonl" in page and "file is empty" in page

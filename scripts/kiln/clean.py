@@ -21,7 +21,7 @@ import xxhash
 
 from kiln.rowfilter import QUERY_COLUMNS, FilterError, parse_filter
 from kiln.spec import CleanSettings
-from kiln.tables import CLEAN_SCHEMA, MESSAGES_TYPE, REJECTED_SCHEMA, download_record
+from kiln.tables import CLEAN_SCHEMA, MESSAGES_TYPE, REJECTED_SCHEMA, download_record, skipped_record
 from kiln.textfix import STRING, clean_text, per_row
 
 
@@ -265,5 +265,6 @@ def clean_shard(
     Path(stats_path).parent.mkdir(parents=True, exist_ok=True)
     # A url shard's download (final URL, bytes, sha256), from the raw shard's metadata.
     stats["download"] = download_record(raw_path)
+    stats["skipped_file"] = skipped_record(raw_path)  # set aside by on_bad_file: skip
     Path(stats_path).write_text(json.dumps({"raw": str(raw_path), **stats}, indent=2))
     return stats

@@ -65,12 +65,16 @@ def data_stats(shard_stats: list[str | Path], dataset_stats: str | Path, tokeniz
             for op in sorted({op for s in shards for op in s.get("rows_edited_by", {})})
         },
         "tokenized": tokenized,
+        # Files set aside by `on_bad_file: skip`, each with its reason (no row of theirs was read).
+        "skipped_files": [s["skipped_file"] for s in shards if s.get("skipped_file")],
     }
 
 
 def data_stats_page(stats: dict, dataset: str) -> str:
     body = "<h3>Rows per stage</h3>" + _table(stats["stages"], table_id="rows-per-stage")
     body += "<h3>Splits</h3>" + _table(stats["splits"])
+    if stats.get("skipped_files"):
+        body += "<h3>Files set aside (on_bad_file: skip)</h3>" + _table(stats["skipped_files"], table_id="skipped")
     body += "<h3>Rejected rows by reason</h3>" + _table(stats["rejected"], table_id="rejected")
     body += "<h3>Rows changed by each cleaning step</h3>" + _table(
         [{"step": k, "rows": v} for k, v in stats["edited"].items()]

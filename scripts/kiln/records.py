@@ -72,11 +72,33 @@ def _string(record: dict, col: str, *, required: bool = True) -> str | None:
     value = record.get(col)
     if value is None:
         if required:
-            raise RecordError(col, "missing")
+            raise RecordError(col, "is null" if col in record else "missing")
         return None
     if not isinstance(value, str):
         raise RecordError(col, f"expected a string, got {type(value).__name__}")
     return value
+
+
+def _content(value, field: str) -> str:
+    """A turn's text: a string, or OpenAI's list of content parts (``[{"type": "text", "text": …}]``,
+    the parts' texts joined). Parts that are not text (images, audio) can't be trained on here."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        texts = []
+        for j, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise RecordError(
+                    f"{field}[{j}]",
+                    f"content part of type {kind!r} is not supported (only text parts: "
+                    '{"type": "text", "text": "..."})',
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    if value is None:
+        raise RecordError(field, "is null (expected a string or a list of text parts)")
+    raise RecordError(field, f"expected a string or a list of text parts, got {type(value).__name__}")
 
 
 def _turns(value, col: str, role_key: str, content_key: str, roles: dict) -> list[dict]:
@@ -89,9 +111,7 @@ def _turns(value, col: str, role_key: str, content_key: str, roles: dict) -> lis
         role = turn.get(role_key)
         if role not in roles:
             raise RecordError(f"{col}[{i}].{role_key}", f"unknown role {role!r}")
-        content = turn.get(content_key)
-        if not isinstance(content, str):
-            raise RecordError(f"{col}[{i}].{content_key}", "expected a string")
+        content = _content(turn.get(content_key), f"{col}[{i}].{content_key}")
         turns.append({"role": roles[role], "content": content})
     return turns
 

@@ -7,6 +7,7 @@ with the whole file (empty, unreadable, no usable column) raises CollectError na
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from kiln.config import local_files, url_shards
 from kiln.records import RecordError, stable_id, to_canonical
-from kiln.tables import DOWNLOAD_KEY, RAW_SCHEMA
+from kiln.tables import DOWNLOAD_KEY, RAW_SCHEMA, SKIPPED_KEY
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +34,67 @@ class CollectError(RuntimeError):
     """A whole-file problem, phrased with the file (and line) at fault."""
 
 
-def _jsonl_items(path: str, encoding: str) -> Iterator[Item]:
+# Byte-order marks, longest first (a UTF-32-LE mark starts with the UTF-16-LE one).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_UNICODE = {"utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"}
+
+
+def file_encoding(path: str, encoding: str) -> str:
+    """The encoding a file is read with. A byte-order mark decides among the Unicode encodings
+    (a UTF-8 one is dropped, not read into the first record; UTF-16 and UTF-32 files read with the
+    utf-8 default); a non-Unicode `encoding:` (latin-1, cp1252) is the user's word and stands."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise CollectError(f"{path}: unknown encoding {encoding!r} (set `encoding:` to a Python codec name)") from None
+    if name not in _UNICODE:
+        return encoding
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    for bom, by_mark in _BOMS:
+        if head.startswith(bom):
+            if by_mark != encoding:
+                log.info("%s: %s byte-order mark: read as %s", path, by_mark.upper(), by_mark)
+            return by_mark
+    return encoding
+
+
+def _jsonl_lines(path: str, encoding: str) -> Iterator[tuple[int, str | None, str, str | None]]:
+    """(line number, text or None, raw text, decode error or None) per line. Encodings where a
+    newline is one byte 0x0A (UTF-8, latin-1 ...) are decoded line by line, so one bad line costs
+    one row; UTF-16/32 are decoded whole first (their newline is 2 or 4 bytes)."""
+    if codecs.lookup(encoding).name.startswith(("utf-16", "utf-32")):
+        for lineno, line in enumerate(_read_text(path, encoding).split("\n"), start=1):
+            yield lineno, line, line, None
+        return
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, start=1):
             try:
-                text = line.decode(encoding)
+                yield lineno, line.decode(encoding), "", None
             except UnicodeDecodeError as exc:
                 raw = line.decode(encoding, errors="replace").rstrip("\r\n")
-                yield lineno, None, raw, f"not valid {encoding} at byte {exc.start} of the line"
-                continue
-            text = text.rstrip("\r\n")
-            if not text.strip():
-                continue  # blank lines are layout, not rows
-            try:
-                yield lineno, json.loads(text), text, None
-            except json.JSONDecodeError as exc:
-                yield lineno, None, text, f"malformed JSON at column {exc.colno}: {exc.msg}"
+                error = f"not valid {encoding} at byte {exc.start} of the line; set `encoding:` on the source"
+                yield lineno, None, raw, error + " if the file uses another encoding (latin-1, cp1252, utf-16)"
+
+
+def _jsonl_items(path: str, encoding: str) -> Iterator[Item]:
+    for lineno, text, raw, error in _jsonl_lines(path, encoding):
+        if text is None:
+            yield lineno, None, raw, error
+            continue
+        text = text.rstrip("\r\n")
+        if not text.strip():
+            continue  # blank lines are layout, not rows
+        try:
+            yield lineno, json.loads(text), text, None
+        except json.JSONDecodeError as exc:
+            yield lineno, None, text, f"malformed JSON at column {exc.colno}: {exc.msg}"
 
 
 def _json_items(path: str, encoding: str) -> Iterator[Item]:
@@ -123,7 +169,9 @@ def read_file_items(path: str, encoding: str = "utf-8") -> Iterator[Item]:
         raise CollectError(f"{path}: unsupported file type '{suffix}' (supported: {', '.join(READERS)})")
     if os.path.getsize(path) == 0:
         raise CollectError(f"{path}: file is empty")
-    return READERS[suffix](path, encoding)
+    if suffix == ".parquet":
+        return READERS[suffix](path, encoding)
+    return READERS[suffix](path, file_encoding(path, encoding))
 
 
 def canonical_rows(items: Iterable[Item], *, source: str, file: str, fmt: str, columns: dict) -> list[dict]:
@@ -258,8 +306,34 @@ def _hf_items(src: dict) -> Iterator[Item]:
         yield i, rec, json.dumps(rec, ensure_ascii=False, default=str), None
 
 
+def missing_columns(items: list[Item], columns: dict) -> list[tuple[str, str]]:
+    """(canonical field, column) pairs of `columns:` naming a column no record of the file has."""
+    keys = set()
+    for _, record, _, _ in items:
+        if isinstance(record, dict):
+            keys.update(record)
+    return [(field, col) for field, col in columns.items() if keys and col not in keys]
+
+
 def collect_shard(src: dict, shard: str, out_path: str | Path, dataset: str = "") -> dict:
-    """Read one shard of a configured source and write its canonical raw Parquet."""
+    """Read one shard of a configured source and write its canonical raw Parquet. With
+    `on_bad_file: skip`, a file that can't be read is set aside: an empty shard records it and
+    why, and the dataset stats and report list it."""
+    try:
+        return _collect_shard(src, shard, out_path)
+    except CollectError as exc:
+        if src.get("on_bad_file", "stop") != "skip":
+            raise
+        file = local_files(src["path"]).get(shard, shard) if src["kind"] == "local" else shard
+        skipped = {"source": src["name"], "file": str(file), "reason": str(exc)}
+        log.warning("set aside %s (on_bad_file: skip): %s", file, exc)
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        schema = RAW_SCHEMA.with_metadata({SKIPPED_KEY: json.dumps(skipped)})
+        pq.write_table(pa.Table.from_pylist([], schema=schema), out_path)
+        return {"source": src["name"], "shard": shard, "file": str(file), "rows": 0, "skipped": skipped}
+
+
+def _collect_shard(src: dict, shard: str, out_path: str | Path) -> dict:
     kind, fmt, columns = src["kind"], src.get("format", "auto"), src.get("columns", {})
     record = None  # a url source's download record
     encoding = src.get("encoding", "utf-8")
@@ -301,6 +375,17 @@ def collect_shard(src: dict, shard: str, out_path: str | Path, dataset: str = ""
         items = _hf_items(src)
     else:
         raise CollectError(f"unknown source kind {kind!r}")
+    items = list(items)
+    if not items:
+        raise CollectError(f"{file}: no rows (a header only, or blank lines)")
+    missing = missing_columns(items, columns)
+    if missing:
+        names = sorted({k for _, rec, _, _ in items if isinstance(rec, dict) for k in rec})
+        field, col = missing[0]
+        raise CollectError(
+            f"{file}: `columns:` maps {field} to column '{col}', which is not in the file "
+            f"(its columns: {', '.join(names[:30])}); fix the name in the source's `columns:`"
+        )
     rows = canonical_rows(items, source=src["name"], file=str(file), fmt=fmt, columns=columns)
     if rows and all(r["error"] for r in rows):
         first = rows[0]

@@ -68,6 +68,15 @@ TOKENS_SCHEMA = pa.schema(
 DOWNLOAD_KEY = b"kiln.download"
 
 
+# A file set aside by `on_bad_file: skip` (its name and why) rides there too, on an empty raw shard.
+SKIPPED_KEY = b"kiln.skipped"
+
+
 def download_record(raw_path) -> dict | None:
     meta = pq.read_schema(raw_path).metadata or {}
     return json.loads(meta[DOWNLOAD_KEY]) if DOWNLOAD_KEY in meta else None
+
+
+def skipped_record(raw_path) -> dict | None:
+    meta = pq.read_schema(raw_path).metadata or {}
+    return json.loads(meta[SKIPPED_KEY]) if SKIPPED_KEY in meta else None
