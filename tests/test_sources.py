@@ -367,3 +367,20 @@ def test_a_skipped_file_reaches_the_dataset_stats_and_page(workflow_factory, tmp
     wf.run("results/data/orders/report/data_stats.html")
     page = wf.path("data/orders/report/data_stats.html").read_text()
     assert "Files set aside (on_bad_file: skip)" in page and "broken.jsonl" in page and "file is empty" in page
+
+
+def test_a_failed_collect_says_kilns_reason_on_the_console(workflow_factory, tmp_path):
+    from conftest import tiny_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "qa.csv").write_text("question,answer\nwhat is in my order?,two apples\n")
+    cfg = tiny_config()
+    cfg["datasets"]["orders"]["sources"] = [
+        local_source(data / "*.csv", columns={"prompt": "question", "completion": "dat"})
+    ]
+    proc = workflow_factory(cfg).run("results/data/orders/raw/in/qa.csv.parquet", check=False)
+    assert proc.returncode != 0
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("Kiln: rule collect failed:"))
+    assert f"{data / 'qa.csv'}: `columns:` maps completion to column 'dat', which is not in the file" in line
+    assert "(details: results/logs/collect/" in line

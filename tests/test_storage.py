@@ -41,3 +41,24 @@ def test_a_full_disk_is_named_on_the_console_and_the_rerun_finishes(tmp_path, sm
     identity = json.loads((small_disk / "base" / "tiny" / "identity.json").read_text())
     assert weights and identity["weights"]
     assert json.loads((small_disk / "tiny" / "train_summary.json").read_text())["steps"] == 4
+
+
+def test_a_library_error_is_shown_with_its_type_and_kilns_as_they_are():
+    import json
+
+    from kiln.smk import failure_line
+    from kiln.sources import file_encoding
+
+    try:
+        json.loads("{")
+    except ValueError as exc:
+        line = failure_line(exc, "clean", "results/logs/clean/x.log")
+    assert line.startswith("Kiln: rule clean failed: JSONDecodeError: Expecting property name")
+    assert line.endswith("(details: results/logs/clean/x.log)")
+    try:
+        file_encoding("x.jsonl", "no-such-codec")
+    except Exception as exc:  # noqa: BLE001 (the type is what is checked)
+        line = failure_line(exc, "collect", None)
+    assert line == (
+        "Kiln: rule collect failed: x.jsonl: unknown encoding 'no-such-codec' (set `encoding:` to a Python codec name)"
+    )

@@ -71,16 +71,31 @@ def storage_problem(exc: BaseException, outputs: list[str], rule: str) -> str | 
     )
 
 
+def failure_line(exc: BaseException, rule: str, log_file: str | None) -> str:
+    """The one line a failed job prints on the console. Kiln's own errors are phrased for the user
+    (file, row, field, what to change) and shown as they are; an error raised inside a library is
+    shown with its type, since its words are not Kiln's."""
+    tb, origin = exc.__traceback__, None
+    while tb is not None:
+        origin, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    ours = origin is not None and f"{os.sep}kiln{os.sep}" in origin
+    reason = str(exc) if ours and str(exc) else f"{type(exc).__name__}: {exc}"
+    where = f" (details: {log_file})" if log_file else ""
+    return f"Kiln: rule {rule} failed: {reason}{where}"
+
+
 def _say_storage_errors(snakemake) -> None:
-    """On a disk-full or unwritable error, a line on the console (not only deep in the rule's log)."""
+    """When a job fails, one line on the console (Snakemake itself shows only `message: None` and
+    the log's path): a full disk or unwritable folder says so and what to do; any other error gives
+    its reason."""
     previous = sys.excepthook
     outputs = [str(o) for o in snakemake.output]
+    log_file = str(snakemake.log[0]) if snakemake.log else None
 
     def hook(kind, value, tb):
-        line = storage_problem(value, outputs, snakemake.rule)
-        if line:
-            print(line, file=sys.__stderr__, flush=True)
-            logging.getLogger(f"kiln.{snakemake.rule}").error(line)
+        line = storage_problem(value, outputs, snakemake.rule) or failure_line(value, snakemake.rule, log_file)
+        print(line, file=sys.__stderr__, flush=True)
+        logging.getLogger(f"kiln.{snakemake.rule}").error(line)
         previous(kind, value, tb)
 
     sys.excepthook = hook
