@@ -64,3 +64,27 @@ def test_near_duplicates_are_removed_when_asked(tmp_path):
         [shard], tmp_path / "ds", tmp_path / "rej.parquet", tmp_path / "s.json", {**BUILD, "near_dedup": True}
     )
     assert stats["rejected_by_reason"] == {"near_duplicate": 1}
+
+
+def test_an_empty_split_is_saved_loadable_and_tokenized(tmp_path):
+    """`build.validation: 0` (or a dataset too small for a split) left a split with no data file, and
+    tokenize crashed with an IndexError inside datasets.load_from_disk."""
+    from test_tokenize import TOKENIZER
+
+    from kiln.tokenize import tokenize_dataset
+
+    a = write_shard(tmp_path, "a", [chat(f"order {i}", "ok") for i in range(30)])
+    settings = {**BUILD, "validation": 0.0}
+    stats = build_dataset([a], tmp_path / "ds", tmp_path / "rej.parquet", tmp_path / "s.json", settings)
+    assert stats["splits"]["validation"]["rows"] == 0
+    dd = datasets.load_from_disk(str(tmp_path / "ds"))
+    assert len(dd["validation"]) == 0 and dd["validation"].column_names == dd["train"].column_names
+    tok = tokenize_dataset(
+        tmp_path / "ds",
+        TOKENIZER,
+        tmp_path / "tok",
+        tmp_path / "t.json",
+        {"max_seq_len": 64, "assistant_only_loss": True, "packing": False},
+    )
+    assert tok["splits"]["validation"]["rows_kept"] == 0 and tok["splits"]["train"]["rows_kept"] > 0
+    assert len(datasets.load_from_disk(str(tmp_path / "tok"))["validation"]) == 0

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kiln.tables import REJECTED_SCHEMA
+from kiln.tables import REJECTED_SCHEMA, save_splits
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -125,7 +125,7 @@ def build_dataset(
     stats["rejected_by_reason"] = {
         r: sum(1 for v in reasons.values() if v[0] == r) for r in sorted({v[0] for v in reasons.values()})
     }
-    datasets.DatasetDict(dd).save_to_disk(str(out_dir))
+    save_splits(dd, out_dir)
     Path(rejected_path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(rejected, rejected_path)
     Path(stats_path).write_text(json.dumps(stats, indent=2))

@@ -80,3 +80,17 @@ def download_record(raw_path) -> dict | None:
 def skipped_record(raw_path) -> dict | None:
     meta = pq.read_schema(raw_path).metadata or {}
     return json.loads(meta[SKIPPED_KEY]) if SKIPPED_KEY in meta else None
+
+
+def save_splits(splits: dict, out_dir) -> None:
+    """``DatasetDict(splits).save_to_disk(out_dir)`` that an empty split survives.
+
+    `datasets` writes an empty split with no data file at all (its shard count is capped by the
+    row count, 0), and ``load_from_disk`` then fails with a bare ``IndexError`` in concat_tables:
+    any small dataset, or ``build.validation: 0``, crashed the next stage. One shard is asked for
+    each empty split: an Arrow file with the schema and no rows, which loads.
+    """
+    import datasets
+
+    empty = {name: 1 for name, ds in splits.items() if len(ds) == 0}
+    datasets.DatasetDict(splits).save_to_disk(str(out_dir), num_shards=empty or None)

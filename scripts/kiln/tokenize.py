@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kiln.spec import TokenizeSettings
-from kiln.tables import TOKENS_SCHEMA
+from kiln.tables import TOKENS_SCHEMA, save_splits
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def tokenize_dataset(
                 split_stats["truncated"],
                 s.max_seq_len,
             )
-    datasets.DatasetDict(out).save_to_disk(str(out_dir))
+    save_splits(out, out_dir)
     cache.add_and_save(fresh)
     Path(stats_path).write_text(json.dumps(stats, indent=2))
     return stats

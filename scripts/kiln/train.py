@@ -152,6 +152,13 @@ class TrainingJob:
         if self.s.eval_steps and len(data["validation"]):
             n_eval = min(self.s.eval_samples, len(data["validation"]))
             self.eval_ds = data["validation"].select(range(n_eval)).select_columns(columns)
+        elif self.s.eval_steps:
+            log.warning(
+                "training.eval_steps is %d but the validation split is empty (build.validation is 0, or the "
+                "dataset is too small for it): no validation loss%s",
+                self.s.eval_steps,
+                ", and no early stopping" if self.s.early_stopping_patience > 0 else "",
+            )
         self.packed = "seq_lengths" in columns
         self.early = self.s.early_stopping_patience > 0 and self.eval_ds is not None
 
