@@ -12,6 +12,7 @@ from kiln.locks import release_stale_lock  # noqa: E402
 from kiln.spec import adapter_spec as adapter_spec_of  # noqa: E402
 from kiln.config import (  # noqa: E402
     ConfigError,
+    check_local_paths,
     dataset_shards,
     source_config,
     tokenization_key,
@@ -34,6 +35,7 @@ if _stale:
 
 try:
     resolved = validate(config)
+    check_local_paths(resolved)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 config.clear()

@@ -165,3 +165,33 @@ def test_inheritance_loop_is_reported():
     cfg["experiments"]["b"] = {"base": "a"}
     with pytest.raises(ConfigError, match="inheritance loops"):
         validate(cfg)
+
+
+def test_a_local_model_folder_is_checked_when_the_workflow_is_parsed(tmp_path, monkeypatch):
+    from kiln.config import check_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = validate(
+        {
+            "datasets": {"d": {"sources": [{"name": "x", "kind": "synthetic"}]}},
+            "models": {"m": {"kind": "local", "path": "my-model"}},
+            "experiments": {"e": {"dataset": "d", "model": "m"}},
+        }
+    )
+    with pytest.raises(ConfigError, match=r"models.m.path: folder 'my-model' does not exist \(relative paths are"):
+        check_local_paths(cfg)
+    (tmp_path / "my-model").mkdir()
+    with pytest.raises(ConfigError, match="folder 'my-model' has no config.json"):
+        check_local_paths(cfg)
+    (tmp_path / "my-model" / "config.json").write_text("{}")
+    check_local_paths(cfg)
+
+
+def test_a_missing_local_model_stops_the_parse_with_one_line(workflow_factory, tmp_path):
+    from conftest import tiny_config
+
+    cfg = tiny_config()
+    cfg["models"]["tiny"] = {"kind": "local", "path": str(tmp_path / "nowhere")}
+    proc = workflow_factory(cfg).run(dry=True, check=False)
+    assert proc.returncode != 0
+    assert f"config: models.tiny.path: folder '{tmp_path / 'nowhere'}' does not exist" in proc.stdout + proc.stderr

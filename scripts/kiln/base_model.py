@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+from kiln.folders import local_model_problem
+
 log = logging.getLogger(__name__)
 
 CHATML = (
@@ -113,8 +115,9 @@ def load_source(cfg: dict, tokenizer_dir: str | Path | None = None):
             identity.update(id=cfg["repo_id"], revision=cfg["revision"])
         else:
             folder = Path(cfg["path"])
-            if not (folder / "config.json").exists():
-                raise ModelSourceError(f"local model '{folder}' has no config.json (a saved transformers model?)")
+            problem = local_model_problem(folder)
+            if problem:
+                raise ModelSourceError(f"local model: {problem}")
             identity.update(id=str(folder.resolve()), revision=None)
         identity["source_files"] = {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
         tok = AutoTokenizer.from_pretrained(str(folder))

@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from kiln.folders import local_model_problem
 from kiln.spec import BuildSettings, CleanSettings, Experiment, SpecError, moved_key_error
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
@@ -213,6 +214,16 @@ def _check_pinned(spec: dict, where: str) -> None:
         "fetch other bytes later; pin the full 40-character commit (the Hub page's 'History' lists them), "
         "or set allow_unpinned: true to accept it (the manifest and model card will say so)"
     )
+
+
+def check_local_paths(cfg: dict) -> None:
+    """At parse time, before any job: every `local` model folder an experiment uses can be loaded."""
+    used = {exp["model"] for exp in cfg.get("experiments", {}).values()}
+    for name, spec in cfg.get("models", {}).items():
+        if spec.get("kind") == "local" and name in used:
+            problem = local_model_problem(spec["path"])  # kiln.folders
+            if problem:
+                raise ConfigError(f"config: models.{name}.path: {problem}")
 
 
 def training_settings(training: dict | None = None) -> dict:
