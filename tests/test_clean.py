@@ -173,3 +173,32 @@ def fast_match(pattern: str, text: str) -> bool:
     import pyarrow.compute as pc
 
     return pc.match_substring_regex(pa.array([text]), pattern).to_pylist()[0]
+
+
+def test_pii_masking_leaves_dates_and_numbers_and_never_rejects_a_good_answer():
+    schema = {"item": "string", "date": "date", "qty": "integer", "contact": "string"}
+    answer = '{"item": "lamp", "date": "2025-06-01", "qty": 12345678, "contact": "+1 (415) 555-2671"}'
+    table = raw_table(
+        [
+            chat("Order 12345678 shipped 2025-06-01; call (415) 555-2671 or write to a@b.example.com", answer),
+            chat(
+                "Postcode 94105, ref 1234-5678-9012 on 2025-06-01 12:30",
+                '{"item": "x", "date": "2025-01-01", "qty": 1, "contact": ""}',
+            ),
+        ]
+    )
+    clean, rejected, stats = clean_table(table, {"mask_pii": True, "answer_schema": schema})
+    assert rejected.num_rows == 0, rejected.to_pylist()
+    first, second = clean.column("messages").to_pylist()
+    assert first[0]["content"] == "Order 12345678 shipped 2025-06-01; call [PHONE] or write to [EMAIL]"
+    masked = json.loads(first[1]["content"])  # still JSON, same fields and types
+    assert masked == {"item": "lamp", "date": "2025-06-01", "qty": 12345678, "contact": "[PHONE]"}
+    assert second[0]["content"] == "Postcode 94105, ref 1234-5678-9012 on 2025-06-01 12:30"
+    assert stats["rows_edited_by"]["pii"] == 1
+
+
+def test_pii_region_reads_local_numbers():
+    table = raw_table([chat("call 020 7946 0958 today", "ok")])
+    assert "[PHONE]" not in clean_table(table, {"mask_pii": True})[0].column("messages").to_pylist()[0][0]["content"]
+    gb = clean_table(table, {"mask_pii": True, "pii_region": "GB"})[0]
+    assert gb.column("messages").to_pylist()[0][0]["content"] == "call [PHONE] today"

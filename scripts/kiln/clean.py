@@ -22,7 +22,7 @@ import xxhash
 from kiln.rowfilter import QUERY_COLUMNS, FilterError, parse_filter
 from kiln.spec import CleanSettings
 from kiln.tables import CLEAN_SCHEMA, MESSAGES_TYPE, REJECTED_SCHEMA, download_record, skipped_record
-from kiln.textfix import STRING, clean_text, per_row
+from kiln.textfix import STRING, clean_text, mask_pii, per_row
 
 
 class CleanError(ValueError):
@@ -110,10 +110,6 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
     content, changed = clean_text(flat.field("content"), opt)
     roles = flat.field("role")
 
-    # Rebuild the list column with the cleaned strings and the same offsets.
-    new_struct = pa.StructArray.from_arrays([roles, content], names=["role", "content"])
-    cleaned = pa.ListArray.from_arrays(messages.offsets, new_struct, mask=messages.is_null())
-
     lengths = pc.fill_null(pc.utf8_length(content), 0).to_numpy(zero_copy_only=False)
     n_chars = per_row(parent, lengths, n).astype(np.int64)
     offsets = messages.offsets.to_numpy()
@@ -189,6 +185,16 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
             problem = _check_answer(last_content[int(i)].as_py(), opt.answer_schema)
             if problem:
                 reason[i], detail[i] = problem.split("|", 1)
+
+    # PII masking after every check: a mask can't make a row the checks accept fail them (an
+    # answer-schema field holding a date was turned into [PHONE] and rejected).
+    if opt.mask_pii:
+        content, changed["pii"] = mask_pii(content, opt.pii_region)
+        lengths = pc.fill_null(pc.utf8_length(content), 0).to_numpy(zero_copy_only=False)
+        n_chars = per_row(parent, lengths, n).astype(np.int64)  # what is kept (bounds were checked before)
+    # Rebuild the list column with the cleaned strings and the same offsets.
+    new_struct = pa.StructArray.from_arrays([roles, content], names=["role", "content"])
+    cleaned = pa.ListArray.from_arrays(messages.offsets, new_struct, mask=messages.is_null())
 
     # Content hashes of the rows still in (only those are kept or compared).
     kept_idx = np.flatnonzero(reason == None)  # noqa: E711

@@ -70,6 +70,7 @@ class CleanSettings(_Settings):
     min_chars: int = _f(1, "Rows shorter than this (all turns) are rejected.")
     max_chars: int = _f(20000, "Rows longer than this (all turns) are rejected.")
     mask_pii: bool = _f(False, "Replace e-mail addresses and phone numbers with [EMAIL] / [PHONE].")
+    pii_region: str = _f("US", "Region (ISO 3166 code) of phone numbers written without +country code.")
     drop_patterns: list = _f([], "Regular expressions: a row any of them matches is rejected.")
     query: str = _f("", "A row filter over the row's columns; rows it rejects get reason query.")
     answer_schema: Any = _f(None, "Field -> type map the final answer (a JSON object) must satisfy.")

@@ -4,6 +4,8 @@ characters, whitespace and PII masks, each reporting which turns it changed."""
 from __future__ import annotations
 
 import html
+import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -15,7 +17,10 @@ from kiln.spec import CleanSettings
 
 CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 EMAIL = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"
-PHONE = r"\+?\d[\d\s().-]{7,}\d"
+# Turns that may hold a phone number: a cheap Arrow regex finds them, `phonenumbers` decides.
+PHONE_CANDIDATE = r"\+?\(?\d[\d\s().-]{5,}\d"
+# A JSON string literal (the only place a JSON answer is masked: it stays valid, types unchanged).
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 def per_row(parent: np.ndarray, flags, n: int) -> np.ndarray:
@@ -32,8 +37,56 @@ ANY_FIX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f&\t\xa0\r]|\A\s|\s\z| {2}| \n|\n |\n{
 STRING = pd.ArrowDtype(pa.string())
 
 
+def mask_text(text: str, region: str) -> str:
+    """E-mail addresses -> [EMAIL]; phone numbers -> [PHONE], as `phonenumbers` finds them
+    (leniency POSSIBLE: fictional and unassigned ranges are masked too). The regex used before
+    took ISO dates and long order numbers for phones (2025-06-01 became [PHONE])."""
+    import phonenumbers
+
+    text = re.sub(EMAIL, "[EMAIL]", text)
+    spans = [
+        (m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE)
+    ]
+    for start, end in reversed(spans):
+        text = text[:start] + "[PHONE]" + text[end:]
+    return text
+
+
+def mask_turn(text: str, region: str) -> str:
+    """A turn masked; a JSON answer only inside its string values, so it stays valid JSON of the
+    same shape (a bare number is a number, not text, and stays)."""
+    stripped = text.strip()
+    if stripped[:1] in ("{", "["):
+        try:
+            json.loads(stripped)
+        except ValueError:
+            return mask_text(text, region)
+
+        def one(m: re.Match) -> str:
+            value = json.loads(m.group(0))
+            masked = mask_text(value, region)
+            return m.group(0) if masked == value else json.dumps(masked, ensure_ascii=False)
+
+        return JSON_STRING.sub(one, text)
+    return mask_text(text, region)
+
+
+def mask_pii(content: pa.Array, region: str) -> tuple[pa.Array, np.ndarray]:
+    """Mask every turn that may hold an e-mail address or a phone number; (content, changed flags)."""
+    maybe = pc.fill_null(pc.match_substring_regex(content, f"{EMAIL}|{PHONE_CANDIDATE}"), False)
+    idx = np.flatnonzero(maybe.to_numpy(zero_copy_only=False))
+    flags = np.zeros(len(content), dtype=bool)
+    if not len(idx):
+        return content, flags
+    before = content.take(pa.array(idx)).to_pylist()
+    after = [mask_turn(t, region) for t in before]
+    flags[idx[[a != b for a, b in zip(after, before)]]] = True
+    return pc.replace_with_mask(content, maybe, pa.array(after, pa.string())), flags
+
+
 def clean_text(content: pa.Array, settings) -> tuple[pa.Array, dict[str, np.ndarray]]:
     """Apply the text operations to an Arrow string array; return it and per-op change flags.
+    (PII masking is separate, mask_pii: it runs after the answer checks.)
 
     One vectorised pass finds the turns any operation could change (most real text needs no
     fixing, and a find is cheaper than a rewrite); the operations then run, as Arrow compute
@@ -55,8 +108,6 @@ def clean_text(content: pa.Array, settings) -> tuple[pa.Array, dict[str, np.ndar
     half = n // 2
     with ThreadPoolExecutor(2) as pool:
         suspects = np.concatenate(list(pool.map(find, [content.slice(0, half), content.slice(half)])))
-    if opt.mask_pii:
-        suspects = np.ones(n, dtype=bool)
     idx = np.flatnonzero(suspects)
     work = content.take(idx)
     flags: dict[str, np.ndarray] = {}
@@ -107,12 +158,6 @@ def clean_text(content: pa.Array, settings) -> tuple[pa.Array, dict[str, np.ndar
         if edges.any():
             work = pc.if_else(pa.array(edges), trimmed, work)
         flags["whitespace"] = inner_hit | edges
-    if opt.mask_pii:
-        step(
-            "pii",
-            has(f"{EMAIL}|{PHONE}"),
-            lambda s: s.str.replace(EMAIL, "[EMAIL]", regex=True).str.replace(PHONE, "[PHONE]", regex=True),
-        )
     changed = {}
     for name, hit in flags.items():
         full = np.zeros(n, dtype=bool)
