@@ -202,3 +202,76 @@ def test_pii_region_reads_local_numbers():
     assert "[PHONE]" not in clean_table(table, {"mask_pii": True})[0].column("messages").to_pylist()[0][0]["content"]
     gb = clean_table(table, {"mask_pii": True, "pii_region": "GB"})[0]
     assert gb.column("messages").to_pylist()[0][0]["content"] == "call [PHONE] today"
+
+
+ORDER_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["product", "quantity", "ship"],
+    "additionalProperties": False,
+    "properties": {
+        "product": {"type": "string", "enum": ["lamp", "desk"]},
+        "quantity": {"type": "integer", "minimum": 1},
+        "ship": {
+            "type": "object",
+            "required": ["date"],
+            "properties": {"date": {"type": "string", "format": "date"}, "city": {"type": "string"}},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "answer, reason, detail",
+    [
+        ('{"product": "lamp", "quantity": 2, "ship": {"date": "2025-06-01", "city": "Oslo"}}', None, None),
+        ('{"product": "lamp", "quantity": 2, "ship": {"date": "2025-06-01"}}', None, None),
+        (
+            '{"product": "sofa", "quantity": 2, "ship": {"date": "2025-06-01"}}',
+            "answer_schema",
+            "field 'product': 'sofa' is not one of",
+        ),
+        (
+            '{"product": "lamp", "quantity": 0, "ship": {"date": "2025-06-01"}}',
+            "answer_schema",
+            "field 'quantity': 0 is less than the minimum of 1",
+        ),
+        (
+            '{"product": "lamp", "quantity": 2, "ship": {"date": "June 1st"}}',
+            "answer_schema",
+            "field 'ship/date': 'June 1st' is not a 'date'",
+        ),
+        ('{"product": "lamp", "quantity": 2}', "answer_schema", "the answer: 'ship' is a required property"),
+        (
+            '{"product": "lamp", "quantity": 2, "ship": {"date": "2025-06-01"}, "x": 1}',
+            "answer_schema",
+            "Additional properties",
+        ),
+        ('{"product": "lamp",', "invalid_json", "answer is not valid JSON"),
+    ],
+)
+def test_answer_schema_as_json_schema(answer, reason, detail):
+    clean, rejected, _ = clean_table(
+        raw_table([chat("an order for a lamp please", answer)]), {"answer_schema": ORDER_SCHEMA}
+    )
+    if reason is None:
+        assert clean.num_rows == 1 and rejected.num_rows == 0
+    else:
+        row = rejected.to_pylist()[0]
+        assert row["reason"] == reason and detail in row["detail"], row
+
+
+def test_an_invalid_json_schema_is_refused_when_the_config_is_read():
+    from kiln.config import ConfigError, validate
+
+    cfg = {
+        "datasets": {
+            "d": {"sources": [{"name": "s", "kind": "synthetic"}], "clean": {"answer_schema": {"type": "objekt"}}}
+        },
+        "models": {"m": {"kind": "local", "path": "."}},
+        "experiments": {"e": {"dataset": "d", "model": "m"}},
+    }
+    with pytest.raises(
+        ConfigError, match=r"clean.answer_schema: not a valid JSON Schema at type: 'objekt' is not valid"
+    ):
+        validate(cfg)

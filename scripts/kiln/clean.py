@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from kiln.rowfilter import QUERY_COLUMNS, FilterError, parse_filter
-from kiln.spec import CleanSettings
+from kiln.spec import CleanSettings, is_type_map
 from kiln.tables import CLEAN_SCHEMA, MESSAGES_TYPE, REJECTED_SCHEMA, download_record, skipped_record
 from kiln.textfix import STRING, clean_text, mask_pii, per_row
 
@@ -75,6 +75,27 @@ def _check_answer(answer: str, schema: dict) -> str | None:
         if not ok:
             return f"answer_schema|field '{key}': expected {kind}, got {type(value).__name__} {value!r}"
     return None
+
+
+def json_schema_validator(schema: dict):
+    """A jsonschema validator for `schema` (its own draft), with format checks (`date` included)."""
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def _check_json_schema(answer: str, validator) -> str | None:
+    """None if ``answer`` parses as JSON and satisfies the schema; else reason|detail naming where."""
+    try:
+        obj = json.loads(answer)
+    except json.JSONDecodeError as exc:
+        return f"invalid_json|answer is not valid JSON ({exc.msg} at column {exc.colno})"
+    error = next(iter(sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))), None)
+    if error is None:
+        return None
+    where = "/".join(map(str, error.absolute_path))
+    return f"answer_schema|{f'field {where!r}' if where else 'the answer'}: {error.message}"
 
 
 def _is_date(value: str) -> bool:
@@ -177,7 +198,13 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
                 f"columns available: {', '.join(QUERY_COLUMNS)}"
             ) from None
         reject(~keep, "query", f"fails query {opt.query!r}")
-    if opt.answer_schema:
+    if opt.answer_schema and not is_type_map(opt.answer_schema):
+        validator = json_schema_validator(opt.answer_schema)
+        for i in np.flatnonzero(chat & (reason == None)):  # noqa: E711
+            problem = _check_json_schema(last_content[int(i)].as_py(), validator)
+            if problem:
+                reason[i], detail[i] = problem.split("|", 1)
+    elif opt.answer_schema:
         pattern = answer_fast_pattern(opt.answer_schema)
         surely_ok = pc.fill_null(pc.match_substring_regex(last_content, pattern), False).to_numpy(zero_copy_only=False)
         todo = np.flatnonzero(chat & (reason == None) & ~surely_ok)  # noqa: E711

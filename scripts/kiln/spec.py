@@ -60,6 +60,15 @@ class _Settings:
         return {f.name: f.metadata["help"] for f in fields(cls)}
 
 
+ANSWER_TYPES = ("string", "integer", "number", "boolean", "date")
+
+
+def is_type_map(schema) -> bool:
+    """The answer-schema shorthand: {field: type name}, every value one of ANSWER_TYPES. Anything
+    else is read as a JSON Schema (its keywords hold objects, lists, numbers, or other strings)."""
+    return isinstance(schema, dict) and bool(schema) and all(v in ANSWER_TYPES for v in schema.values())
+
+
 @dataclass(frozen=True)
 class CleanSettings(_Settings):
     section = "clean"
@@ -73,10 +82,26 @@ class CleanSettings(_Settings):
     pii_region: str = _f("US", "Region (ISO 3166 code) of phone numbers written without +country code.")
     drop_patterns: list = _f([], "Regular expressions: a row any of them matches is rejected.")
     query: str = _f("", "A row filter over the row's columns; rows it rejects get reason query.")
-    answer_schema: Any = _f(None, "Field -> type map the final answer (a JSON object) must satisfy.")
+    answer_schema: Any = _f(
+        None,
+        "What the final answer must be: a JSON Schema, or the shorthand field -> type map "
+        "(string, integer, number, boolean, date) for a JSON object with exactly those fields.",
+    )
 
     def check(self, where: str = "clean") -> None:
-        """The query must parse as a filter over the columns the clean stage gives it (never code)."""
+        """The query must parse as a filter over the columns the clean stage gives it (never code);
+        an answer schema that is not the type-map shorthand must be a valid JSON Schema."""
+        if self.answer_schema is not None and not is_type_map(self.answer_schema):
+            import jsonschema
+
+            try:
+                jsonschema.validators.validator_for(self.answer_schema).check_schema(self.answer_schema)
+            except jsonschema.SchemaError as exc:
+                at = "/".join(map(str, exc.path))
+                raise SpecError(
+                    f"{where}.answer_schema: not a valid JSON Schema{f' at {at}' if at else ''}: {exc.message} "
+                    f"(or use the shorthand: field -> one of {', '.join(ANSWER_TYPES)})"
+                ) from None
         if self.query:
             from kiln.rowfilter import QUERY_COLUMNS, FilterError, parse_filter
 
