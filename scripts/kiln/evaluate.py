@@ -14,7 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from kiln.metrics import check_main_metric, task_metrics
+from kiln.metrics import check_main_metric, detect_task, label_scores, resolve_main_metric, task_metrics
 from kiln.spec import EvaluateSettings, read_adapter_spec
 
 log = logging.getLogger(__name__)
@@ -27,13 +27,21 @@ def parse_json(text: str):
         return None
 
 
-def score(predictions: list[str], references: list[str]) -> dict:
-    """Task metrics: exact match always; JSON metrics when references are JSON objects, else chrF."""
+def score(predictions: list[str], references: list[str], task: str | None = None) -> dict:
+    """Task metrics (kiln.metrics.TASK_METRICS): json: exact match, valid JSON, field accuracy;
+    label: accuracy, macro-F1, per-label counts, confusion; chat: exact match, chrF; text: none
+    from generation (its perplexity comes from the loss). Without a task: json or chat, by the
+    references."""
     n = len(references)
     refs = [parse_json(r) for r in references]
-    json_task = n > 0 and all(isinstance(r, dict) for r in refs)
+    if task is None:
+        task = "json" if n > 0 and all(isinstance(r, dict) for r in refs) else "chat"
     out: dict = {"n": n}
-    if json_task:
+    if task == "text" or n == 0:
+        return out
+    if task == "label":
+        return {**out, **label_scores(predictions, references)}
+    if task == "json":
         preds = [parse_json(p.strip()) for p in predictions]
         out["exact_match"] = sum(p == r for p, r in zip(preds, refs, strict=True)) / n
         out["valid_json"] = sum(isinstance(p, dict) for p in preds) / n
@@ -159,20 +167,34 @@ def evaluate(
     if "seq_lengths" in tokenized_test.column_names:  # packed: score each row on its own
         raise ValueError("evaluation needs the unpacked test split; set tokenize.packing only for training")
     prompts, refs, rows = prompts_and_references(test, tokenizer, s.max_samples)
-    metrics: dict = {"experiment": experiment, "test_rows": len(test), "generated_rows": len(prompts)}
+    kinds = test.select(range(min(s.max_samples, len(test))))["kind"] if len(test) else []
+    if s.task == "auto":
+        task, why = detect_task(kinds, refs)
+    else:
+        task, why = s.task, "evaluate.task"
+    if task == "text":
+        prompts, refs, rows = [], [], []  # scored by perplexity on the held-out documents
+    log.info("task: %s (%s)", task, why)
+    metrics: dict = {
+        "experiment": experiment,
+        "task": task,
+        "task_reason": why,
+        "test_rows": len(test),
+        "generated_rows": len(prompts),
+    }
     outputs = {}
     for kind in models:
         t0 = time.perf_counter()
         model = load_model(kind, base_dir, merged_dir, adapter_dir)
         m = masked_loss(model, tokenized_test, tokenizer.pad_token_id)
-        outputs[kind] = generate(model, tokenizer, prompts, s.batch_size, s.max_new_tokens)
-        m.update(score(outputs[kind], refs))
+        outputs[kind] = generate(model, tokenizer, prompts, s.batch_size, s.max_new_tokens) if prompts else []
+        m.update(score(outputs[kind], refs, task))
         m["eval_seconds"] = round(time.perf_counter() - t0, 1)
         metrics[kind] = m
-        log.info("%s: loss %.4f, exact match %.3f", kind, m["loss"], m["exact_match"])
+        log.info("%s: loss %.4f", kind, m["loss"])
         del model
     produced = task_metrics(metrics)
-    main = s.main_metric
+    main = resolve_main_metric(s.main_metric, task)
     check_main_metric(main, produced)
     metrics["main_metric"], metrics["task_metrics"] = main, produced
     if "base" in metrics and "tuned" in metrics:

@@ -14,11 +14,19 @@ KNOWN = {
     "valid_json": ("valid JSON", 1.0, True),
     "mean_field_accuracy": ("mean field accuracy", 1.0, True),
     "chrf": ("chrF", 100.0, True),
+    "accuracy": ("accuracy", 1.0, True),
+    "macro_f1": ("macro F1", 1.0, True),
     "loss": ("loss (test, assistant tokens)", None, False),
     "perplexity": ("perplexity", None, False),
 }
+
+
+def higher_is_better(name: str) -> bool:
+    return KNOWN.get(name, (None, None, True))[2]
+
+
 MODELS = ("base", "tuned", "adapter_4bit")  # the three models evaluation scores, in display order
-NOT_METRICS = {"n", "eval_seconds", "loss_tokens"}  # counts and timings in a model's block
+NOT_METRICS = {"n", "eval_seconds", "loss_tokens", "other_predictions"}  # counts and timings in a model's block
 
 
 def label(name: str) -> str:
@@ -39,7 +47,10 @@ def scalar_metrics(block: dict | None) -> dict[str, float]:
 
 
 def task_metrics(metrics: dict) -> list[str]:
-    """The task's scored metrics (all but loss and perplexity), over every model, in file order."""
+    """The task's scored metrics (all but loss and perplexity, unless perplexity is what a text
+    task is scored by), over every model, in file order."""
+    if metrics.get("task") == "text":
+        return ["perplexity"]
     names: dict[str, None] = {}
     for model in MODELS:
         for name in scalar_metrics(metrics.get(model)):
@@ -48,9 +59,88 @@ def task_metrics(metrics: dict) -> list[str]:
     return list(names)
 
 
+TASKS = ("json", "label", "chat", "text")
+# The metric a task is judged by unless evaluate.main_metric names another of its metrics.
+TASK_MAIN = {"json": "exact_match", "label": "macro_f1", "chat": "chrf", "text": "perplexity"}
+TASK_METRICS = {
+    "json": ["exact_match", "valid_json", "mean_field_accuracy"],
+    "label": ["accuracy", "macro_f1", "exact_match"],
+    "chat": ["exact_match", "chrf"],
+    "text": ["perplexity"],
+}
+LABEL_MAX_CHARS = 40  # a label is short and one line; more distinct values than LABEL_SHARE of rows is text
+LABEL_SHARE = 0.5
+
+
+def _json_object(text: str):
+    import json
+
+    try:
+        value = json.loads(text)
+    except (ValueError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def detect_task(kinds: list[str], references: list[str]) -> tuple[str, str]:
+    """(task, why) from the test rows: no chat rows -> text; every answer a JSON object -> json;
+    short one-line answers drawn from a small set -> label; else chat (free text)."""
+    if not any(k == "chat" for k in kinds):
+        return "text", "the test rows are plain text (no chat turns)"
+    if not references:
+        return "chat", "no answers to look at"
+    if all(_json_object(r) is not None for r in references):
+        return "json", f"all {len(references)} reference answers are JSON objects"
+    distinct = {r.strip() for r in references}
+    short = all(len(r.strip()) <= LABEL_MAX_CHARS and "\n" not in r.strip() for r in references)
+    if short and len(distinct) <= max(2, LABEL_SHARE * len(references)):
+        return "label", (
+            f"{len(distinct)} distinct answers over {len(references)} rows, each one line of at most "
+            f"{LABEL_MAX_CHARS} characters"
+        )
+    return "chat", "answers are free text (not JSON objects, not a small set of short labels)"
+
+
+def label_scores(predictions: list[str], references: list[str]) -> dict:
+    """Accuracy, macro-F1 over the reference labels, per-label counts and the confusion matrix.
+
+    Written here rather than taken from scikit-learn: the few lines of F1 do not justify a large
+    dependency, and the confusion matrix is wanted as a JSON map, not an array."""
+    preds = [p.strip() for p in predictions]
+    refs = [r.strip() for r in references]
+    n = len(refs)
+    labels = sorted(set(refs))
+    confusion: dict[str, dict[str, int]] = {lab: {} for lab in labels}
+    for p, r in zip(preds, refs, strict=True):
+        confusion[r][p] = confusion[r].get(p, 0) + 1
+    per_label, f1s = {}, []
+    for lab in labels:
+        tp = confusion[lab].get(lab, 0)
+        predicted = sum(1 for p in preds if p == lab)
+        actual = sum(confusion[lab].values())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_label[lab] = {"reference": actual, "predicted": predicted, "correct": tp, "f1": f1}
+        f1s.append(f1)
+    accuracy = sum(p == r for p, r in zip(preds, refs, strict=True)) / n if n else 0.0
+    return {
+        "accuracy": accuracy,
+        "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+        "exact_match": accuracy,
+        "per_label": per_label,
+        "confusion": confusion,
+        "other_predictions": sum(1 for p in preds if p not in confusion),
+    }
+
+
 def main_metric(metrics: dict) -> str:
     """The metric an experiment is judged by: the one its evaluate settings named."""
     return metrics.get("main_metric") or "exact_match"
+
+
+def resolve_main_metric(setting: str, task: str) -> str:
+    return TASK_MAIN[task] if setting == "auto" else setting
 
 
 def check_main_metric(name: str, produced: list[str], where: str = "evaluate.main_metric") -> None:

@@ -214,10 +214,17 @@ class EvaluateSettings(_Settings):
     max_samples: int = _f(128, "Test rows scored (the first ones: every experiment gets the same rows).")
     batch_size: int = _f(32, "Prompts per generation batch.")
     max_new_tokens: int = _f(64, "New-token budget of greedy generation.")
+    task: str = _f(
+        "auto",
+        "What the answers are: json objects, short labels, free-text chat, or plain text documents "
+        "(perplexity only); auto decides from the test rows and records why.",
+        ("auto", "json", "label", "chat", "text"),
+    )
     main_metric: str = _f(
-        "exact_match",
-        "The metric experiments are compared and plotted by.",
-        ("exact_match", "valid_json", "mean_field_accuracy", "chrf"),
+        "auto",
+        "The metric experiments are compared and plotted by; auto: the task's own (json exact_match, "
+        "label macro_f1, chat chrf, text perplexity).",
+        ("auto", "exact_match", "valid_json", "mean_field_accuracy", "chrf", "accuracy", "macro_f1", "perplexity"),
     )
 
 

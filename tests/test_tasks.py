@@ -1,0 +1,88 @@
+"""Task types (issue 13): labels and plain text through evaluation, comparison, pages, the model card
+and the report, each judged by its own metrics; `evaluate.task: auto` says what it chose and why."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from conftest import Workflow, tiny_config
+
+from kiln.metrics import detect_task, label_scores
+
+WORDS = ["quick", "late", "broken", "lovely", "slow", "perfect", "cold", "fresh", "noisy", "bright", "rude", "kind"]
+
+
+def test_auto_detection_says_what_and_why():
+    chat = ["chat"] * 4
+    assert detect_task(["text"] * 3, [])[0] == "text"
+    assert detect_task(chat, ['{"a": 1}', '{"a": 2}', '{"b": 0}', "{}"])[0] == "json"
+    task, why = detect_task(chat * 3, ["positive", "negative", "positive", "neutral"] * 3)
+    assert task == "label" and "3 distinct answers over 12 rows" in why
+    assert detect_task(chat, ["A long answer about trips.", "Another one.", "Third.", "Fourth."])[0] == "chat"
+
+
+def test_label_scores():
+    s = label_scores(["pos", "neg", "pos", "maybe"], ["pos", "neg", "neg", "neg"])
+    assert s["accuracy"] == 0.5 == s["exact_match"]
+    # pos: precision 1/2, recall 1/1 -> 2/3; neg: precision 1/1, recall 1/3 -> 1/2.
+    assert s["macro_f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert s["confusion"] == {"neg": {"neg": 1, "pos": 1, "maybe": 1}, "pos": {"pos": 1}}
+    assert s["per_label"]["neg"] == {"reference": 3, "predicted": 1, "correct": 1, "f1": 0.5}
+    assert s["other_predictions"] == 1
+
+
+def _experiment(cfg: dict, dataset: str, source: dict) -> dict:
+    cfg["datasets"] = {dataset: {"sources": [source], "build": {"validation": 0.1, "test": 0.2, "seed": 0}}}
+    exp = cfg["experiments"].pop("tiny")
+    exp["dataset"] = dataset
+    cfg["experiments"][dataset] = exp
+    return cfg
+
+
+@pytest.mark.slow
+def test_a_label_task_is_scored_by_accuracy_macro_f1_and_a_confusion_matrix(tmp_path):
+    rows = []
+    for i in range(80):
+        word = WORDS[i % len(WORDS)]
+        sentiment = "negative" if word in ("late", "broken", "slow", "cold", "noisy", "rude") else "positive"
+        rows.append({"prompt": f"Review {i}: the delivery was {word}. Sentiment?", "completion": sentiment})
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _experiment(tiny_config(), "reviews", {"name": "mine", "kind": "local", "path": "reviews.jsonl"})
+    wf = Workflow(tmp_path, cfg)
+    wf.run()
+    metrics = json.loads(wf.path("reviews/metrics.json").read_text())
+    assert metrics["task"] == "label" and "2 distinct answers" in metrics["task_reason"]
+    assert metrics["main_metric"] == "macro_f1"
+    assert metrics["task_metrics"] == ["accuracy", "macro_f1", "exact_match"]
+    tuned = metrics["tuned"]
+    assert set(tuned["confusion"]) == {"negative", "positive"} and 0 <= tuned["macro_f1"] <= 1
+    assert sum(v["reference"] for v in tuned["per_label"].values()) == tuned["n"]
+    with open(wf.path("experiments.csv")) as f:
+        row = next(csv.DictReader(f))
+    assert row["main_metric"] == "macro_f1"
+    assert float(row["delta_macro_f1"]) == pytest.approx(tuned["macro_f1"] - metrics["base"]["macro_f1"])
+    card = wf.path("reviews/model/README.md").read_text()
+    assert "Main metric: macro F1." in card and f"| macro F1 | {metrics['base']['macro_f1']:.4f} |" in card
+    report = tmp_path / "report.html"
+    wf.run("--report", str(report))
+    assert report.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_plain_text_dataset_is_scored_by_perplexity(tmp_path):
+    lines = [f"Note {i}: the {WORDS[i % len(WORDS)]} kiln fired its batch of cups at dawn." for i in range(80)]
+    (tmp_path / "notes.txt").write_text("\n".join(lines) + "\n")
+    cfg = _experiment(tiny_config(), "notes", {"name": "mine", "kind": "local", "path": "notes.txt"})
+    wf = Workflow(tmp_path, cfg)
+    wf.run()
+    metrics = json.loads(wf.path("notes/metrics.json").read_text())
+    assert metrics["task"] == "text" and metrics["main_metric"] == "perplexity"
+    assert metrics["task_metrics"] == ["perplexity"] and metrics["generated_rows"] == 0
+    assert metrics["tuned"]["perplexity"] > 1 and metrics["tuned"]["loss_tokens"] > 0
+    with open(wf.path("experiments.csv")) as f:
+        row = next(csv.DictReader(f))
+    assert row["main_metric"] == "perplexity"
+    assert float(row["tuned_perplexity"]) == pytest.approx(metrics["tuned"]["perplexity"])
+    assert "Main metric: perplexity." in wf.path("notes/model/README.md").read_text()
