@@ -10,6 +10,7 @@ import pytest
 from conftest import Workflow, tiny_config
 
 from kiln.metrics import detect_task, label_scores
+from kiln.pages import label_tables
 
 WORDS = ["quick", "late", "broken", "lovely", "slow", "perfect", "cold", "fresh", "noisy", "bright", "rude", "kind"]
 
@@ -31,6 +32,8 @@ def test_label_scores():
     assert s["confusion"] == {"neg": {"neg": 1, "pos": 1, "maybe": 1}, "pos": {"pos": 1}}
     assert s["per_label"]["neg"] == {"reference": 3, "predicted": 1, "correct": 1, "f1": 0.5}
     assert s["other_predictions"] == 1
+    html = label_tables(s)
+    assert "<h3>Confusion matrix" in html and "maybe" in html and label_tables({"accuracy": 1.0}) == ""
 
 
 def _experiment(cfg: dict, dataset: str, source: dict) -> dict:
@@ -63,6 +66,8 @@ def test_a_label_task_is_scored_by_accuracy_macro_f1_and_a_confusion_matrix(tmp_
         row = next(csv.DictReader(f))
     assert row["main_metric"] == "macro_f1"
     assert float(row["delta_macro_f1"]) == pytest.approx(tuned["macro_f1"] - metrics["base"]["macro_f1"])
+    page = wf.path("reviews/manifest.html").read_text()
+    assert "Confusion matrix (tuned; rows: reference, columns: predicted)" in page and 'id="confusion"' in page
     card = wf.path("reviews/model/README.md").read_text()
     assert "Main metric: macro F1." in card and f"| macro F1 | {metrics['base']['macro_f1']:.4f} |" in card
     report = tmp_path / "report.html"

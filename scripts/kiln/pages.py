@@ -130,6 +130,21 @@ def samples_page(samples_path: str | Path, experiment: str, limit: int = 40) -> 
     return page(f"{experiment}: sample generations (base vs tuned vs reference)", _table(rows, table_id="samples"))
 
 
+def label_tables(block: dict) -> str:
+    """A label task's per-label counts and confusion matrix (rows: reference, columns: predicted)."""
+    if not block.get("confusion"):
+        return ""
+    per_label = [{"label": k, **v} for k, v in block["per_label"].items()]
+    predicted = sorted({p for row in block["confusion"].values() for p in row})
+    confusion = [{"reference": r, **{p: row.get(p, 0) for p in predicted}} for r, row in block["confusion"].items()]
+    return (
+        "<h3>Labels (tuned): counts and F1</h3>"
+        + _table(per_label, table_id="labels")
+        + "<h3>Confusion matrix (tuned; rows: reference, columns: predicted)</h3>"
+        + _table(confusion, ["reference", *predicted], table_id="confusion")
+    )
+
+
 def manifest_page(manifest: dict) -> str:
     m = manifest
     tuned, base = m["metrics"]["tuned"], m["metrics"]["base"]
@@ -146,7 +161,8 @@ def manifest_page(manifest: dict) -> str:
         {"what": f"{label(main)} base -> tuned", "value": f"{base[main]:.3f} -> {tuned[main]:.3f}"},
     ]
     stages = [{"stage": k, **(v or {})} for k, v in m["stages"].items()]
-    body = _table(summary, table_id="manifest-summary") + "<h3>Stages (Snakemake benchmark records)</h3>"
+    body = _table(summary, table_id="manifest-summary") + label_tables(tuned)
+    body += "<h3>Stages (Snakemake benchmark records)</h3>"
     body += _table(stages, ["stage", "jobs", "wall_s", "max_rss_mb", "cpu_time_s"])
     body += "<h3>Packages</h3>" + _table([{"package": k, "version": v} for k, v in m["packages"].items()])
     body += "<h3>Hardware</h3>" + _table([{"what": k, "value": v} for k, v in m["hardware"].items()])
