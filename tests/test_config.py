@@ -195,3 +195,35 @@ def test_a_missing_local_model_stops_the_parse_with_one_line(workflow_factory, t
     proc = workflow_factory(cfg).run(dry=True, check=False)
     assert proc.returncode != 0
     assert f"config: models.tiny.path: folder '{tmp_path / 'nowhere'}' does not exist" in proc.stdout + proc.stderr
+
+
+def test_csv_columns_are_checked_when_the_workflow_is_parsed(tmp_path, monkeypatch):
+    from kiln.config import check_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "faq.csv").write_bytes(b"\xef\xbb\xbfquestion,answer\nq,a\n")  # a BOM, as Excel writes it
+    source = {
+        "name": "faq",
+        "kind": "local",
+        "path": "faq.csv",
+        "columns": {"prompt": "question", "completion": "anwser"},
+    }
+    cfg = validate(
+        {
+            "datasets": {"d": {"sources": [source]}},
+            "models": {"m": {"kind": "local", "path": "."}},
+            "experiments": {"e": {"dataset": "d", "model": "m"}},
+        }
+    )
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        check_local_paths(cfg)
+    assert str(err.value) == (
+        "config: datasets.d.sources[0].columns: maps completion to column 'anwser', "
+        "which is not in faq.csv (its columns: question, answer)"
+    )
+    cfg["datasets"]["d"]["sources"][0]["columns"]["completion"] = "answer"
+    check_local_paths(cfg)
+    cfg["datasets"]["d"]["sources"][0]["columns"]["completion"] = "anwser"
+    cfg["datasets"]["d"]["sources"][0]["on_bad_file"] = "skip"  # set aside by its collect job instead
+    check_local_paths(cfg)

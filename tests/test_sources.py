@@ -374,13 +374,13 @@ def test_a_failed_collect_says_kilns_reason_on_the_console(workflow_factory, tmp
 
     data = tmp_path / "data"
     data.mkdir()
-    (data / "qa.csv").write_text("question,answer\nwhat is in my order?,two apples\n")
+    (data / "qa.jsonl").write_text(json.dumps({"question": "what is in my order?", "answer": "two apples"}) + "\n")
     cfg = tiny_config()
     cfg["datasets"]["orders"]["sources"] = [
-        local_source(data / "*.csv", columns={"prompt": "question", "completion": "dat"})
+        local_source(data / "*.jsonl", columns={"prompt": "question", "completion": "dat"})
     ]
-    proc = workflow_factory(cfg).run("results/data/orders/raw/in/qa.csv.parquet", check=False)
+    proc = workflow_factory(cfg).run("results/data/orders/raw/in/qa.jsonl.parquet", check=False)
     assert proc.returncode != 0
     line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("Kiln: rule collect failed:"))
-    assert f"{data / 'qa.csv'}: `columns:` maps completion to column 'dat', which is not in the file" in line
+    assert f"{data / 'qa.jsonl'}: `columns:` maps completion to column 'dat', which is not in the file" in line
     assert "(details: results/logs/collect/" in line

@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from kiln.folders import local_model_problem
+from kiln.folders import csv_header, local_model_problem
 from kiln.spec import BuildSettings, CleanSettings, Experiment, SpecError, moved_key_error
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
@@ -216,8 +216,27 @@ def _check_pinned(spec: dict, where: str) -> None:
     )
 
 
+# CSV headers read at parse time per source; files past this many are checked by their collect job.
+HEADER_CHECKS = 200
+
+
 def check_local_paths(cfg: dict) -> None:
-    """At parse time, before any job: every `local` model folder an experiment uses can be loaded."""
+    """At parse time, before any job: every `local` model folder an experiment uses can be loaded,
+    and a local CSV source's `columns:` names columns its files have (unless on_bad_file: skip,
+    where the collect job sets such a file aside)."""
+    for ds, spec in cfg.get("datasets", {}).items():
+        for i, src in enumerate(spec.get("sources", [])):
+            if src.get("kind") != "local" or not src.get("columns") or src.get("on_bad_file") == "skip":
+                continue
+            files = [f for f in local_files(src["path"]).values() if f.lower().endswith(".csv")]
+            for file in files[:HEADER_CHECKS]:
+                header = csv_header(file, src.get("encoding", "utf-8"))
+                for field, col in src["columns"].items():
+                    if col not in header:
+                        raise ConfigError(
+                            f"config: datasets.{ds}.sources[{i}].columns: maps {field} to column '{col}', "
+                            f"which is not in {file} (its columns: {', '.join(header[:30])})"
+                        )
     used = {exp["model"] for exp in cfg.get("experiments", {}).values()}
     for name, spec in cfg.get("models", {}).items():
         if spec.get("kind") == "local" and name in used:
