@@ -21,14 +21,29 @@ def local_model_problem(folder: str | Path) -> str | None:
     return None
 
 
-def csv_header(path: str | Path, encoding: str = "utf-8") -> list[str]:
-    """A CSV file's column names (its first row), read as the collect stage will: a byte-order
-    mark decides among the Unicode encodings."""
+# Byte-order marks, longest first (a UTF-32-LE mark starts with the UTF-16-LE one).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_UNICODE = {"utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"}
+
+
+def bom_encoding(path: str | Path, encoding: str) -> str:
+    """The encoding a file is read with: a byte-order mark decides among the Unicode encodings
+    (a UTF-8 one is dropped, UTF-16/32 files read with the utf-8 default); a non-Unicode
+    `encoding:` (latin-1, cp1252) is the user's word and stands. LookupError for an unknown codec."""
+    if codecs.lookup(encoding).name not in _UNICODE:
+        return encoding
     with open(path, "rb") as fh:
         head = fh.read(4)
-    if head.startswith(codecs.BOM_UTF8):
-        encoding = "utf-8-sig"
-    elif head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not head.startswith(codecs.BOM_UTF32_LE):
-        encoding = "utf-16"
-    with open(path, newline="", encoding=encoding, errors="replace") as fh:
+    return next((name for bom, name in _BOMS if head.startswith(bom)), encoding)
+
+
+def csv_header(path: str | Path, encoding: str = "utf-8") -> list[str]:
+    """A CSV file's column names (its first row), read as the collect stage will (bom_encoding)."""
+    with open(path, newline="", encoding=bom_encoding(path, encoding), errors="replace") as fh:
         return next(csv.reader(fh), [])

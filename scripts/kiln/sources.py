@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kiln.config import local_files, url_shards
+from kiln.folders import bom_encoding
 from kiln.records import RecordError, stable_id, to_canonical
 from kiln.tables import DOWNLOAD_KEY, RAW_SCHEMA, SKIPPED_KEY
 
@@ -35,34 +36,17 @@ class CollectError(RuntimeError):
 
 
 # Byte-order marks, longest first (a UTF-32-LE mark starts with the UTF-16-LE one).
-_BOMS = (
-    (codecs.BOM_UTF32_LE, "utf-32"),
-    (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF8, "utf-8-sig"),
-    (codecs.BOM_UTF16_LE, "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16"),
-)
-_UNICODE = {"utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"}
-
-
 def file_encoding(path: str, encoding: str) -> str:
     """The encoding a file is read with. A byte-order mark decides among the Unicode encodings
     (a UTF-8 one is dropped, not read into the first record; UTF-16 and UTF-32 files read with the
     utf-8 default); a non-Unicode `encoding:` (latin-1, cp1252) is the user's word and stands."""
     try:
-        name = codecs.lookup(encoding).name
+        by_mark = bom_encoding(path, encoding)  # kiln.folders: the same rule the parse-time checks use
     except LookupError:
         raise CollectError(f"{path}: unknown encoding {encoding!r} (set `encoding:` to a Python codec name)") from None
-    if name not in _UNICODE:
-        return encoding
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    for bom, by_mark in _BOMS:
-        if head.startswith(bom):
-            if by_mark != encoding:
-                log.info("%s: %s byte-order mark: read as %s", path, by_mark.upper(), by_mark)
-            return by_mark
-    return encoding
+    if by_mark != encoding:
+        log.info("%s: %s byte-order mark: read as %s", path, by_mark.upper(), by_mark)
+    return by_mark
 
 
 def _jsonl_lines(path: str, encoding: str) -> Iterator[tuple[int, str | None, str, str | None]]:
