@@ -275,3 +275,10 @@ def test_an_invalid_json_schema_is_refused_when_the_config_is_read():
         ConfigError, match=r"clean.answer_schema: not a valid JSON Schema at type: 'objekt' is not valid"
     ):
         validate(cfg)
+
+
+def test_an_unknown_pii_region_is_refused_not_ignored():
+    from kiln.clean import CleanError
+
+    with pytest.raises(CleanError, match="clean.pii_region: 'ZZ' is not a region"):
+        clean_table(raw_table([chat("call (415) 555-2671", "ok")]), {"mask_pii": True, "pii_region": "ZZ"})

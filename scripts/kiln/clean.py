@@ -216,6 +216,10 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
     # PII masking after every check: a mask can't make a row the checks accept fail them (an
     # answer-schema field holding a date was turned into [PHONE] and rejected).
     if opt.mask_pii:
+        import phonenumbers
+
+        if opt.pii_region not in phonenumbers.SUPPORTED_REGIONS:  # else local numbers go unmasked
+            raise CleanError(f"clean.pii_region: {opt.pii_region!r} is not a region phonenumbers knows (US, GB, DE, …)")
         content, changed["pii"] = mask_pii(content, opt.pii_region)
         lengths = pc.fill_null(pc.utf8_length(content), 0).to_numpy(zero_copy_only=False)
         n_chars = per_row(parent, lengths, n).astype(np.int64)  # what is kept (bounds were checked before)
