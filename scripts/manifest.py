@@ -29,4 +29,4 @@ write_manifest(sm.output.manifest, json.loads(json.dumps(manifest)))
 with open(sm.output.html, "w") as f:
     f.write(manifest_page(manifest))
 with open(sm.output.samples_html, "w") as f:
-    f.write(samples_page(sm.input.samples, experiment))
+    f.write(samples_page(sm.input.samples, experiment, task=manifest["metrics"].get("task", "")))

@@ -45,8 +45,9 @@ def test_a_free_text_experiment_goes_through_compare_pages_report_and_repro(tmp_
     wf = Workflow(tmp_path, free_text_config(tmp_path))
     wf.run()
     metrics = json.loads(wf.path("trips/metrics.json").read_text())
-    assert metrics["main_metric"] == "chrf" and metrics["task_metrics"] == ["exact_match", "chrf"]
-    assert "valid_json" not in metrics["tuned"]
+    assert metrics["main_metric"] == "chrf" and metrics["task_metrics"] == ["exact_match", "chrf", "rouge_l"]
+    assert "valid_json" not in metrics["tuned"] and 0 <= metrics["tuned"]["rouge_l"] <= 1
+    assert metrics["tuned"]["length"]["reference_words_mean"] > 10
 
     with open(wf.path("experiments.csv")) as f:
         row = next(csv.DictReader(f))
@@ -59,7 +60,9 @@ def test_a_free_text_experiment_goes_through_compare_pages_report_and_repro(tmp_
     card = wf.path("trips/model/README.md").read_text()
     assert "Main metric: chrF." in card and f"| chrF | {metrics['base']['chrf']:.4f} |" in card
     assert "valid JSON" not in card
-    assert "chrF base -&gt; tuned" in wf.path("trips/manifest.html").read_text()
+    page = wf.path("trips/manifest.html").read_text()
+    assert "chrF base -&gt; tuned" in page and "<h3>Answer lengths (words)</h3>" in page
+    assert f"| ROUGE-L F | {metrics['base']['rouge_l']:.4f} |" in card
 
     report = tmp_path / "report.html"
     wf.run("--report", str(report))
@@ -75,4 +78,4 @@ def test_a_free_text_experiment_goes_through_compare_pages_report_and_repro(tmp_
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     checks = {c["check"]: c for c in json.loads(out.stdout)["checks"]}
     assert checks["metrics.tuned.chrf"]["ok"] and "tolerance 5" in checks["metrics.tuned.chrf"]["difference"]
-    assert "metrics.tuned.valid_json" not in checks
+    assert "metrics.tuned.valid_json" not in checks and checks["metrics.tuned.rouge_l"]["ok"]

@@ -144,6 +144,23 @@ def test_scores_for_json_and_for_free_text():
     assert s["exact_match"] == 0.5 and s["valid_json"] == 0.5 and s["field_accuracy"] == {"a": 0.5, "b": 0.5}
     t = score(["the cat sat", "a dog"], ["the cat sat", "the dog ran"])
     assert t["exact_match"] == 0.5 and 0 < t["chrf"] < 100
+    # ROUGE-L F per row: 1.0, then LCS "dog" over 2 and 3 words: 2 * (1/2 * 1/3) / (1/2 + 1/3) = 0.4.
+    assert t["rouge_l"] == pytest.approx((1.0 + 0.4) / 2)
+    assert t["length"] == {
+        "prediction_words_mean": 2.5,
+        "reference_words_mean": 3.0,
+        "ratio": 5 / 6,
+        "empty_predictions": 0,
+    }
+
+
+def test_rouge_l_keeps_words_outside_ascii():
+    """rouge-score's own tokenizer drops non-ASCII letters: a German or Chinese answer would score 0
+    (or too high) against itself."""
+    from kiln.evaluate import rouge_l
+
+    assert rouge_l(["Grüße aus Köln", "你好 世界"], ["Grüße aus Köln", "你好 世界"]) == 1.0
+    assert rouge_l(["Grüße aus Köln"], ["Grüße aus Bonn"]) == pytest.approx(2 / 3)
 
 
 def test_packed_rows_train_with_the_lean_step(tiny_run, tmp_path):

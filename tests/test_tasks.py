@@ -84,7 +84,14 @@ def test_a_plain_text_dataset_is_scored_by_perplexity(tmp_path):
     wf.run()
     metrics = json.loads(wf.path("notes/metrics.json").read_text())
     assert metrics["task"] == "text" and metrics["main_metric"] == "perplexity"
-    assert metrics["task_metrics"] == ["perplexity"] and metrics["generated_rows"] == 0
+    assert metrics["task_metrics"] == ["perplexity"] and metrics["generated_rows"] == 8
+    assert metrics["tuned"]["continuations"] == 8
+    samples = [json.loads(line) for line in wf.path("notes/samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and all(s["prompt"].startswith("Note ") for s in samples)
+    for s in samples:  # the prefix and the reference (the document's own next tokens) make one line
+        assert s["prompt"] + s["reference"] in lines and s["reference"]
+        assert set(s) >= {"base", "tuned", "adapter_4bit"}
+    assert "continuations of held-out document prefixes" in wf.path("notes/samples.html").read_text()
     assert metrics["tuned"]["perplexity"] > 1 and metrics["tuned"]["loss_tokens"] > 0
     with open(wf.path("experiments.csv")) as f:
         row = next(csv.DictReader(f))

@@ -2,8 +2,10 @@
 
 Models: ``base`` (the prepared base model), ``tuned`` (the merged model), and ``adapter_4bit`` (the
 adapter on the NF4 base, as trained) so drift from merging is visible. Metrics for each: loss and
-perplexity on assistant tokens; batched greedy generation scored by exact match, and for JSON
-answers valid-JSON rate and per-field accuracy, for free text chrF.
+perplexity on assistant tokens; batched greedy generation scored by the task's metrics
+(kiln.metrics.TASK_METRICS): JSON answers exact match, valid-JSON rate and per-field accuracy; labels
+accuracy, macro-F1 and a confusion matrix; free text exact match, chrF, ROUGE-L and answer lengths;
+plain text perplexity, with greedy continuations of held-out document prefixes as samples.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 
@@ -27,11 +30,42 @@ def parse_json(text: str):
         return None
 
 
+class _WordTokenizer:
+    """Lower-cased Unicode word runs. rouge-score's default tokenizer keeps only ASCII letters and
+    digits, so a German answer loses its umlaut words and a Chinese one scores 0 against itself."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return re.findall(r"\w+", text.lower())
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure over rows (rouge-score, Google's reimplementation of ROUGE-1.5.5)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
+    scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
+    return sum(scores) / max(1, len(scores))
+
+
+def length_stats(predictions: list[str], references: list[str]) -> dict:
+    """Answer lengths in words: a tuned model that rambles or stops short shows here, not in chrF."""
+    pred = [len(_WordTokenizer.tokenize(p)) for p in predictions]
+    ref = [len(_WordTokenizer.tokenize(r)) for r in references]
+    n = max(1, len(pred))
+    return {
+        "prediction_words_mean": sum(pred) / n,
+        "reference_words_mean": sum(ref) / n,
+        "ratio": sum(pred) / max(1, sum(ref)),
+        "empty_predictions": sum(1 for p in predictions if not p.strip()),
+    }
+
+
 def score(predictions: list[str], references: list[str], task: str | None = None) -> dict:
     """Task metrics (kiln.metrics.TASK_METRICS): json: exact match, valid JSON, field accuracy;
-    label: accuracy, macro-F1, per-label counts, confusion; chat: exact match, chrF; text: none
-    from generation (its perplexity comes from the loss). Without a task: json or chat, by the
-    references."""
+    label: accuracy, macro-F1, per-label counts, confusion; chat: exact match, chrF, ROUGE-L and
+    answer lengths; text: none from generation (its perplexity comes from the loss; its
+    continuations are samples). Without a task: json or chat, by the references."""
     n = len(references)
     refs = [parse_json(r) for r in references]
     if task is None:
@@ -55,8 +89,30 @@ def score(predictions: list[str], references: list[str], task: str | None = None
         from sacrebleu.metrics import CHRF
 
         out["exact_match"] = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / n
-        out["chrf"] = CHRF().corpus_score(predictions, [references]).score if n else 0.0
+        out["chrf"] = CHRF().corpus_score(predictions, [references]).score
+        out["rouge_l"] = rouge_l(predictions, references)
+        out["length"] = length_stats(predictions, references)
     return out
+
+
+def continuation_prompts(test, tokenizer, count: int, prefix_tokens: int = 64, reference_tokens: int = 64):
+    """A text task's samples: the first held-out documents cut after half their tokens (at most
+    prefix_tokens), each model continues the prefix, and the document's own next tokens are the
+    reference. Greedy, like every generation here, so reruns and repro compare exactly."""
+    prompts, refs, rows = [], [], []
+    for row in test:
+        if len(prompts) >= count:
+            break
+        if row["kind"] != "text":
+            continue
+        ids = tokenizer(row["messages"][0]["content"], add_special_tokens=False)["input_ids"]
+        if len(ids) < 4:
+            continue
+        cut = min(prefix_tokens, len(ids) // 2)
+        prompts.append(tokenizer.decode(ids[:cut]))
+        refs.append(tokenizer.decode(ids[cut : cut + reference_tokens]))
+        rows.append(row)
+    return prompts, refs, rows
 
 
 def prompts_and_references(test, tokenizer, max_samples: int):
@@ -172,8 +228,8 @@ def evaluate(
         task, why = detect_task(kinds, refs)
     else:
         task, why = s.task, "evaluate.task"
-    if task == "text":
-        prompts, refs, rows = [], [], []  # scored by perplexity on the held-out documents
+    if task == "text":  # scored by perplexity on the held-out documents; continuations are samples
+        prompts, refs, rows = continuation_prompts(test, tokenizer, s.continuations)
     log.info("task: %s (%s)", task, why)
     metrics: dict = {
         "experiment": experiment,
@@ -189,6 +245,8 @@ def evaluate(
         m = masked_loss(model, tokenized_test, tokenizer.pad_token_id)
         outputs[kind] = generate(model, tokenizer, prompts, s.batch_size, s.max_new_tokens) if prompts else []
         m.update(score(outputs[kind], refs, task))
+        if task == "text":
+            m["continuations"] = len(prompts)
         m["eval_seconds"] = round(time.perf_counter() - t0, 1)
         metrics[kind] = m
         log.info("%s: loss %.4f", kind, m["loss"])
@@ -212,7 +270,7 @@ def evaluate(
                 json.dumps(
                     {
                         "kiln_id": row["kiln_id"],
-                        "prompt": row["messages"][-2]["content"],
+                        "prompt": prompts[i] if task == "text" else row["messages"][-2]["content"],
                         "reference": ref,
                         **{k: outputs[k][i] for k in outputs},
                     },

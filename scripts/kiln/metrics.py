@@ -1,7 +1,7 @@
 """Metrics as data: what each metric means and its scale, and which ones a task's metrics.json holds.
 
 Evaluation decides which metrics a task gets (JSON answers: exact match, valid JSON, field accuracy;
-free text: exact match, chrF). Everything downstream (comparison, pages, model card, report,
+free text: exact match, chrF, ROUGE-L). Everything downstream (comparison, pages, model card, report,
 reproducibility check) reads the names from the metrics file through this module instead of
 assuming the JSON task's keys, and the main metric is the one named in ``evaluate.main_metric``.
 """
@@ -14,6 +14,7 @@ KNOWN = {
     "valid_json": ("valid JSON", 1.0, True),
     "mean_field_accuracy": ("mean field accuracy", 1.0, True),
     "chrf": ("chrF", 100.0, True),
+    "rouge_l": ("ROUGE-L F", 1.0, True),
     "accuracy": ("accuracy", 1.0, True),
     "macro_f1": ("macro F1", 1.0, True),
     "loss": ("loss (test, assistant tokens)", None, False),
@@ -26,7 +27,7 @@ def higher_is_better(name: str) -> bool:
 
 
 MODELS = ("base", "tuned", "adapter_4bit")  # the three models evaluation scores, in display order
-NOT_METRICS = {"n", "eval_seconds", "loss_tokens", "other_predictions"}  # counts and timings in a model's block
+NOT_METRICS = {"n", "eval_seconds", "loss_tokens", "other_predictions", "continuations"}  # counts and timings in a model's block
 
 
 def label(name: str) -> str:
@@ -65,7 +66,7 @@ TASK_MAIN = {"json": "exact_match", "label": "macro_f1", "chat": "chrf", "text":
 TASK_METRICS = {
     "json": ["exact_match", "valid_json", "mean_field_accuracy"],
     "label": ["accuracy", "macro_f1", "exact_match"],
-    "chat": ["exact_match", "chrf"],
+    "chat": ["exact_match", "chrf", "rouge_l"],
     "text": ["perplexity"],
 }
 LABEL_MAX_CHARS = 40  # a label is short and one line; more distinct values than LABEL_SHARE of rows is text

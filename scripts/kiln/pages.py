@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from kiln.compare import page
-from kiln.metrics import label, main_metric, task_metrics
+from kiln.metrics import MODELS, label, main_metric, task_metrics
 
 
 def _table(rows: list[dict], columns: list[str] | None = None, table_id: str = "") -> str:
@@ -120,14 +120,17 @@ def plot_token_lengths(tokenize_stats: list[str | Path], out: str | Path) -> Non
 
 
 # ---- samples and manifest ---------------------------------------------------------------------
-def samples_page(samples_path: str | Path, experiment: str, limit: int = 40) -> str:
+def samples_page(samples_path: str | Path, experiment: str, limit: int = 40, task: str = "") -> str:
     rows = []
     for line in Path(samples_path).read_text().splitlines()[:limit]:
         r = json.loads(line)
         rows.append(
             {k: r.get(k) for k in ("kiln_id", "prompt", "reference", "base", "tuned", "adapter_4bit") if k in r}
         )
-    return page(f"{experiment}: sample generations (base vs tuned vs reference)", _table(rows, table_id="samples"))
+    title = "sample generations (base vs tuned vs reference)"
+    if task == "text":
+        title = "continuations of held-out document prefixes (base vs tuned vs the document's own text)"
+    return page(f"{experiment}: {title}", _table(rows, table_id="samples"))
 
 
 def label_tables(block: dict) -> str:
@@ -143,6 +146,14 @@ def label_tables(block: dict) -> str:
         + "<h3>Confusion matrix (tuned; rows: reference, columns: predicted)</h3>"
         + _table(confusion, ["reference", *predicted], table_id="confusion")
     )
+
+
+def length_table(metrics: dict) -> str:
+    """A free-text task's answer lengths in words, per model: rambling or clipped answers show here."""
+    rows = [{"model": k, **metrics[k]["length"]} for k in MODELS if (metrics.get(k) or {}).get("length")]
+    if not rows:
+        return ""
+    return "<h3>Answer lengths (words)</h3>" + _table(rows, table_id="lengths")
 
 
 def manifest_page(manifest: dict) -> str:
@@ -161,7 +172,7 @@ def manifest_page(manifest: dict) -> str:
         {"what": f"{label(main)} base -> tuned", "value": f"{base[main]:.3f} -> {tuned[main]:.3f}"},
     ]
     stages = [{"stage": k, **(v or {})} for k, v in m["stages"].items()]
-    body = _table(summary, table_id="manifest-summary") + label_tables(tuned)
+    body = _table(summary, table_id="manifest-summary") + label_tables(tuned) + length_table(m["metrics"])
     body += "<h3>Stages (Snakemake benchmark records)</h3>"
     body += _table(stages, ["stage", "jobs", "wall_s", "max_rss_mb", "cpu_time_s"])
     body += "<h3>Packages</h3>" + _table([{"package": k, "version": v} for k, v in m["packages"].items()])

@@ -224,7 +224,22 @@ class EvaluateSettings(_Settings):
         "auto",
         "The metric experiments are compared and plotted by; auto: the task's own (json exact_match, "
         "label macro_f1, chat chrf, text perplexity).",
-        ("auto", "exact_match", "valid_json", "mean_field_accuracy", "chrf", "accuracy", "macro_f1", "perplexity"),
+        (
+            "auto",
+            "exact_match",
+            "valid_json",
+            "mean_field_accuracy",
+            "chrf",
+            "rouge_l",
+            "accuracy",
+            "macro_f1",
+            "perplexity",
+        ),
+    )
+    continuations: int = _f(
+        8,
+        "Text task: held-out documents whose first half (at most 64 tokens) each model continues "
+        "greedily, shown in samples and the report.",
     )
 
 
