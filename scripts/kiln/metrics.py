@@ -27,7 +27,8 @@ def higher_is_better(name: str) -> bool:
 
 
 MODELS = ("base", "tuned", "adapter_4bit")  # the three models evaluation scores, in display order
-NOT_METRICS = {"n", "eval_seconds", "loss_tokens", "other_predictions", "continuations"}  # counts and timings in a model's block
+# Counts and timings in a model's block.
+NOT_METRICS = {"n", "eval_seconds", "loss_tokens", "other_predictions", "continuations"}
 
 
 def label(name: str) -> str:
