@@ -78,6 +78,14 @@ def clean_shards(wildcards):
     ]
 
 
+def mixture(wildcards):
+    """Each source's `weight` and `max_rows` (only these: other source settings do not rebuild)."""
+    return {
+        s["name"]: {"weight": s.get("weight", 1.0), "max_rows": s.get("max_rows")}
+        for s in config["datasets"][wildcards.dataset]["sources"]
+    }
+
+
 def base_model_inputs(wildcards):
     source = tokenizer_source(config, wildcards.model)
     if source is None:

@@ -67,6 +67,7 @@ rule build_dataset:
         runtime=60,
     params:
         settings=lambda w: config["datasets"][w.dataset]["build"],
+        mixture=mixture,
     script:
         "../scripts/build_dataset.py"
 

@@ -5,4 +5,11 @@ from kiln.smk import setup_log
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
-build_dataset(list(sm.input.shards), sm.output.dataset, sm.output.rejected, sm.output.stats, sm.params.settings)
+build_dataset(
+    list(sm.input.shards),
+    sm.output.dataset,
+    sm.output.rejected,
+    sm.output.stats,
+    sm.params.settings,
+    mixture=dict(sm.params.mixture),
+)

@@ -1,4 +1,9 @@
-"""Build: all clean shards -> cross-shard dedup -> hash split -> a `datasets` DatasetDict on disk."""
+"""Build: all clean shards -> cross-shard dedup -> per-source caps -> hash split -> contamination audit
+-> per-source weights on the train split -> a `datasets` DatasetDict on disk.
+
+Every row that does not reach a split is a build reject with its reason (duplicate, near_duplicate,
+max_rows, contaminated, weight); every draw (caps, weights) is a hash of the seed and the row's id,
+so it is deterministic and a row's fate does not depend on the other rows' order."""
 
 from __future__ import annotations
 
@@ -32,6 +37,34 @@ def split_by_hash(ids, seed: int, validation: float, test: float) -> np.ndarray:
     return np.where(u < test, "test", np.where(u < test + validation, "validation", "train")).astype(object)
 
 
+def _unit_hash(ids, seed: int, purpose: str) -> np.ndarray:
+    """A uniform number in [0, 1) per id, from (purpose, seed, id) alone (the split's SipHash)."""
+    import pandas as pd
+
+    key = hashlib.sha256(f"kiln-{purpose}:{seed}".encode()).hexdigest()[:16]
+    return pd.util.hash_array(np.asarray(ids, dtype=object), hash_key=key, categorize=False) / 2.0**64
+
+
+def cap_rows(sources: np.ndarray, ids: np.ndarray, max_rows: dict[str, int], seed: int) -> np.ndarray:
+    """Rows kept under each source's `max_rows`: the ones with the smallest hash of (seed, id), so a
+    row stays chosen when rows are added elsewhere and the choice is the same on every machine."""
+    keep = np.ones(len(ids), dtype=bool)
+    u = _unit_hash(ids, seed, "max-rows")
+    for name, cap in max_rows.items():
+        idx = np.flatnonzero(sources == name)
+        if len(idx) > cap:
+            keep[idx[np.argsort(u[idx], kind="stable")[cap:]]] = False
+    return keep
+
+
+def weight_copies(sources: np.ndarray, ids: np.ndarray, weights: dict[str, float], seed: int) -> np.ndarray:
+    """Copies of each train row under its source's `weight`: floor(w), plus one more with probability
+    frac(w) drawn from a hash of (seed, id). 2.0 doubles a source, 0.5 keeps about half of it."""
+    w = np.array([weights.get(s, 1.0) for s in sources], dtype=float)
+    u = _unit_hash(ids, seed, "weight")
+    return (np.floor(w) + (u < w - np.floor(w))).astype(np.int64)
+
+
 def fingerprint(table: pa.Table) -> str:
     """A content fingerprint of a split: ids and content hashes, in row order."""
     lines = pc.binary_join_element_wise(table.column("kiln_id"), table.column("content_hash"), ":")
@@ -44,22 +77,29 @@ def _word_shingles(text: str, n: int = 5) -> set[bytes]:
     return {" ".join(words[i : i + n]).encode() for i in range(max(1, len(words) - n + 1))}
 
 
+def _texts(table: pa.Table) -> list[str]:
+    messages = table.column("messages").combine_chunks()
+    return pc.binary_join(
+        pa.ListArray.from_arrays(messages.offsets, messages.flatten().field("content")), "\n"
+    ).to_pylist()
+
+
+def _minhash(text: str, num_perm: int):
+    from datasketch import MinHash
+
+    mh = MinHash(num_perm=num_perm, seed=1)
+    mh.update_batch(list(_word_shingles(text)))
+    return mh
+
+
 def near_duplicates(table: pa.Table, threshold: float, num_perm: int = 64) -> dict[int, int]:
     """Row index -> index of the earlier row it nearly duplicates (MinHash LSH over word 5-grams)."""
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHashLSH
 
-    texts = pc.binary_join(
-        pa.ListArray.from_arrays(
-            table.column("messages").combine_chunks().offsets,
-            table.column("messages").combine_chunks().flatten().field("content"),
-        ),
-        "\n",
-    ).to_pylist()
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     dup_of: dict[int, int] = {}
-    for i, text in enumerate(texts):
-        mh = MinHash(num_perm=num_perm, seed=1)
-        mh.update_batch(list(_word_shingles(text)))
+    for i, text in enumerate(_texts(table)):
+        mh = _minhash(text, num_perm)
         hits = lsh.query(mh)
         if hits:
             dup_of[i] = min(hits)
@@ -68,11 +108,42 @@ def near_duplicates(table: pa.Table, threshold: float, num_perm: int = 64) -> di
     return dup_of
 
 
-def build_dataset(
-    clean_paths: list[str], out_dir: str | Path, rejected_path: str | Path, stats_path: str | Path, settings: dict
-) -> dict:
-    import datasets
+def contamination(train: pa.Table, held_out: pa.Table, threshold: float, num_perm: int = 64) -> dict[int, int]:
+    """Held-out row index -> index of a train row it nearly duplicates (MinHash LSH, word 5-grams):
+    a test row the model has in effect seen in training scores memory, not skill."""
+    from datasketch import MinHashLSH
 
+    if train.num_rows == 0 or held_out.num_rows == 0:
+        return {}
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    for i, text in enumerate(_texts(train)):
+        lsh.insert(i, _minhash(text, num_perm))
+    found = {}
+    for i, text in enumerate(_texts(held_out)):
+        hits = lsh.query(_minhash(text, num_perm))
+        if hits:
+            found[i] = min(hits)
+    return found
+
+
+def _where(table: pa.Table, idx: list[int]) -> list[str]:
+    cols = table.select(["kiln_id", "file", "row"]).take(pa.array(idx, pa.int64())).to_pydict()
+    return [f"{f} row {r} ({k})" for f, r, k in zip(cols["file"], cols["row"], cols["kiln_id"])]
+
+
+def build_dataset(
+    clean_paths: list[str],
+    out_dir: str | Path,
+    rejected_path: str | Path,
+    stats_path: str | Path,
+    settings: dict,
+    mixture: dict[str, dict] | None = None,
+) -> dict:
+    """`mixture`: source name -> its `weight` and `max_rows` (absent: 1.0 and no cap)."""
+    import datasets
+    import pandas as pd
+
+    mixture = mixture or {}
     tables = [pq.read_table(p) for p in clean_paths]
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
@@ -80,51 +151,110 @@ def build_dataset(
             f"no clean rows in {len(clean_paths)} shard(s): every row was rejected; "
             "see the rejected/ shards for the reasons"
         )
-    # Exact duplicates across shards: the first occurrence in config/source/file/row order wins.
-    import pandas as pd
+    seed = settings["seed"]
+    # row index in `table` -> (reason, detail) for every row that reaches no split.
+    reasons: dict[int, tuple[str, str]] = {}
 
+    # Exact duplicates across shards: the first occurrence in config/source/file/row order wins.
     hashes = table.column("content_hash").to_numpy(zero_copy_only=False)
     is_dup = pd.Series(hashes).duplicated(keep="first").to_numpy()
     first_of = pd.Series(np.flatnonzero(~is_dup), index=hashes[~is_dup])
-    dup_idx = np.flatnonzero(is_dup)
-    dup_of = dict(zip(dup_idx.tolist(), first_of.loc[hashes[is_dup]].to_numpy().tolist()))
-    reasons = {i: ("duplicate", j) for i, j in dup_of.items()}
+    dup_idx = np.flatnonzero(is_dup).tolist()
+    of = first_of.loc[hashes[is_dup]].to_numpy().tolist()
+    for i, where in zip(dup_idx, _where(table, of)):
+        reasons[i] = ("duplicate", f"same content as {where}")
     if settings.get("near_dedup"):
-        unique_idx = np.array(sorted(set(range(table.num_rows)) - set(dup_of)))
+        unique_idx = np.array(sorted(set(range(table.num_rows)) - set(reasons)))
         near = near_duplicates(table.take(unique_idx), settings["near_dedup_threshold"])
-        reasons.update({int(unique_idx[i]): ("near_duplicate", int(unique_idx[j])) for i, j in near.items()})
+        pairs = sorted((int(unique_idx[i]), int(unique_idx[j])) for i, j in near.items())
+        for (i, _), where in zip(pairs, _where(table, [j for _, j in pairs])):
+            reasons[i] = ("near_duplicate", f"nearly the same content as {where}")
 
-    drop = np.zeros(table.num_rows, dtype=bool)
-    drop[list(reasons)] = True
-    rej_idx = np.array(sorted(reasons), dtype=np.int64)
-    of_idx = np.array([reasons[i][1] for i in rej_idx.tolist()], dtype=np.int64)
-    # Only the rejected rows and the rows they repeat are turned into Python values.
-    first = table.select(["kiln_id", "file", "row"]).take(pa.array(of_idx)).to_pydict()
+    sources = table.column("source").to_numpy(zero_copy_only=False).astype(object)
+    ids = table.column("kiln_id").to_numpy(zero_copy_only=False).astype(object)
+    alive = np.ones(table.num_rows, dtype=bool)
+    alive[list(reasons)] = False
+    names = list(dict.fromkeys(sources.tolist()))
+    mix_stats = {
+        n: {"weight": mixture.get(n, {}).get("weight", 1.0), "rows_unique": int((alive & (sources == n)).sum())}
+        for n in names
+    }
+    caps = {n: m["max_rows"] for n, m in mixture.items() if m.get("max_rows") is not None}
+    if caps:
+        idx = np.flatnonzero(alive)
+        kept = cap_rows(sources[idx], ids[idx], caps, seed)
+        for i in idx[~kept].tolist():
+            reasons[i] = ("max_rows", f"source {sources[i]} keeps {caps[sources[i]]} rows (max_rows)")
+        alive[idx[~kept]] = False
+    for n in names:
+        mix_stats[n]["max_rows"] = caps.get(n)
+        mix_stats[n]["rows_after_max_rows"] = int((alive & (sources == n)).sum())
+
+    split = np.full(table.num_rows, "", dtype=object)
+    split[alive] = split_by_hash(ids[alive], seed, settings["validation"], settings["test"])
+
+    # Contamination audit: held-out rows that nearly duplicate a train row (exact ones are gone).
+    audit: dict = {"threshold": settings.get("contamination_threshold", 0.8), "decontaminated": False}
+    if settings.get("contamination_audit", True):
+        train_idx = np.flatnonzero(split == "train")
+        for name in ("validation", "test"):
+            held_idx = np.flatnonzero(split == name)
+            found = contamination(table.take(train_idx), table.take(held_idx), audit["threshold"])
+            pairs = sorted((int(held_idx[i]), int(train_idx[j])) for i, j in found.items())
+            audit[name] = {
+                "rows": len(held_idx),
+                "near_duplicates_of_train": len(pairs),
+                "examples": [
+                    {"held_out": a, "train": b}
+                    for a, b in zip(_where(table, [i for i, _ in pairs[:5]]), _where(table, [j for _, j in pairs[:5]]))
+                ],
+            }
+            if settings.get("decontaminate"):
+                audit["decontaminated"] = True
+                for (i, _), where in zip(pairs, _where(table, [j for _, j in pairs])):
+                    reasons[i] = ("contaminated", f"{name} row nearly the same as train {where}")
+                    split[i] = ""
+                    alive[i] = False
+
+    # Source weights: copies of each train row (0 copies: a reject with its reason).
+    train_idx = np.flatnonzero(split == "train")
+    copies = weight_copies(sources[train_idx], ids[train_idx], {n: m["weight"] for n, m in mix_stats.items()}, seed)
+    for i in train_idx[copies == 0].tolist():
+        reasons[i] = ("weight", f"source {sources[i]} weight {mix_stats[sources[i]]['weight']:g}: not drawn into train")
+    train_rows = np.repeat(train_idx, copies)
+    before, after = len(train_idx), max(1, len(train_rows))
+    for n, m in mix_stats.items():
+        in_train = sources[train_idx] == n
+        m["train_before_weight"] = int(in_train.sum())
+        m["train_after_weight"] = int(copies[in_train].sum())
+        m["share_before"] = round(m["train_before_weight"] / max(1, before), 4)
+        m["share_after"] = round(m["train_after_weight"] / after, 4)
+
+    rej_idx = sorted(reasons)
     rejected = pa.table(
         {
-            **{c: table.column(c).take(pa.array(rej_idx)) for c in ("kiln_id", "source", "file", "row")},
+            **{c: table.column(c).take(pa.array(rej_idx, pa.int64())) for c in ("kiln_id", "source", "file", "row")},
             "stage": pa.array(["build"] * len(rej_idx), pa.string()),
-            "reason": [reasons[i][0] for i in rej_idx.tolist()],
-            "detail": [
-                f"same content as {f} row {r} ({k})" for f, r, k in zip(first["file"], first["row"], first["kiln_id"])
-            ],
+            "reason": [reasons[i][0] for i in rej_idx],
+            "detail": [reasons[i][1] for i in rej_idx],
         },
         schema=REJECTED_SCHEMA,
     )
-    kept = table.filter(pa.array(~drop))
-    kept_ids = kept.column("kiln_id").to_numpy(zero_copy_only=False)
-    split = split_by_hash(kept_ids, settings["seed"], settings["validation"], settings["test"])
     dd = {}
     stats = {"rows_in": table.num_rows, "rows_rejected": rejected.num_rows, "splits": {}}
     for name in SPLITS:
-        part = kept.filter(pa.array(split == name))
+        rows = train_rows if name == "train" else np.flatnonzero(split == name)
+        part = table.take(pa.array(rows, pa.int64()))
         content = fingerprint(part)
         # Our content fingerprint doubles as the `datasets` one (else it pickles the whole table to make one).
         dd[name] = datasets.Dataset(part, fingerprint=content)
         stats["splits"][name] = {"rows": part.num_rows, "fingerprint": content}
-    stats["rejected_by_reason"] = {
-        r: sum(1 for v in reasons.values() if v[0] == r) for r in sorted({v[0] for v in reasons.values()})
-    }
+    stats["rejected_by_reason"] = dict(
+        sorted(pd.Series([r for r, _ in reasons.values()], dtype=object).value_counts().items())
+    )
+    stats["rejected_by_reason"] = {k: int(v) for k, v in stats["rejected_by_reason"].items()}
+    stats["mixture"] = mix_stats
+    stats["contamination"] = audit
     save_splits(dd, out_dir)
     Path(rejected_path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(rejected, rejected_path)

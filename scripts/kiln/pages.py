@@ -67,7 +67,29 @@ def data_stats(shard_stats: list[str | Path], dataset_stats: str | Path, tokeniz
         "tokenized": tokenized,
         # Files set aside by `on_bad_file: skip`, each with its reason (no row of theirs was read).
         "skipped_files": [s["skipped_file"] for s in shards if s.get("skipped_file")],
+        # Each source's share of train before and after its weight (and its max_rows cap).
+        "mixture": [{"source": k, **v} for k, v in built.get("mixture", {}).items()],
+        "contamination": built.get("contamination", {}),
     }
+
+
+def contamination_table(audit: dict) -> str:
+    """Held-out rows that nearly duplicate a train row, per split, with a few examples."""
+    splits = [k for k in ("validation", "test") if k in audit]
+    if not splits:
+        return ""
+    action = "moved out (build.decontaminate)" if audit.get("decontaminated") else "kept (build.decontaminate: false)"
+    rows = [
+        {
+            "split": k,
+            "rows": audit[k]["rows"],
+            "near-duplicates of train": audit[k]["near_duplicates_of_train"],
+            "examples": "; ".join(f"{e['held_out']} ~ {e['train']}" for e in audit[k]["examples"]),
+        }
+        for k in splits
+    ]
+    title = f"Contamination audit (Jaccard above {audit['threshold']:g}; {action})"
+    return f"<h3>{html.escape(title)}</h3>" + _table(rows, table_id="contamination")
 
 
 def data_stats_page(stats: dict, dataset: str) -> str:
@@ -75,6 +97,9 @@ def data_stats_page(stats: dict, dataset: str) -> str:
     body += "<h3>Splits</h3>" + _table(stats["splits"])
     if stats.get("skipped_files"):
         body += "<h3>Files set aside (on_bad_file: skip)</h3>" + _table(stats["skipped_files"], table_id="skipped")
+    if stats.get("mixture"):
+        body += "<h3>Sources in train (mixture: weight, max_rows)</h3>" + _table(stats["mixture"], table_id="mixture")
+    body += contamination_table(stats.get("contamination") or {})
     body += "<h3>Rejected rows by reason</h3>" + _table(stats["rejected"], table_id="rejected")
     body += "<h3>Rows changed by each cleaning step</h3>" + _table(
         [{"step": k, "rows": v} for k, v in stats["edited"].items()]

@@ -119,6 +119,9 @@ class BuildSettings(_Settings):
     validation: float = _f(0.05, "Share of rows in the validation split (by a hash of each row's id).")
     test: float = _f(0.05, "Share of rows in the test split.")
     seed: int = _f(0, "Seed of the split hash.")
+    contamination_audit: bool = _f(True, "Count validation and test rows that nearly duplicate a train row.")
+    contamination_threshold: float = _f(0.8, "Jaccard similarity above which a held-out row is contaminated.")
+    decontaminate: bool = _f(False, "Move contaminated rows out of validation and test (build rejects).")
 
     def check(self, where: str = "build") -> None:
         if self.validation + self.test >= 1:
