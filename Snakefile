@@ -8,8 +8,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# The embedded default, found next to this file whatever the working directory.
-configfile: os.path.join(workflow.basedir, "config", "config.yaml")
+# The embedded default, found next to this file whatever the working directory. A --configfile
+# replaces it (rules/common.smk), so it is not loaded then, and Snakemake does not announce that
+# it "is extended by additional config".
+if not workflow.config_settings.configfiles:
+
+    configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "rules/common.smk"

@@ -227,3 +227,34 @@ def test_csv_columns_are_checked_when_the_workflow_is_parsed(tmp_path, monkeypat
     cfg["datasets"]["d"]["sources"][0]["columns"]["completion"] = "anwser"
     cfg["datasets"]["d"]["sources"][0]["on_bad_file"] = "skip"  # set aside by its collect job instead
     check_local_paths(cfg)
+
+
+def test_parquet_columns_are_checked_when_the_workflow_is_parsed(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kiln.config import check_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), tmp_path / "faq.parquet")
+    source = {
+        "name": "faq",
+        "kind": "local",
+        "path": "*.parquet",
+        "columns": {"prompt": "question", "completion": "ans"},
+    }
+    cfg = validate(
+        {
+            "datasets": {"d": {"sources": [source]}},
+            "models": {"m": {"kind": "local", "path": "."}},
+            "experiments": {"e": {"dataset": "d", "model": "m"}},
+        }
+    )
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(
+        ConfigError,
+        match=r"maps completion to column 'ans', which is not in faq.parquet \(its columns: question, answer\)",
+    ):
+        check_local_paths(cfg)
+    cfg["datasets"]["d"]["sources"][0]["columns"]["completion"] = "answer"
+    check_local_paths(cfg)

@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from kiln.folders import csv_header, local_model_problem
+from kiln.folders import csv_header, local_model_problem, parquet_columns
 from kiln.spec import BuildSettings, CleanSettings, Experiment, SpecError, moved_key_error
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
@@ -222,15 +222,18 @@ HEADER_CHECKS = 200
 
 def check_local_paths(cfg: dict) -> None:
     """At parse time, before any job: every `local` model folder an experiment uses can be loaded,
-    and a local CSV source's `columns:` names columns its files have (unless on_bad_file: skip,
-    where the collect job sets such a file aside)."""
+    and a local CSV or Parquet source's `columns:` names columns its files have (unless
+    on_bad_file: skip, where the collect job sets such a file aside)."""
     for ds, spec in cfg.get("datasets", {}).items():
         for i, src in enumerate(spec.get("sources", [])):
             if src.get("kind") != "local" or not src.get("columns") or src.get("on_bad_file") == "skip":
                 continue
-            files = [f for f in local_files(src["path"]).values() if f.lower().endswith(".csv")]
+            files = [f for f in local_files(src["path"]).values() if f.lower().endswith((".csv", ".parquet"))]
             for file in files[:HEADER_CHECKS]:
-                header = csv_header(file, src.get("encoding", "utf-8"))
+                if file.lower().endswith(".parquet"):
+                    header = parquet_columns(file)
+                else:
+                    header = csv_header(file, src.get("encoding", "utf-8"))
                 for field, col in src["columns"].items():
                     if col not in header:
                         raise ConfigError(

@@ -43,6 +43,13 @@ def bom_encoding(path: str | Path, encoding: str) -> str:
     return next((name for bom, name in _BOMS if head.startswith(bom)), encoding)
 
 
+def parquet_columns(path: str | Path) -> list[str]:
+    """A Parquet file's top-level column names, from its footer alone (no row is read)."""
+    import pyarrow.parquet as pq  # only when a Parquet source maps columns: parsing stays light
+
+    return list(pq.read_schema(path).names)
+
+
 def csv_header(path: str | Path, encoding: str = "utf-8") -> list[str]:
     """A CSV file's column names (its first row), read as the collect stage will (bom_encoding)."""
     with open(path, newline="", encoding=bom_encoding(path, encoding), errors="replace") as fh:
