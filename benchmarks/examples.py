@@ -39,11 +39,10 @@ def run_example(name: str, folder: Path) -> dict:
     metrics = json.loads((results / name / "metrics.json").read_text())
     main = metrics["main_metric"]
     jobs = {}
-    for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
+    for tsv in sorted((results / "benchmarks").rglob("*.tsv")):  # benchmarks/<rule>/...: seconds per rule
+        rule = tsv.relative_to(results / "benchmarks").parts[0]
         with open(tsv) as fh:
-            jobs[tsv.parent.name] = jobs.get(tsv.parent.name, 0.0) + float(
-                next(csv.DictReader(fh, delimiter="\t"))["s"]
-            )
+            jobs[rule] = jobs.get(rule, 0.0) + float(next(csv.DictReader(fh, delimiter="\t"))["s"])
     stats = json.loads((results / "data" / name / "dataset_stats.json").read_text())
     return {
         "command": f"snakemake --cores 1 --configfile config/examples/{name}.yaml",

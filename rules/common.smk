@@ -19,6 +19,7 @@ from kiln.config import (  # noqa: E402
     tokenization_settings,
     tokenizer_source,
     local_files,
+    regression_datasets,
     validate,
 )
 
@@ -106,6 +107,15 @@ def tokenized_dir(experiment):
     return f"{R}/data/{exp['dataset']}/tokenized/{tokenization_key(config, experiment)}"
 
 
+def regression_dirs(wildcards):
+    """The tokenized regression sets of an experiment (its model and tokenize settings)."""
+    key = tokenization_key(config, wildcards.experiment)
+    return [
+        f"{R}/data/{name}/tokenized/{key}"
+        for name in regression_datasets(config, wildcards.experiment)
+    ]
+
+
 def experiment_outputs(experiment):
     return [
         f"{R}/{experiment}/metrics.json",
@@ -139,7 +149,17 @@ def adapter_spec(experiment):
 def stage_settings(experiment):
     """The settings of the stages after training (merge, evaluate): the manifest's parameter."""
     exp = config["experiments"][experiment]
-    return {"merge": exp["merge"], "evaluate": exp["evaluate"]}
+    regression = [
+        {"entry": entry, "dataset": {"name": name, **config["datasets"][name]}}
+        for entry, name in zip(
+            exp["evaluate"]["regression"], regression_datasets(config, experiment)
+        )
+    ]
+    return {
+        "merge": exp["merge"],
+        "evaluate": exp["evaluate"],
+        "regression_datasets": regression,
+    }
 
 
 def dataset_of(experiment):

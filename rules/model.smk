@@ -90,6 +90,7 @@ rule evaluate:
         base=lambda w: f"{R}/base/{config['experiments'][w.experiment]['model']}",
         merged=f"{R}/{{experiment}}/merged",
         adapter=f"{R}/{{experiment}}/adapter",
+        regression=regression_dirs,
         code=code("evaluate"),
     output:
         metrics=f"{R}/{{experiment}}/metrics.json",
@@ -107,5 +108,8 @@ rule evaluate:
         gpu=lambda w: gpus(w.experiment, single=True),
     params:
         settings=lambda w: config["experiments"][w.experiment]["evaluate"],
+        regression=lambda w: config["experiments"][w.experiment]["evaluate"][
+            "regression"
+        ],
     script:
         "../scripts/evaluate.py"

@@ -16,4 +16,6 @@ evaluate(
     sm.output.samples,
     sm.params.settings,
     experiment=sm.wildcards.experiment,
+    # config entry (a dataset name or a file glob) -> its tokenized dataset
+    regression=dict(zip(sm.params.regression, sm.input.regression, strict=True)),
 )

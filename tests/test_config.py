@@ -258,3 +258,18 @@ def test_parquet_columns_are_checked_when_the_workflow_is_parsed(tmp_path, monke
         check_local_paths(cfg)
     cfg["datasets"]["d"]["sources"][0]["columns"]["completion"] = "answer"
     check_local_paths(cfg)
+
+
+def test_regression_sets_name_datasets_or_files():
+    from kiln.config import regression_dataset_name, regression_datasets
+
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["experiments"]["default"]["evaluate"]["regression"] = ["data/general/*.txt"]
+    resolved = validate(cfg)
+    name = regression_dataset_name("data/general/*.txt")
+    assert regression_datasets(resolved, "default") == [name]
+    assert resolved["datasets"][name]["sources"][0]["path"] == "data/general/*.txt"
+    assert resolved["datasets"][name]["build"]["test"] == 0.0
+    cfg["experiments"]["default"]["evaluate"]["regression"] = ["orders"]
+    with pytest.raises(ConfigError, match="evaluate.regression: 'orders' is the dataset the experiment trains on"):
+        validate(cfg)

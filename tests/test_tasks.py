@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 
 import pytest
-from conftest import Workflow, tiny_config
+from conftest import KILN, Workflow, tiny_config
 
 from kiln.metrics import detect_task, label_scores
 from kiln.pages import label_tables
@@ -36,6 +37,15 @@ def test_label_scores():
     assert "<h3>Confusion matrix" in html and "maybe" in html and label_tables({"accuracy": 1.0}) == ""
 
 
+def _repro(wf: Workflow, experiment: str, folder) -> dict:
+    """`kiln repro`: retrain from the manifest in an empty folder; the checks by name."""
+    out = subprocess.run(
+        [*KILN, "repro", experiment, "--workdir", str(folder), "--json"], capture_output=True, text=True, cwd=wf.workdir
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return {c["check"]: c for c in json.loads(out.stdout)["checks"]}
+
+
 def _experiment(cfg: dict, dataset: str, source: dict) -> dict:
     cfg["datasets"] = {dataset: {"sources": [source], "build": {"validation": 0.1, "test": 0.2, "seed": 0}}}
     exp = cfg["experiments"].pop("tiny")
@@ -52,10 +62,22 @@ def test_a_label_task_is_scored_by_accuracy_macro_f1_and_a_confusion_matrix(tmp_
         sentiment = "negative" if word in ("late", "broken", "slow", "cold", "noisy", "rude") else "positive"
         rows.append({"prompt": f"Review {i}: the delivery was {word}. Sentiment?", "completion": sentiment})
     (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = _experiment(tiny_config(), "reviews", {"name": "mine", "kind": "local", "path": "reviews.jsonl"})
+    (tmp_path / "general.txt").write_text("".join(f"A plain sentence about kilns, number {i}.\n" for i in range(12)))
+    cfg = tiny_config()
+    orders = cfg["datasets"]["orders"]
+    cfg = _experiment(cfg, "reviews", {"name": "mine", "kind": "local", "path": "reviews.jsonl"})
+    # Regression sets: a dataset of the config, and a file glob (becomes a one-source dataset).
+    cfg["datasets"]["orders"] = orders
+    cfg["experiments"]["reviews"]["evaluate"]["regression"] = ["orders", "general.txt"]
     wf = Workflow(tmp_path, cfg)
     wf.run()
     metrics = json.loads(wf.path("reviews/metrics.json").read_text())
+    regression = metrics["regression"]
+    scored = min(12, cfg["experiments"]["reviews"]["evaluate"]["max_samples"])  # at most max_samples rows
+    assert list(regression) == ["orders", "general.txt"] and regression["general.txt"]["rows"] == scored
+    for block in regression.values():
+        assert block["tuned_minus_base_loss"] == pytest.approx(block["tuned"]["loss"] - block["base"]["loss"])
+        assert block["base"]["perplexity"] > 1 and block["adapter_4bit"]["loss_tokens"] > 0
     assert metrics["task"] == "label" and "2 distinct answers" in metrics["task_reason"]
     assert metrics["main_metric"] == "macro_f1"
     assert metrics["task_metrics"] == ["accuracy", "macro_f1", "exact_match"]
@@ -66,13 +88,23 @@ def test_a_label_task_is_scored_by_accuracy_macro_f1_and_a_confusion_matrix(tmp_
         row = next(csv.DictReader(f))
     assert row["main_metric"] == "macro_f1"
     assert float(row["delta_macro_f1"]) == pytest.approx(tuned["macro_f1"] - metrics["base"]["macro_f1"])
+    assert float(row["regression_orders_delta_loss"]) == pytest.approx(regression["orders"]["tuned_minus_base_loss"])
     page = wf.path("reviews/manifest.html").read_text()
     assert "Confusion matrix (tuned; rows: reference, columns: predicted)" in page and 'id="confusion"' in page
+    assert "Regression sets (loss on answer tokens: forgetting)" in page and 'id="regression"' in page
     card = wf.path("reviews/model/README.md").read_text()
+    general = regression["general.txt"]
+    assert (
+        f"| general.txt | {scored} | {general['base']['loss']:.4f} | {general['tuned']['loss']:.4f} "
+        f"| {general['tuned_minus_base_loss']:+.4f} |"
+    ) in card
     assert "Main metric: macro F1." in card and f"| macro F1 | {metrics['base']['macro_f1']:.4f} |" in card
     report = tmp_path / "report.html"
     wf.run("--report", str(report))
     assert report.stat().st_size > 10_000
+    checks = _repro(wf, "reviews", tmp_path / "again")
+    assert checks["metrics.tuned.macro_f1"]["ok"] and checks["metrics.tuned.accuracy"]["ok"]
+    assert "metrics.tuned.valid_json" not in checks and "metrics.tuned.chrf" not in checks
 
 
 @pytest.mark.slow
@@ -98,3 +130,11 @@ def test_a_plain_text_dataset_is_scored_by_perplexity(tmp_path):
     assert row["main_metric"] == "perplexity"
     assert float(row["tuned_perplexity"]) == pytest.approx(metrics["tuned"]["perplexity"])
     assert "Main metric: perplexity." in wf.path("notes/model/README.md").read_text()
+    report = tmp_path / "report.html"
+    wf.run("--report", str(report))
+    assert report.stat().st_size > 10_000
+    checks = _repro(wf, "notes", tmp_path / "again")
+    # Perplexity follows the loss (no fixed scale): the loss check holds it; no generation metric.
+    assert checks["metrics.tuned.loss"]["ok"] and not [
+        c for c in checks if c.startswith("metrics.") and "loss" not in c
+    ]

@@ -45,6 +45,8 @@ def metric_columns(metrics: dict) -> dict:
             row[f"tuned_{name}"] = tuned.get(name)
     row["base_loss"], row["tuned_loss"] = base.get("loss"), tuned.get("loss")
     row["delta_loss"] = tuned["loss"] - base["loss"] if "loss" in tuned and "loss" in base else None
+    for name, block in (metrics.get("regression") or {}).items():  # forgetting, next to the gain
+        row[f"regression_{name}_delta_loss"] = block.get("tuned_minus_base_loss")
     return row
 
 

@@ -128,10 +128,48 @@ def expand_experiments(config: dict) -> dict:
     return cfg
 
 
+REGRESSION_PREFIX = "regression-"
+
+
+def regression_file_datasets(config: dict) -> dict:
+    """An `evaluate.regression` entry that names no dataset is a file glob: it becomes a dataset of
+    one local source, named regression-<short hash of the glob>, before validation fills its
+    defaults (whole files are scored: no split is held out of it)."""
+    datasets = config.get("datasets") or {}
+    for exp in (config.get("experiments") or {}).values():
+        if not isinstance(exp, dict):
+            continue
+        entries = (exp.get("evaluate") or {}).get("regression") or []
+        if not isinstance(entries, list):
+            continue
+        for entry in entries:
+            if isinstance(entry, str) and entry not in datasets:
+                datasets = {
+                    **datasets,
+                    regression_dataset_name(entry): {
+                        "sources": [{"name": "file", "kind": "local", "path": entry}],
+                        "build": {"validation": 0.0, "test": 0.0},
+                    },
+                }
+    return {**config, "datasets": datasets} if datasets else config
+
+
+def regression_dataset_name(entry: str) -> str:
+    return f"{REGRESSION_PREFIX}{short_hash(entry)}"
+
+
+def regression_datasets(cfg: dict, experiment: str) -> list[str]:
+    """The dataset names of an experiment's regression sets, in its order."""
+    return [
+        e if e in cfg["datasets"] else regression_dataset_name(e)
+        for e in cfg["experiments"][experiment]["evaluate"]["regression"]
+    ]
+
+
 def validate(config: dict, schema_path: Path = SCHEMA_PATH) -> dict:
     """Return a copy of ``config`` with defaults filled in; raise ConfigError naming the key."""
     schema = yaml.safe_load(Path(schema_path).read_text())
-    resolved = expand_experiments(config)
+    resolved = regression_file_datasets(expand_experiments(config))
     for name, exp in (resolved.get("experiments") or {}).items():
         moved = moved_key_error(name, exp) if isinstance(exp, dict) else None
         if moved:
@@ -195,6 +233,12 @@ def _check_references(cfg: dict) -> None:
                 raise ConfigError(
                     f"config: experiments.{name}.{key}: '{exp[key]}' is not in `{table}` "
                     f"(known: {', '.join(sorted(cfg[table]))})"
+                )
+        for entry in exp["evaluate"]["regression"]:
+            if entry == exp["dataset"]:
+                raise ConfigError(
+                    f"config: experiments.{name}.evaluate.regression: '{entry}' is the dataset the experiment "
+                    "trains on; a regression set is other data (its own test split is scored anyway)"
                 )
         try:  # the typed spec: every rule between settings (kiln.spec)
             Experiment.from_config(name, exp)
@@ -278,8 +322,11 @@ def tokenization_key(cfg: dict, experiment: str) -> str:
 
 
 def tokenization_settings(cfg: dict, dataset: str, key: str) -> dict:
-    for exp in cfg["experiments"].values():
-        if exp["dataset"] == dataset and f"{exp['model']}-{short_hash(exp['tokenize'])}" == key:
+    """The tokenize settings of an experiment that trains on `dataset`, or scores it as a regression
+    set, with the base model and settings of `key`."""
+    for name, exp in cfg["experiments"].items():
+        uses = exp["dataset"] == dataset or dataset in regression_datasets(cfg, name)
+        if uses and f"{exp['model']}-{short_hash(exp['tokenize'])}" == key:
             return exp["tokenize"]
     raise ConfigError(f"no experiment tokenizes dataset '{dataset}' as '{key}'")
 

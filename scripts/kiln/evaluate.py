@@ -176,6 +176,19 @@ def masked_loss(model, tokenized_test, pad_id: int, batch_size: int = 16) -> dic
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": count}
 
 
+def regression_rows(tokenized_dir: str, max_samples: int):
+    """A regression set's first max_samples tokenized rows: test, then validation, then train (a
+    regression set is data the experiment does not train on; a file's rows are all in train)."""
+    import datasets
+
+    dd = datasets.load_from_disk(tokenized_dir)
+    parts = [dd[s] for s in ("test", "validation", "train") if s in dd and len(dd[s])]
+    if not parts:
+        raise ValueError(f"regression set {tokenized_dir} has no rows")
+    rows = datasets.concatenate_datasets(parts)
+    return rows.select(range(min(max_samples, len(rows))))
+
+
 def load_model(kind: str, base_dir: str, merged_dir: str, adapter_dir: str):
     """base, tuned (merged) or adapter_4bit: the adapter on the base as it was trained (NF4 unless
     the adapter's experiment.json says it was trained without quantization)."""
@@ -209,7 +222,10 @@ def evaluate(
     settings: dict,
     experiment: str = "",
     models: tuple[str, ...] = ("base", "tuned", "adapter_4bit"),
+    regression: dict[str, str] | None = None,
 ) -> dict:
+    """`regression`: name -> tokenized dataset of each regression set, scored by loss and perplexity
+    on (at most max_samples of) its rows, test split first, with every model."""
     import datasets
 
     datasets.disable_caching()  # no cache-*.arrow files written into another rule's output
@@ -238,6 +254,9 @@ def evaluate(
         "test_rows": len(test),
         "generated_rows": len(prompts),
     }
+    regression_sets = {name: regression_rows(path, s.max_samples) for name, path in (regression or {}).items()}
+    if regression_sets:
+        metrics["regression"] = {name: {"rows": len(rows)} for name, rows in regression_sets.items()}
     outputs = {}
     for kind in models:
         t0 = time.perf_counter()
@@ -249,6 +268,8 @@ def evaluate(
             m["continuations"] = len(prompts)
         m["eval_seconds"] = round(time.perf_counter() - t0, 1)
         metrics[kind] = m
+        for name, regression_set in regression_sets.items():
+            metrics["regression"][name][kind] = masked_loss(model, regression_set, tokenizer.pad_token_id)
         log.info("%s: loss %.4f", kind, m["loss"])
         del model
     produced = task_metrics(metrics)
@@ -257,6 +278,9 @@ def evaluate(
     metrics["main_metric"], metrics["task_metrics"] = main, produced
     if "base" in metrics and "tuned" in metrics:
         metrics["delta_tuned_minus_base"] = {k: metrics["tuned"][k] - metrics["base"][k] for k in ("loss", main)}
+    for block in (metrics.get("regression") or {}).values():
+        if "base" in block and "tuned" in block:
+            block["tuned_minus_base_loss"] = block["tuned"]["loss"] - block["base"]["loss"]
     if "tuned" in metrics and "adapter_4bit" in metrics:
         agree = sum(a == b for a, b in zip(outputs["tuned"], outputs["adapter_4bit"], strict=True))
         metrics["merge_drift"] = {

@@ -84,6 +84,9 @@ def build_manifest(
     """
     training = read_adapter_spec(adapter_dir)
     dataset, model = training["dataset"], training["model"]
+    stage_settings = dict(stage_settings)
+    # Each evaluate.regression entry and the dataset it names (kiln repro rebuilds them too).
+    regression = stage_settings.pop("regression_datasets", [])
     exp = {
         "dataset": dataset["name"],
         "model": model["name"],
@@ -98,7 +101,7 @@ def build_manifest(
     return {
         "kiln_manifest": 1,
         "experiment": experiment,
-        "config": {"experiment": exp, "dataset": dataset, "model": model},
+        "config": {"experiment": exp, "dataset": dataset, "model": model, "regression_datasets": regression},
         "data": {
             "splits": data["splits"],
             "rows_in": data["rows_in"],

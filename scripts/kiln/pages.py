@@ -181,6 +181,20 @@ def length_table(metrics: dict) -> str:
     return "<h3>Answer lengths (words)</h3>" + _table(rows, table_id="lengths")
 
 
+def regression_rows(metrics: dict) -> list[dict]:
+    """Each regression set's loss and perplexity per model, and tuned minus base loss."""
+    rows = []
+    for name, block in (metrics.get("regression") or {}).items():
+        row = {"regression set": name, "rows": block["rows"]}
+        for model in MODELS:
+            if model in block:
+                row[f"{model} loss"] = round(block[model]["loss"], 4)
+                row[f"{model} perplexity"] = round(block[model]["perplexity"], 4)
+        row["tuned - base loss"] = round(block.get("tuned_minus_base_loss", float("nan")), 4)
+        rows.append(row)
+    return rows
+
+
 def manifest_page(manifest: dict) -> str:
     m = manifest
     tuned, base = m["metrics"]["tuned"], m["metrics"]["base"]
@@ -198,6 +212,9 @@ def manifest_page(manifest: dict) -> str:
     ]
     stages = [{"stage": k, **(v or {})} for k, v in m["stages"].items()]
     body = _table(summary, table_id="manifest-summary") + label_tables(tuned) + length_table(m["metrics"])
+    if regression_rows(m["metrics"]):
+        body += "<h3>Regression sets (loss on answer tokens: forgetting)</h3>"
+        body += _table(regression_rows(m["metrics"]), table_id="regression")
     body += "<h3>Stages (Snakemake benchmark records)</h3>"
     body += _table(stages, ["stage", "jobs", "wall_s", "max_rss_mb", "cpu_time_s"])
     body += "<h3>Packages</h3>" + _table([{"package": k, "version": v} for k, v in m["packages"].items()])
@@ -282,6 +299,7 @@ def model_card(manifest: dict) -> str:
         "|---|---|---|---|",
         *[metric_row(name, label(name)) for name in [*task_metrics(met), "loss"]],
         "",
+        *regression_card_lines(met),
         "## Provenance",
         "",
         f"- code: {commit}",
@@ -292,6 +310,25 @@ def model_card(manifest: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def regression_card_lines(metrics: dict) -> list[str]:
+    """The model card's regression-set table: what the fine-tune may have cost elsewhere."""
+    rows = regression_rows(metrics)
+    if not rows:
+        return []
+    return [
+        "Regression sets (loss on answer tokens; a rise is forgetting):",
+        "",
+        "| regression set | rows | base model loss | this model loss | tuned - base |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['regression set']} | {r['rows']} | {r['base loss']:.4f} | {r['tuned loss']:.4f} "
+            f"| {r['tuned - base loss']:+.4f} |"
+            for r in rows
+        ],
+        "",
+    ]
 
 
 def unpinned_inputs(manifest: dict) -> list[str]:

@@ -44,9 +44,21 @@ def repro_config(manifest: dict, results: str, base_dir: str | Path = ".") -> di
         model["tokenizer_from"] = str(Path(base_dir, model["tokenizer_from"]).resolve())
     if model.get("kind") == "local" and not os.path.isabs(model.get("path", "/")):
         model["path"] = str(Path(base_dir, model["path"]).resolve())
+    datasets = {ds_name: dataset}
+    if cfg.get("regression_datasets"):  # each entry becomes the dataset it named, paths made absolute
+        names = []
+        for item in cfg["regression_datasets"]:
+            extra = copy.deepcopy(item["dataset"])
+            name = extra.pop("name")
+            for src in extra["sources"]:
+                if src["kind"] == "local" and not os.path.isabs(src["path"]):
+                    src["path"] = str(Path(base_dir, src["path"]).resolve())
+            datasets[name] = extra
+            names.append(name)
+        exp["evaluate"]["regression"] = names
     return {
         "results": results,
-        "datasets": {ds_name: dataset},
+        "datasets": datasets,
         "models": {model_name: model},
         "experiments": {manifest["experiment"]: exp},
     }

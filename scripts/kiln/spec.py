@@ -239,6 +239,11 @@ class EvaluateSettings(_Settings):
             "perplexity",
         ),
     )
+    regression: list = _f(
+        [],
+        "Other datasets (names in `datasets`, or file globs) scored by loss and perplexity with the base "
+        "and the tuned model, so forgetting shows next to the gain.",
+    )
     continuations: int = _f(
         8,
         "Text task: held-out documents whose first half (at most 64 tokens) each model continues "
