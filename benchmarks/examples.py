@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "benchmarks")]
+sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "scripts")]
 
 from data_stages import machine  # noqa: E402
 
@@ -61,6 +61,31 @@ def run_example(name: str, folder: Path) -> dict:
     }
 
 
+def readme_table(result: dict) -> str:
+    """The README's table of the examples, rendered from the results file (a test holds README to it)."""
+    from kiln.metrics import label
+
+    lines = [
+        f"Measured on the {result['machine']['cores']}-core CPU by `benchmarks/examples.py` "
+        f"(`benchmarks/results/examples.json`, {result['date']}):",
+        "",
+        "| example | task (main metric) | test rows | base | tuned (merged) | adapter on 4-bit base "
+        "| other metric, base -> tuned | wall time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, ex in result["examples"].items():
+        main, scores = ex["main_metric"], ex["scores"]
+        other = next(k for k in scores["tuned"] if k not in (main, "loss", "exact_match"))
+        digits = 2 if main == "chrf" else 3
+        lines.append(
+            f"| `{name}` | {ex['task']} ({label(main)}) | {ex['test_rows_scored']} "
+            + "".join(f"| {scores[m][main]:.{digits}f} " for m in ("base", "tuned", "adapter_4bit"))
+            + f"| {label(other)} {scores['base'][other]:.3f} -> {scores['tuned'][other]:.3f} "
+            f"| {ex['wall_seconds'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/examples.json")
@@ -71,6 +96,7 @@ def main() -> None:
             out["examples"][name] = run_example(name, Path(tmp))
             print(name, json.dumps(out["examples"][name]["scores"]["tuned"]), flush=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(readme_table(out))
 
 
 if __name__ == "__main__":

@@ -67,3 +67,16 @@ def test_the_label_example_beats_the_base_model(tmp_path):
     print(f"stdlib-modules macro-F1: base {base:.3f}, tuned {tuned:.3f}; accuracy {metrics['tuned']['accuracy']:.3f}")
     assert tuned - base >= MARGIN, (base, tuned)
     assert set(metrics["tuned"]["confusion"]) <= {"math", "os", "str", "operator", "time", "random", "shutil"}
+
+
+def test_readme_quotes_the_committed_example_results():
+    """README's example table is the one benchmarks/examples.py renders from its results file."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from examples import readme_table
+
+    result = json.loads((REPO / "benchmarks" / "results" / "examples.json").read_text())
+    assert readme_table(result) in (REPO / "README.md").read_text()
+    label_example = result["examples"]["stdlib-modules"]
+    assert label_example["tuned_minus_base"] >= MARGIN and label_example["task"] == "label"
