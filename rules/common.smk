@@ -116,6 +116,21 @@ def regression_dirs(wildcards):
     ]
 
 
+def lm_eval_task_files(wildcards):
+    """The YAML files of evaluate.lm_eval.include_path: editing a task reruns evaluation."""
+    folder = config["experiments"][wildcards.experiment]["evaluate"]["lm_eval"][
+        "include_path"
+    ]
+    if not folder:
+        return []
+    return sorted(
+        os.path.join(root, f)
+        for root, _, files in os.walk(folder)
+        for f in files
+        if f.endswith((".yaml", ".yml", ".py", ".jsonl", ".json"))
+    )
+
+
 def experiment_outputs(experiment):
     return [
         f"{R}/{experiment}/metrics.json",

@@ -91,6 +91,7 @@ rule evaluate:
         merged=f"{R}/{{experiment}}/merged",
         adapter=f"{R}/{{experiment}}/adapter",
         regression=regression_dirs,
+        lm_eval_tasks=lm_eval_task_files,
         code=code("evaluate"),
     output:
         metrics=f"{R}/{{experiment}}/metrics.json",

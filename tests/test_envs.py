@@ -51,7 +51,7 @@ def test_each_env_has_the_third_party_packages_its_rules_import():
         "model": ["base_model", "tokenize", "train", "backends", "merge", "evaluate", "manifest"],
     }
     stdlib_or_ours = {"kiln", "__future__"} | set(__import__("sys").stdlib_module_names)
-    optional = {"unsloth", "huggingface_hub", "mlflow"}  # the GPU extra; hub downloads; tracking extra
+    optional = {"unsloth", "huggingface_hub", "mlflow", "lm_eval"}  # GPU extra; hub downloads; tracking; lm-eval extra
     for name, modules in rules.items():
         spec = env(name)
         have = set()

@@ -109,15 +109,24 @@ def test_a_label_task_is_scored_by_accuracy_macro_f1_and_a_confusion_matrix(tmp_
 
 @pytest.mark.slow
 def test_a_plain_text_dataset_is_scored_by_perplexity(tmp_path):
+    from test_lm_eval import write_task
+
     lines = [f"Note {i}: the {WORDS[i % len(WORDS)]} kiln fired its batch of cups at dawn." for i in range(80)]
     (tmp_path / "notes.txt").write_text("\n".join(lines) + "\n")
     cfg = _experiment(tiny_config(), "notes", {"name": "mine", "kind": "local", "path": "notes.txt"})
+    (tmp_path / "tasks").mkdir()
+    write_task(tmp_path / "tasks")  # lm-evaluation-harness, opt-in, on a local task
+    cfg["experiments"]["notes"]["evaluate"]["lm_eval"] = {"tasks": ["kiln_mc"], "include_path": "tasks"}
     wf = Workflow(tmp_path, cfg)
     wf.run()
     metrics = json.loads(wf.path("notes/metrics.json").read_text())
     assert metrics["task"] == "text" and metrics["main_metric"] == "perplexity"
     assert metrics["task_metrics"] == ["perplexity"] and metrics["generated_rows"] == 8
     assert metrics["tuned"]["continuations"] == 8
+    harness = metrics["lm_eval"]
+    assert harness["tasks"] == ["kiln_mc"] and set(harness) == {"tasks", "base", "tuned"}
+    assert 0 <= harness["tuned"]["kiln_mc"]["acc,none"] <= 1
+    assert "lm-evaluation-harness" in wf.path("notes/manifest.html").read_text()
     samples = [json.loads(line) for line in wf.path("notes/samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and all(s["prompt"].startswith("Note ") for s in samples)
     for s in samples:  # the prefix and the reference (the document's own next tokens) make one line

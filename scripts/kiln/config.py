@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import glob
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -234,6 +235,17 @@ def _check_references(cfg: dict) -> None:
                     f"config: experiments.{name}.{key}: '{exp[key]}' is not in `{table}` "
                     f"(known: {', '.join(sorted(cfg[table]))})"
                 )
+        lm_eval = exp["evaluate"]["lm_eval"]
+        if lm_eval["include_path"] and not os.path.isdir(lm_eval["include_path"]):
+            raise ConfigError(
+                f"config: experiments.{name}.evaluate.lm_eval.include_path: '{lm_eval['include_path']}' "
+                "is not a folder (of task YAML files)"
+            )
+        if lm_eval["tasks"] and importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError(
+                f"config: experiments.{name}.evaluate.lm_eval.tasks: lm-evaluation-harness is not installed "
+                "(pip install -e '.[lm-eval]')"
+            )
         for entry in exp["evaluate"]["regression"]:
             if entry == exp["dataset"]:
                 raise ConfigError(

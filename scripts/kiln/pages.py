@@ -212,6 +212,14 @@ def manifest_page(manifest: dict) -> str:
     ]
     stages = [{"stage": k, **(v or {})} for k, v in m["stages"].items()]
     body = _table(summary, table_id="manifest-summary") + label_tables(tuned) + length_table(m["metrics"])
+    if m["metrics"].get("lm_eval"):
+        harness = m["metrics"]["lm_eval"]
+        rows = [
+            {"task": task, "metric": metric, **{k: harness[k][task].get(metric) for k in ("base", "tuned")}}
+            for task in harness["base"]
+            for metric in harness["base"][task]
+        ]
+        body += "<h3>lm-evaluation-harness (base vs tuned)</h3>" + _table(rows, table_id="lm-eval")
     if regression_rows(m["metrics"]):
         body += "<h3>Regression sets (loss on answer tokens: forgetting)</h3>"
         body += _table(regression_rows(m["metrics"]), table_id="regression")

@@ -44,6 +44,9 @@ def repro_config(manifest: dict, results: str, base_dir: str | Path = ".") -> di
         model["tokenizer_from"] = str(Path(base_dir, model["tokenizer_from"]).resolve())
     if model.get("kind") == "local" and not os.path.isabs(model.get("path", "/")):
         model["path"] = str(Path(base_dir, model["path"]).resolve())
+    harness = exp.get("evaluate", {}).get("lm_eval") or {}
+    if harness.get("include_path") and not os.path.isabs(harness["include_path"]):
+        harness["include_path"] = str(Path(base_dir, harness["include_path"]).resolve())
     datasets = {ds_name: dataset}
     if cfg.get("regression_datasets"):  # each entry becomes the dataset it named, paths made absolute
         names = []

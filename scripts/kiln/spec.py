@@ -244,6 +244,12 @@ class EvaluateSettings(_Settings):
         "Other datasets (names in `datasets`, or file globs) scored by loss and perplexity with the base "
         "and the tuned model, so forgetting shows next to the gain.",
     )
+    lm_eval: dict = _f(
+        {"tasks": [], "include_path": "", "limit": 0, "num_fewshot": 0},
+        "lm-evaluation-harness, opt-in: tasks run on the base and the tuned model (results in "
+        "metrics.json lm_eval); include_path: a folder of your own task YAML files; limit: examples "
+        "per task (0: all); num_fewshot (0: the task's default).",
+    )
     continuations: int = _f(
         8,
         "Text task: held-out documents whose first half (at most 64 tokens) each model continues "
