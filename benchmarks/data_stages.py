@@ -31,7 +31,7 @@ from kiln.dataset import build_dataset, split_by_hash
 from kiln.sources import canonical_rows, write_raw
 from kiln.spec import BuildSettings, CleanSettings, TokenizeSettings
 from kiln.synthetic import ANSWER_SCHEMA, generate
-from kiln.textfix import CONTROL
+from kiln.textfix import CONTROL, QUOTED_RUN, normalize_layout_text
 from kiln.tokenize import render, tokenize_batch, tokenize_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,20 @@ _CONTROL, _WS, _EDGE, _NL = (
 )
 
 
+# Which turns keep their layout (kiln.textfix's Arrow patterns, in Python's `re` dialect).
+_CODE = re.compile(r"^[ \t]*(?:```|~~~)|<[Pp][Rr][Ee][\s>]|^[ \t]*\|.*\|[ \t]*$|\n(?: {2,}|\t)[ \t]*\S", re.M)
+_LAYOUT = re.compile(
+    r"\A\s*(?:\{[\s\S]*\}|\[[\s\S]*\])\s*\Z" + r"|" + QUOTED_RUN + r"|(?m:^[ \t]*(?:- |[\w\"'.-]+:(?: |$)))"
+)
+
+
+def naive_whitespace(text: str, code: bool) -> str:
+    if code or _LAYOUT.search(text):
+        text = normalize_layout_text(text)
+        return text if code else text.strip()
+    return _NL.sub("\n\n", _EDGE.sub("", _WS.sub(" ", text))).strip()
+
+
 def naive_clean(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     clean, rejected, seen = [], [], set()
     for row in rows:
@@ -67,10 +81,10 @@ def naive_clean(rows: list[dict]) -> tuple[list[dict], list[dict]]:
         turns = []
         for turn in row["messages"]:
             text = unicodedata.normalize("NFC", turn["content"])
-            if "&" in text:
+            code = bool(_CODE.search(text))  # decided before unescaping, as kiln.textfix does
+            if "&" in text and not code:
                 text = html.unescape(text)
-            text = _CONTROL.sub("", text.replace("\r\n", "\n"))
-            text = _NL.sub("\n\n", _EDGE.sub("", _WS.sub(" ", text))).strip()
+            text = naive_whitespace(_CONTROL.sub("", text.replace("\r\n", "\n")), code)
             turns.append({"role": turn["role"], "content": text})
         n_chars = sum(len(t["content"]) for t in turns)
         reason = None
@@ -127,7 +141,7 @@ def make_shard(path: Path, rows: int, seed: int) -> None:
     write_raw(canonical_rows(items, source="synthetic", file=f"seed{seed}", fmt="auto", columns={}), path)
 
 
-def main(rows: int, shards: int, out: Path | None, naive_tokenize_rows: int) -> dict:
+def main(rows: int, shards: int, out: Path | None, naive_tokenize_rows: int, only_clean: bool = False) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
@@ -163,6 +177,17 @@ def main(rows: int, shards: int, out: Path | None, naive_tokenize_rows: int) -> 
             "speedup": round(t_naive_loop / t_clean_mem, 1),
         },
     }
+    if only_clean:  # after a change to cleaning alone: the clean figures, dated, into the kept file
+        result["clean"]["date"] = result["machine"]["date"]
+        shutil.rmtree(tmp)
+        kept_result = json.loads(out.read_text()) if out and out.exists() else {}
+        if kept_result.get("rows") not in (None, rows):
+            raise SystemExit(f"{out} was made with {kept_result['rows']} rows, not {rows}")
+        result = {**kept_result, "clean": result["clean"]}
+        if out:
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["clean"], indent=2))
+        return result
 
     ds_dir = tmp / "dataset"
     _, t_build = timed(
@@ -253,5 +278,6 @@ if __name__ == "__main__":
     ap.add_argument("--shards", type=int, default=10)
     ap.add_argument("--naive-tokenize-rows", type=int, default=20_000)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--only-clean", action="store_true", help="measure clean alone; merge into --out")
     args = ap.parse_args()
-    main(args.rows, args.shards, args.out, args.naive_tokenize_rows)
+    main(args.rows, args.shards, args.out, args.naive_tokenize_rows, args.only_clean)

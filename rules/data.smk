@@ -68,6 +68,7 @@ rule build_dataset:
     params:
         settings=lambda w: config["datasets"][w.dataset]["build"],
         mixture=mixture,
+        data_dir=lambda w: f"{R}/data/{w.dataset}",
     script:
         "../scripts/build_dataset.py"
 

@@ -12,4 +12,5 @@ build_dataset(
     sm.output.stats,
     sm.params.settings,
     mixture=dict(sm.params.mixture),
+    data_dir=sm.params.data_dir,
 )

@@ -209,3 +209,48 @@ def test_a_mixture_and_the_contamination_audit_reach_the_data_page(workflow_fact
     assert "Sources in train (mixture: weight, max_rows)" in page and 'id="mixture"' in page
     assert "Contamination audit (Jaccard above 0.8; kept (build.decontaminate: false))" in page
     assert stats["contamination"]["test"]["rows"] == stats["splits"]["test"]["rows"]
+
+
+def test_a_deleted_source_file_leaves_listed_orphans_never_read(workflow_factory, tmp_path):
+    """A file removed from a local glob: its shards are listed as orphaned in the stats and the
+    data page, and none of its rows reach the dataset. The page also shows each cleaning step's
+    before/after examples, whitespace visible."""
+    from conftest import tiny_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a", "b"):
+        rows = [
+            {"prompt": f"Question {name}{i}:  why   fire   clay? ", "completion": f"Answer {name}{i}: to\tharden it."}
+            for i in range(30)
+        ]
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config()
+    cfg["datasets"]["orders"]["clean"].pop("answer_schema")
+    cfg["datasets"]["orders"]["sources"] = [{"name": "qa", "kind": "local", "path": str(data / "*.jsonl")}]
+    wf = workflow_factory(cfg)
+    target = "results/data/orders/report/data_stats.html"
+    wf.run(target)
+    page = wf.path("data/orders/report/data_stats.html").read_text()
+    assert 'id="cleaning-steps"' in page and "Question a0:  why   fire   clay? " in page
+    assert "Question a0: why fire clay?" in page  # the after side of the whitespace example
+    (data / "b.jsonl").unlink()
+    wf.run(target)
+    stats = json.loads(wf.path("data/orders/dataset_stats.json").read_text())
+    assert stats["orphaned_shards"] == [
+        "raw/qa/b.jsonl.parquet",
+        "clean/qa/b.jsonl.parquet",
+        "rejected/qa/b.jsonl.parquet",
+    ]
+    dd = datasets.load_from_disk(str(wf.path("data/orders/dataset")))
+    assert all("b" not in f.split("/")[-1] for s in dd for f in dd[s]["file"]) and stats["rows_in"] == 30
+    page = wf.path("data/orders/report/data_stats.html").read_text()
+    assert "Orphaned shards" in page and "clean/qa/b.jsonl.parquet" in page
+
+
+def test_the_contamination_audit_says_when_it_is_skipped(tmp_path):
+    shard = write_shard(tmp_path, "a", [chat(f"order {i}", "ok") for i in range(30)])
+    build = {**BUILD, "contamination_max_rows": 10}
+    stats = build_dataset([shard], tmp_path / "ds", tmp_path / "rej.parquet", tmp_path / "s.json", build)
+    assert stats["contamination"]["skipped"].startswith("30 rows > build.contamination_max_rows (10)")
+    assert "test" not in stats["contamination"]

@@ -128,7 +128,8 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
         messages = pa.array([], type=MESSAGES_TYPE) if n == 0 else messages.chunk(0)
     parent = pc.list_parent_indices(messages).to_numpy()
     flat = messages.flatten()
-    content, changed = clean_text(flat.field("content"), opt)
+    examples: dict[str, list[dict]] = {}
+    content, changed = clean_text(flat.field("content"), opt, examples)
     roles = flat.field("role")
 
     lengths = pc.fill_null(pc.utf8_length(content), 0).to_numpy(zero_copy_only=False)
@@ -285,6 +286,9 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
         "rejected_by_reason": {str(k): int(v) for k, v in sorted(by_reason.items())},
         "rows_edited_by": {k: int((per_row(parent, changed[k], n) > 0).sum()) for k in edit_names},
         "chars_clean": int(n_chars[keep].sum()),
+        # Each cleaning step's first changes, before and after: a step that rewrites text it
+        # should not shows in the data page before anyone trains on it.
+        "examples_by_step": examples,
     }
     assert stats["rows_in"] == stats["rows_clean"] + stats["rows_rejected"]
     return clean, rejected, stats

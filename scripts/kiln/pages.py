@@ -64,17 +64,25 @@ def data_stats(shard_stats: list[str | Path], dataset_stats: str | Path, tokeniz
             op: sum(s.get("rows_edited_by", {}).get(op, 0) for s in shards)
             for op in sorted({op for s in shards for op in s.get("rows_edited_by", {})})
         },
+        # Two before/after examples per cleaning step, from the first shards that have them.
+        "examples": {
+            op: [e for s in shards for e in s.get("examples_by_step", {}).get(op, [])][:2]
+            for op in sorted({op for s in shards for op in s.get("examples_by_step", {})})
+        },
         "tokenized": tokenized,
         # Files set aside by `on_bad_file: skip`, each with its reason (no row of theirs was read).
         "skipped_files": [s["skipped_file"] for s in shards if s.get("skipped_file")],
         # Each source's share of train before and after its weight (and its max_rows cap).
         "mixture": [{"source": k, **v} for k, v in built.get("mixture", {}).items()],
         "contamination": built.get("contamination", {}),
+        "orphaned_shards": built.get("orphaned_shards", []),
     }
 
 
 def contamination_table(audit: dict) -> str:
     """Held-out rows that nearly duplicate a train row, per split, with a few examples."""
+    if audit.get("skipped"):
+        return f"<h3>Contamination audit: skipped</h3><p>{html.escape(audit['skipped'])}</p>"
     splits = [k for k in ("validation", "test") if k in audit]
     if not splits:
         return ""
@@ -100,9 +108,29 @@ def data_stats_page(stats: dict, dataset: str) -> str:
     if stats.get("mixture"):
         body += "<h3>Sources in train (mixture: weight, max_rows)</h3>" + _table(stats["mixture"], table_id="mixture")
     body += contamination_table(stats.get("contamination") or {})
+    if stats.get("orphaned_shards"):
+        body += "<h3>Orphaned shards (no current source file makes them; not read)</h3>" + _table(
+            [{"shard": s} for s in stats["orphaned_shards"]], table_id="orphaned"
+        )
     body += "<h3>Rejected rows by reason</h3>" + _table(stats["rejected"], table_id="rejected")
-    body += "<h3>Rows changed by each cleaning step</h3>" + _table(
-        [{"step": k, "rows": v} for k, v in stats["edited"].items()]
+    rows_total = sum(s["rows"] for s in stats["stages"][:1]) or 1
+    body += "<h3>Rows changed by each cleaning step (examples: text as JSON strings, whitespace shown)</h3>"
+    body += _table(
+        [
+            {
+                "step": k,
+                "rows": v,
+                "share of raw rows": f"{v / rows_total:.1%}",
+                **{
+                    f"example {i + 1}": f"{json.dumps(e['before'], ensure_ascii=False)} -> "
+                    f"{json.dumps(e['after'], ensure_ascii=False)}"
+                    for i, e in enumerate(stats.get("examples", {}).get(k, []))
+                },
+            }
+            for k, v in stats["edited"].items()
+        ],
+        ["step", "rows", "share of raw rows", "example 1", "example 2"],
+        table_id="cleaning-steps",
     )
     for key, tok in stats["tokenized"].items():
         rows = [

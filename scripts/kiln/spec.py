@@ -73,9 +73,13 @@ def is_type_map(schema) -> bool:
 class CleanSettings(_Settings):
     section = "clean"
     unicode_form: str = _f("NFC", "Unicode normal form of every turn (none: leave as is).", ("NFC", "NFKC", "none"))
-    html_unescape: bool = _f(True, "Turn HTML entities (&amp;) into characters.")
+    html_unescape: bool = _f(True, "Turn HTML entities (&amp;) into characters (not in code-bearing text).")
     strip_control: bool = _f(True, "Remove control characters (not tab or newline).")
-    normalize_whitespace: bool = _f(True, "Collapse runs of spaces and blank lines; trim each turn.")
+    normalize_whitespace: bool = _f(
+        True,
+        "Prose: collapse runs of spaces and blank lines, trim each turn. Code, tables, JSON and YAML "
+        "keep indentation and inner spaces (only trailing blanks and blank-line runs go, if it still parses the same).",
+    )
     min_chars: int = _f(1, "Rows shorter than this (all turns) are rejected.")
     max_chars: int = _f(20000, "Rows longer than this (all turns) are rejected.")
     mask_pii: bool = _f(False, "Replace e-mail addresses and phone numbers with [EMAIL] / [PHONE].")
@@ -122,6 +126,9 @@ class BuildSettings(_Settings):
     contamination_audit: bool = _f(True, "Count validation and test rows that nearly duplicate a train row.")
     contamination_threshold: float = _f(0.8, "Jaccard similarity above which a held-out row is contaminated.")
     decontaminate: bool = _f(False, "Move contaminated rows out of validation and test (build rejects).")
+    contamination_max_rows: int = _f(
+        200_000, "Audit only datasets up to this many unique rows (MinHash costs about 0.4 ms a row)."
+    )
 
     def check(self, where: str = "build") -> None:
         if self.validation + self.test >= 1:

@@ -31,6 +31,20 @@ def per_row(parent: np.ndarray, flags, n: int) -> np.ndarray:
 # Each text operation first finds, in one vectorised pass, the turns it could change, then fixes
 # only those: most real text needs no fixing, and a find is cheaper than a rewrite.
 INNER_WHITESPACE = r"[\t\xa0\r]| {2}| \n|\n |\n{3}"
+# Text whose whitespace carries meaning (issue 17): a fenced code block, a <pre> block, a Markdown
+# table, or lines indented (2+ spaces or a tab) under another line (code, YAML, nested lists; one
+# stray space is a typo, and is fixed like prose). Only trailing whitespace,
+# runs of blank lines outside the blocks and blank lines at the edges are touched there.
+CODE_BEARING = r"(?m)^[ \t]*(?:```|~~~)|<[Pp][Rr][Ee][\s>]|^[ \t]*\|.*\|[ \t]*$|\n(?: {2,}|\t)[ \t]*\S"
+# JSON (an object or array): spaces inside its strings are values; its whitespace is kept too.
+JSON_LIKE = r"\A\s*(?:\{[\s\S]*\}|\[[\s\S]*\])\s*\z"
+# A quoted span holding a run of blanks ("a  b", 'x\t'): a string literal of one-line code, or a
+# quotation; its spaces are its value, so the turn keeps its inner whitespace.
+QUOTED_RUN = r""""[^"\n]*(?: {2}|\t)[^"\n]*"|'[^'\n]*(?: {2}|\t)[^'\n]*'"""
+# YAML-shaped lines (`key: value`, `- item`): a mapping or list whose values hold their spaces.
+YAML_LIKE = r"(?m)^[ \t]*(?:- |[\w\"'.-]+:(?: |$))"
+_FENCE = re.compile(r"^[ \t]*(```|~~~)")
+EXAMPLE_CHARS = 300  # of each before/after example a cleaning step keeps for the stats
 ANY_FIX = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f&\t\xa0\r]|\A\s|\s\z| {2}| \n|\n |\n{3}"
 
 
@@ -84,9 +98,86 @@ def mask_pii(content: pa.Array, region: str) -> tuple[pa.Array, np.ndarray]:
     return pc.replace_with_mask(content, maybe, pa.array(after, pa.string())), flags
 
 
-def clean_text(content: pa.Array, settings) -> tuple[pa.Array, dict[str, np.ndarray]]:
+def normalize_code_bearing(text: str) -> str:
+    """Whitespace of a text whose layout means something: trailing whitespace goes and blank-line
+    runs shrink to one, outside fenced and <pre> blocks (untouched); indentation and the spaces
+    inside a line stay, so code parses the same and JSON/YAML values are equal."""
+    out: list[str] = []
+    fence, pre = None, False
+    for line in text.split("\n"):
+        if fence:
+            out.append(line)
+            if line.lstrip().startswith(fence):
+                fence = None
+            continue
+        if pre:
+            out.append(line)
+            pre = "</pre>" not in line.lower()
+            continue
+        opened = _FENCE.match(line)
+        if opened:
+            fence = opened.group(1)
+        elif "<pre" in line.lower() and "</pre>" not in line.lower():
+            pre = True
+        line = line if pre else line.rstrip()
+        if not line and out and not out[-1] and not fence:
+            continue  # at most one blank line
+        out.append(line)
+    while out and not out[0].strip():
+        out.pop(0)
+    text = "\n".join(out)
+    return text if fence or pre else text.rstrip()
+
+
+def _python(text: str):
+    import ast
+
+    return ast.dump(ast.parse(text))
+
+
+def _structured_yaml(text: str):
+    import yaml
+
+    value = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    if not isinstance(value, (dict, list)):
+        raise ValueError("a YAML scalar: prose, not data")
+    return value
+
+
+def same_meaning(before: str, after: str) -> bool:
+    """Whether `after` means what `before` does, for the languages a text may be written in: if
+    `before` parses as Python (its AST), JSON or structured YAML (their values), `after` must parse
+    to the same. Text in none of them (prose) has no parse to keep."""
+    for parse in (_python, json.loads, _structured_yaml):
+        try:
+            want = parse(before)
+        except Exception:  # noqa: BLE001 - not written in this language
+            continue
+        try:
+            return parse(after) == want
+        except Exception:  # noqa: BLE001
+            return False
+    return True
+
+
+def normalize_layout_text(text: str) -> str:
+    """normalize_code_bearing, kept only where the text means the same afterwards (a blank-line run
+    inside a Python docstring or a YAML block scalar is part of a value): else only the trailing
+    whitespace at its very end goes, and if even that changes it, the text stays as it is."""
+    for candidate in (normalize_code_bearing(text), text.rstrip()):
+        if candidate == text or same_meaning(text, candidate):
+            return candidate
+    return text
+
+
+def clean_text(content: pa.Array, settings, examples: dict | None = None) -> tuple[pa.Array, dict[str, np.ndarray]]:
     """Apply the text operations to an Arrow string array; return it and per-op change flags.
-    (PII masking is separate, mask_pii: it runs after the answer checks.)
+    (PII masking is separate, mask_pii: it runs after the answer checks.) `examples`, when given,
+    gets each step's first two changes as {"before", "after"} (cut at EXAMPLE_CHARS).
+
+    Code-bearing turns (CODE_BEARING: fences, <pre>, tables, indented lines) keep their layout and
+    their characters: whitespace only as normalize_code_bearing says, and no HTML unescaping (an
+    `&amp;` in code is code). JSON turns keep the spaces inside their strings.
 
     One vectorised pass finds the turns any operation could change (most real text needs no
     fixing, and a find is cheaper than a rewrite); the operations then run, as Arrow compute
@@ -122,6 +213,15 @@ def clean_text(content: pa.Array, settings) -> tuple[pa.Array, dict[str, np.ndar
             diff = pc.fill_null(pc.not_equal(after, before), False).to_numpy(zero_copy_only=False)
             work = pc.replace_with_mask(work, pa.array(needs), after)
             hit[where[diff]] = True
+            if examples is not None and diff.any():
+                shown = examples.setdefault(name, [])
+                for k in np.flatnonzero(diff)[: max(0, 2 - len(shown))]:
+                    shown.append(
+                        {
+                            "before": before[int(k)].as_py()[:EXAMPLE_CHARS],
+                            "after": after[int(k)].as_py()[:EXAMPLE_CHARS],
+                        }
+                    )
         flags[name] = hit
 
     def has(pattern: str, regex: bool = True) -> np.ndarray:
@@ -131,8 +231,9 @@ def clean_text(content: pa.Array, settings) -> tuple[pa.Array, dict[str, np.ndar
     if check_unicode:
         non_ascii = ~pc.fill_null(pc.string_is_ascii(work), True).to_numpy(zero_copy_only=False)
         step("unicode", non_ascii, lambda s: s.str.normalize(opt.unicode_form))
+    code = has(CODE_BEARING)
     if opt.html_unescape:
-        step("html", has("&", regex=False), lambda s: s.map(html.unescape).astype(STRING))
+        step("html", has("&", regex=False) & ~code, lambda s: s.map(html.unescape).astype(STRING))
     if opt.strip_control:
         step(
             "control",
@@ -142,7 +243,8 @@ def clean_text(content: pa.Array, settings) -> tuple[pa.Array, dict[str, np.ndar
     if opt.normalize_whitespace:
         # Runs inside the text need three regex rewrites; blank edges (far more common, and often
         # on long texts) need only a strip, so the two are found and fixed apart.
-        inner = has(INNER_WHITESPACE)
+        keep_layout = code | has(JSON_LIKE) | has(QUOTED_RUN) | has(YAML_LIKE)
+        inner = has(INNER_WHITESPACE) & ~keep_layout
 
         def fix_inner(s):
             # Match only runs that change (a tab, a no-break space, or 2+ blanks), not every space.
@@ -152,9 +254,15 @@ def clean_text(content: pa.Array, settings) -> tuple[pa.Array, dict[str, np.ndar
 
         step("whitespace", inner, fix_inner)
         inner_hit = flags["whitespace"]
+        step(
+            "whitespace",
+            keep_layout & has(r"[ \t\xa0]\n|\n{3}|\A\s|\s\z"),
+            lambda s: s.map(normalize_layout_text).astype(STRING),
+        )
+        inner_hit |= flags["whitespace"]
         trimmed = pc.utf8_trim_whitespace(work)
         edges = pc.fill_null(pc.not_equal(pc.binary_length(trimmed), pc.binary_length(work)), False)
-        edges = edges.to_numpy(zero_copy_only=False)
+        edges = edges.to_numpy(zero_copy_only=False) & ~code  # a code block's first indent stays
         if edges.any():
             work = pc.if_else(pa.array(edges), trimmed, work)
         flags["whitespace"] = inner_hit | edges
