@@ -8,9 +8,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# The embedded default, found next to this file whatever the working directory. A --configfile
-# replaces it (rules/common.smk), so it is not loaded then, and Snakemake does not announce that
-# it "is extended by additional config".
+# The embedded default, found next to this file whatever the working directory. With a
+# --configfile, rules/common.smk extends it the Kiln way (experiments replaced, datasets and models
+# merged by name), so Snakemake does not load it here nor announce it "is extended".
 if not workflow.config_settings.configfiles:
 
     configfile: os.path.join(workflow.basedir, "config", "config.yaml")

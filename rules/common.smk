@@ -14,6 +14,7 @@ from kiln.config import (  # noqa: E402
     ConfigError,
     check_local_paths,
     dataset_shards,
+    extend_default,
     source_config,
     tokenization_key,
     tokenization_settings,
@@ -23,11 +24,18 @@ from kiln.config import (  # noqa: E402
     validate,
 )
 
-# A --configfile is a whole Kiln config: it replaces the embedded default rather than being
-# deep-merged into it (which would add the default's datasets and experiments to the user's).
+# A --configfile extends the embedded default the Kiln way (kiln.config.extend_default): datasets
+# and models merged by name, experiments replaced (only the user's are built, `base:` may name a
+# default one), other keys the user's where given. Snakemake's own deep merge would add the
+# default's experiments to the user's.
 if workflow.config_settings.configfiles:
+    import yaml
+
+    with open(os.path.join(workflow.basedir, "config", "config.yaml")) as _fh:
+        _default = yaml.safe_load(_fh)
+    _user = dict(workflow.config_settings.overwrite_config)
     config.clear()
-    config.update(workflow.config_settings.overwrite_config)
+    config.update(extend_default(_default, _user))
 # A run killed by SIGKILL or a power cut leaves Snakemake's lock behind; the next plain run
 # removes it when no Snakemake process works in this folder (never a live run's).
 _stale = release_stale_lock(os.getcwd())

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import SNAKEMAKE
 
-from kiln.config import check_local_paths, validate
+from kiln.config import check_local_paths, extend_default, validate
 from kiln.examples import label_rows, summary_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,9 +41,11 @@ def test_the_example_data_is_what_this_python_makes():
 @pytest.mark.parametrize("name", ["stdlib-modules.yaml", "stdlib-summaries.yaml"])
 def test_each_example_config_passes_the_parse_time_checks(name, monkeypatch):
     monkeypatch.chdir(REPO)  # README runs them from the clone's root
-    cfg = validate(yaml.safe_load((EXAMPLES / name).read_text()))
+    default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg = validate(extend_default(default, yaml.safe_load((EXAMPLES / name).read_text())))
     check_local_paths(cfg)
     assert len(cfg["experiments"]) == 1 and "default" not in cfg["experiments"]
+    assert "smollm2-135m" in cfg["models"]  # the embedded model, from the default
 
 
 def test_readme_gives_the_example_commands():

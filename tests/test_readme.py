@@ -3,13 +3,14 @@ default, passes the schema and the reference checks the workflow runs at parse t
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kiln.config import validate
+from kiln.config import extend_default, validate
 
 REPO = Path(__file__).resolve().parents[1]
 # What README abbreviates, and the value the test puts in its place (nothing else is edited).
@@ -31,12 +32,45 @@ def test_each_readme_yaml_snippet_is_a_valid_config(index):
         text = text.replace(short, full)
     snippet = yaml.safe_load(text)
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    for key, value in snippet.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
-    resolved = validate(config)
+    resolved = validate(extend_default(config, snippet))  # as a --configfile extends the default
     for key, value in snippet.items():  # what the snippet says is what the workflow gets
         if isinstance(value, dict):
             assert set(value) <= set(resolved[key])
+
+
+def test_a_user_config_extends_the_default():
+    default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    user = {
+        "results": "results/mine",
+        "datasets": {"mine": {"sources": [{"name": "s", "kind": "local", "path": "x.jsonl"}]}},
+        "experiments": {"mine": {"base": "default", "dataset": "mine", "training": {"max_steps": 3}}},
+    }
+    cfg = validate(extend_default(default, user))
+    assert list(cfg["experiments"]) == ["mine"]  # the default experiment is not built
+    assert set(cfg["datasets"]) == {"orders", "mine"} and "smollm2-135m" in cfg["models"]
+    mine, base = cfg["experiments"]["mine"], default["experiments"]["default"]
+    assert mine["model"] == "smollm2-135m" and mine["training"]["max_steps"] == 3
+    assert mine["training"]["learning_rate"] == base["training"]["learning_rate"]
+    assert cfg["results"] == "results/mine" and cfg["tracking"] == default["tracking"]
+
+
+def test_readme_walkthrough_plans_only_the_users_experiment(tmp_path):
+    """README's "your data -> your experiment -> your results": its my.yaml, its dry-run command."""
+    import subprocess
+
+    from conftest import SNAKEMAKE
+
+    text = (REPO / "README.md").read_text()
+    my_yaml = re.search(r"```yaml\n# my.yaml[^\n]*\n(.*?)```", text, flags=re.S).group(1)
+    command = re.search(r"snakemake --cores 1 --configfile my.yaml -n", text)
+    assert command, "README lost its dry-run command"
+    (tmp_path / "my.yaml").write_text(my_yaml)
+    (tmp_path / "data").mkdir()
+    row = {"messages": [{"role": "user", "content": "My order is late."}, {"role": "assistant", "content": "Sorry!"}]}
+    (tmp_path / "data" / "tickets.jsonl").write_text(json.dumps(row) + "\n")
+    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--cores", "1", "--configfile", "my.yaml", "-n"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "results/mine/tickets/metrics.json" in out and "results/mine/default/" not in out
+    assert "is extended by additional config" not in out

@@ -135,3 +135,24 @@ def test_real_docstrings_keep_their_indented_examples():
             checked += 1
     assert checked >= 20
     assert textwrap.dedent(clean("    a = 1\n    b = 2")) == "a = 1\nb = 2"
+
+
+# Code in other languages: no parser here to compare, so every line must come back as it was,
+# bar trailing whitespace (tabs in a Makefile recipe and Go, aligned SQL, a JS string with spaces).
+SNIPPETS = {
+    "makefile": "all: kiln\n\tgcc -O2 -o kiln main.c  \n\nclean:\n\trm -f kiln",
+    "go": 'func main() {\n\tif x {\n\t\tfmt.Println("a  b")\n\t}\n}',
+    "js": 'function f(a) {\n  const s = "two  spaces";\n  return a  +  s;\n}',
+    "c": "int main(void) {\n    int  x = 1;   \n    return x;\n}",
+    "sql": "SELECT name,\n       total\n  FROM orders\n WHERE city = 'New  York';",
+    "yaml": "steps:\n  - run: make  test\n    env:\n      CI: 'true'",
+}
+
+
+def test_code_in_other_languages_keeps_every_line():
+    for lang, code in SNIPPETS.items():
+        for text in (code, f"Example ({lang}):\n\n```{lang}\n{code}\n```\n\n\n\nThat is it.  "):
+            out = clean(text)
+            for line in code.splitlines():
+                assert line.rstrip() in out.splitlines(), (lang, line, out)
+            assert clean(out) == out, lang

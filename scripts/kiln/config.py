@@ -57,6 +57,31 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def extend_default(default: dict, user: dict) -> dict:
+    """A user's --configfile over the embedded default (issue 14): `datasets` and `models` are merged
+    by name (the user's entries win whole; the default's, such as the embedded model, stay usable);
+    `experiments`, when given, replace the default's, so only the user's are built, and an
+    experiment's `base:` may name one of the default's (its settings, deep-merged with the user's
+    keys); every other key is the user's where given, else the default's."""
+    out = copy.deepcopy(default)
+    for key, value in user.items():
+        if key in ("datasets", "models") and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **copy.deepcopy(value)}
+        elif key == "experiments" and isinstance(value, dict):
+            theirs = default.get("experiments") or {}
+            out[key] = {}
+            for name, exp in value.items():
+                base = exp.get("base") if isinstance(exp, dict) else None
+                if base and base not in value and base in theirs:
+                    exp = _deep_merge(theirs[base], {k: v for k, v in exp.items() if k != "base"})
+                out[key][name] = copy.deepcopy(exp)
+            if "sweeps" not in user:
+                out.pop("sweeps", None)  # the default's sweeps are over the default's experiments
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def _value_name(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, bool) or value is None else str(value)
     return _UNSAFE.sub("_", text).strip("_") or "x"
