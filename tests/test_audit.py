@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,11 @@ def test_model_card_is_generated_from_the_manifest(tiny_run):
     assert m["data"]["splits"]["train"]["fingerprint"] in card
     assert f"{m['metrics']['tuned']['exact_match']:.4f}" in card
     assert "AutoModelForCausalLM.from_pretrained" in card and m["base_model"]["id"] in card
+    # The card's "how to load it" snippet runs as written, in the model folder (path = ".").
+    snippet = re.search(r"```python\n(.*?)```", card, flags=re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=model, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
     # The weights are the merged model's (hard links, not copies).
     merged = tiny_run.path("tiny/merged/model.safetensors")
     assert os.path.samefile(model / "model.safetensors", merged) or sha256_file(
