@@ -252,3 +252,38 @@ def test_snakemake_parse_still_imports_nothing_heavy():
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) < 3
     assert SNAKEMAKE  # the same interpreter runs the workflow
+
+
+def test_tree_hashes_leave_out_snakemakes_timestamp_marker(tmp_path):
+    from kiln.manifest import tree_hashes
+
+    (tmp_path / "model.safetensors").write_bytes(b"w")
+    (tmp_path / ".snakemake_timestamp").write_bytes(b"")
+    assert list(tree_hashes(tmp_path)) == ["model.safetensors"]
+
+
+def test_kiln_output_into_a_closed_pipe_ends_quietly():
+    """`kiln trace ID --json | head`: when the reader stops early, no BrokenPipe traceback."""
+    script = (
+        "import sys\n"
+        "from kiln import cli\n"
+        "def noisy(argv):\n"
+        "    for i in range(200000):\n"
+        "        print('row', i, 'x' * 60)\n"
+        "    return 0\n"
+        "cli.COMMANDS['trace'] = noisy\n"
+        "sys.exit(cli.main(['trace', 'abc']))\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {script!r}], "
+            "stdout=subprocess.PIPE, stderr=subprocess.PIPE); p.stdout.read(10); p.stdout.close(); "
+            "err = p.stderr.read().decode(); sys.exit(3 if 'Traceback' in err else p.wait())",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "scripts")},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

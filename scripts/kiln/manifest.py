@@ -18,9 +18,14 @@ STAGES = ("collect", "clean", "build_dataset", "tokenize", "base_model", "train"
 
 
 def tree_hashes(folder: str | Path) -> dict[str, str]:
-    """sha256 of every file under a folder, by relative path."""
+    """sha256 of every file under a folder, by relative path (not Snakemake's empty
+    .snakemake_timestamp marker of a directory output: it is no part of a model)."""
     root = Path(folder)
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".snakemake_timestamp"
+    }
 
 
 def read_benchmark(path: str | Path) -> dict | None:
