@@ -2,6 +2,7 @@
 #   snakemake --cores 1            every experiment in config/config.yaml
 #   snakemake --cores 1 -n         what would run, and why
 import os
+import sys
 
 from snakemake.utils import min_version
 
@@ -31,6 +32,11 @@ wildcard_constraints:
 include: "rules/data.smk"
 include: "rules/model.smk"
 include: "rules/audit.smk"
+
+
+# A finished run ends with each experiment's main metric, base -> tuned, and where things are.
+onsuccess:
+    print(finished_run_summary(), file=sys.stderr)
 
 
 # `snakemake --report results/report.html`: this text opens the report; captions in report/.

@@ -147,6 +147,21 @@ def experiment_outputs(experiment):
     ]
 
 
+def finished_run_summary():
+    """kiln.metrics.run_summary over the experiments whose metrics exist."""
+    import json
+
+    from kiln.metrics import run_summary
+
+    found = {}
+    for name in config["experiments"]:
+        path = f"{R}/{name}/metrics.json"
+        if os.path.exists(path):
+            with open(path) as fh:
+                found[name] = json.load(fh)
+    return run_summary(found, R)
+
+
 def all_targets():
     targets = []
     for name in config["experiments"]:

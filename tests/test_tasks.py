@@ -70,8 +70,12 @@ def test_a_label_task_is_scored_by_accuracy_macro_f1_and_a_confusion_matrix(tmp_
     cfg["datasets"]["orders"] = orders
     cfg["experiments"]["reviews"]["evaluate"]["regression"] = ["orders", "general.txt"]
     wf = Workflow(tmp_path, cfg)
-    wf.run()
+    proc = wf.run()
     metrics = json.loads(wf.path("reviews/metrics.json").read_text())
+    # The run ends with its result on the console, not only "N of N steps (100%) done".
+    b, t = metrics["base"]["macro_f1"], metrics["tuned"]["macro_f1"]
+    assert f"Kiln: reviews: macro F1 {b:.4g} -> {t:.4g}" in proc.stderr
+    assert "Kiln: the report: snakemake --report results/report.html" in proc.stderr
     regression = metrics["regression"]
     scored = min(12, cfg["experiments"]["reviews"]["evaluate"]["max_samples"])  # at most max_samples rows
     assert list(regression) == ["orders", "general.txt"] and regression["general.txt"]["rows"] == scored
@@ -147,3 +151,24 @@ def test_a_plain_text_dataset_is_scored_by_perplexity(tmp_path):
     assert checks["metrics.tuned.loss"]["ok"] and not [
         c for c in checks if c.startswith("metrics.") and "loss" not in c
     ]
+
+
+def test_the_run_summary_names_each_experiments_main_metric():
+    from kiln.metrics import run_summary
+
+    metrics = {
+        "a": {
+            "task": "json",
+            "main_metric": "exact_match",
+            "base": {"exact_match": 0.0},
+            "tuned": {"exact_match": 0.92},
+            "adapter_4bit": {"exact_match": 0.98},
+        },
+        "b": {"task": "text", "main_metric": "perplexity", "base": {"perplexity": 9.5}, "tuned": {"perplexity": 3.25}},
+    }
+    assert run_summary(metrics, "results").splitlines() == [
+        "Kiln: a: exact match 0 -> 0.92 (adapter on the 4-bit base 0.98); model: results/a/model",
+        "Kiln: b: perplexity 9.5 -> 3.25; model: results/b/model",
+        "Kiln: the report: snakemake --report results/report.html",
+    ]
+    assert run_summary({}, "results") == ""

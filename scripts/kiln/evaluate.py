@@ -127,12 +127,23 @@ def prompts_and_references(test, tokenizer, max_samples: int):
     return prompts, refs, rows
 
 
-def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
+def progress(total: int, desc: str):
+    """A progress bar with its ETA on the console (the job's own stderr goes to its log): minutes of
+    generation are not silent. tqdm is what Transformers' trainer bar uses too."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.__stderr__, mininterval=5, disable=total == 0, leave=False)
+
+
+def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, desc: str = "") -> list[str]:
     """Batched greedy generation (left padding), stopping at the end-of-turn token."""
     import torch
 
     tokenizer.padding_side = "left"
     outputs = []
+    bar = progress(len(prompts), f"evaluate {desc}: generation".replace("  ", " "))
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(
             model.device
@@ -146,6 +157,8 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
                 pad_token_id=tokenizer.pad_token_id,
             )
         outputs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        bar.update(len(prompts[i : i + batch_size]))
+    bar.close()
     return outputs
 
 
@@ -304,7 +317,7 @@ def evaluate(
         t0 = time.perf_counter()
         model = load_model(kind, base_dir, merged_dir, adapter_dir)
         m = masked_loss(model, tokenized_test, tokenizer.pad_token_id)
-        outputs[kind] = generate(model, tokenizer, prompts, s.batch_size, s.max_new_tokens) if prompts else []
+        outputs[kind] = generate(model, tokenizer, prompts, s.batch_size, s.max_new_tokens, kind) if prompts else []
         m.update(score(outputs[kind], refs, task))
         if task == "text":
             m["continuations"] = len(prompts)

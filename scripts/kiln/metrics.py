@@ -145,6 +145,23 @@ def resolve_main_metric(setting: str, task: str) -> str:
     return TASK_MAIN[task] if setting == "auto" else setting
 
 
+def run_summary(metrics_by_experiment: dict[str, dict], results: str) -> str:
+    """The lines a finished run ends with: each experiment's main metric, base -> tuned (and the
+    adapter on the 4-bit base), where its model is, and how to make the report."""
+    lines = []
+    for name, m in metrics_by_experiment.items():
+        main = main_metric(m)
+        base, tuned = (m.get("base") or {}).get(main), (m.get("tuned") or {}).get(main)
+        if base is None or tuned is None:
+            continue
+        adapter = (m.get("adapter_4bit") or {}).get(main)
+        extra = f" (adapter on the 4-bit base {adapter:.4g})" if adapter is not None else ""
+        lines.append(f"Kiln: {name}: {label(main)} {base:.4g} -> {tuned:.4g}{extra}; model: {results}/{name}/model")
+    if lines:
+        lines.append(f"Kiln: the report: snakemake --report {results}/report.html")
+    return "\n".join(lines)
+
+
 def check_main_metric(name: str, produced: list[str], where: str = "evaluate.main_metric") -> None:
     if name not in produced:
         raise ValueError(
