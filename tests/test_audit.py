@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -287,3 +288,23 @@ def test_kiln_output_into_a_closed_pipe_ends_quietly():
         env={**os.environ, "PYTHONPATH": str(REPO / "scripts")},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("ok, kept", [(True, False), (False, True)])
+def test_repro_removes_its_temporary_rebuild_when_it_passes(tmp_path, monkeypatch, capsys, ok, kept):
+    import kiln.repro
+    from kiln.cli import main
+
+    made = []
+
+    def fake(manifest, workdir, train=True, cores=2):
+        (Path(workdir) / "results").mkdir()
+        made.append(Path(workdir))
+        return {"experiment": "e", "workdir": str(workdir), "ok": ok, "checks": []}
+
+    monkeypatch.setattr(kiln.repro, "reproduce", fake)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "manifest.json").write_text("{}")
+    code = main(["repro", "e", "--results", str(tmp_path)])
+    assert code == (0 if ok else 1) and made[0].exists() == kept
+    assert ("removed: every check passed" in capsys.readouterr().out) == ok

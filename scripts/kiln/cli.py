@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -69,6 +70,7 @@ def repro_main(argv=None) -> int:
     ap.add_argument("--data-only", action="store_true", help="check data and base model only, no retraining")
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary rebuild folder when every check passes")
     args = ap.parse_args(argv)
     from kiln.repro import format_report, reproduce
 
@@ -81,7 +83,14 @@ def repro_main(argv=None) -> int:
         result = reproduce(manifest, workdir, train=not args.data_only, cores=args.cores)
     except ValueError as exc:  # refused (the manifest's config would be code) or a non-empty workdir
         print(f"kiln {exc}" if str(exc).startswith("repro:") else f"kiln repro: {exc}", file=sys.stderr)
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
         return 2
+    # A rebuild is a whole run (about a GB for SmolLM2): a temporary one goes once every check
+    # passed; a failed one stays for inspection, and the report says where.
+    if not args.workdir and result["ok"] and not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+        result["workdir_removed"] = True
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0 if result["ok"] else 1
 

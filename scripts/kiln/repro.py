@@ -209,7 +209,8 @@ def reproduce(
 
 
 def format_report(result: dict) -> str:
-    lines = [f"reproducibility of '{result['experiment']}' (rebuilt in {result['workdir']})"]
+    where = result["workdir"] + (", removed: every check passed" if result.get("workdir_removed") else "")
+    lines = [f"reproducibility of '{result['experiment']}' (rebuilt in {where})"]
     for c in result["checks"]:
         mark = "ok  " if c["ok"] else "FAIL"
         extra = f"  [{c['difference']}]" if "difference" in c else ""
