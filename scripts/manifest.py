@@ -24,6 +24,7 @@ manifest = build_manifest(
     code=dict(sm.params.code_version),
     packages=dict(sm.params.packages),
     shard_stats=list(sm.input.shard_stats),
+    samples=sm.input.samples,
 )
 write_manifest(sm.output.manifest, json.loads(json.dumps(manifest)))
 with open(sm.output.html, "w") as f:

@@ -77,6 +77,7 @@ def test_model_card_is_generated_from_the_manifest(tiny_run):
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=model, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    assert "## Prompt format" in card and m["prompt_example"]["messages"][-1]["role"] == "user"
     # The weights are the merged model's (hard links, not copies).
     merged = tiny_run.path("tiny/merged/model.safetensors")
     assert os.path.samefile(model / "model.safetensors", merged) or sha256_file(

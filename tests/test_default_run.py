@@ -4,7 +4,9 @@ Slow (about 9 minutes on 2 cores); CI runs it. Asserts the promise the README ma
 """
 
 import json
+import re
 import subprocess
+import sys
 
 import pytest
 from conftest import REPO, SNAKEMAKE
@@ -35,3 +37,12 @@ def test_default_run_beats_the_base_model(tmp_path):
         text=True,
     )
     assert "Nothing to be done" in again.stdout + again.stderr
+    # The published card's snippet runs as written in the model folder, with the training format
+    # (system prompt included), and the model answers.
+    card = (results / "default" / "model" / "README.md").read_text()
+    assert "## Prompt format" in card and '"role": "system"' in card
+    snippet = re.search(r"```python\n(.*?)```", card, flags=re.S).group(1)
+    out = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=results / "default" / "model", capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]

@@ -353,6 +353,9 @@ def evaluate(
                     {
                         "kiln_id": row["kiln_id"],
                         "prompt": prompts[i] if task == "text" else row["messages"][-2]["content"],
+                        # the whole conversation before the answer (system prompt included): the
+                        # model card shows the format the model was trained with from it
+                        **({} if task == "text" else {"messages": row["messages"][:-1]}),
                         "reference": ref,
                         **{k: outputs[k][i] for k in outputs},
                     },

@@ -80,6 +80,7 @@ def build_manifest(
     code: dict,
     packages: dict,
     shard_stats: list[str | Path] = (),
+    samples: str | Path | None = None,
 ) -> dict:
     """Everything about one experiment in one JSON-able dict.
 
@@ -103,9 +104,17 @@ def build_manifest(
     tok = json.loads(Path(tokenize_stats).read_text())
     summary = json.loads(Path(train_summary).read_text())
     scores = json.loads(Path(metrics).read_text())
+    prompt_example = None
+    if samples and Path(samples).exists():  # the first test conversation, as the model saw it
+        for line in Path(samples).read_text().splitlines():
+            sample = json.loads(line)
+            if sample.get("messages"):
+                prompt_example = {"messages": sample["messages"], "reference": sample["reference"]}
+                break
     return {
         "kiln_manifest": 1,
         "experiment": experiment,
+        "prompt_example": prompt_example,
         "config": {"experiment": exp, "dataset": dataset, "model": model, "regression_datasets": regression},
         "data": {
             "splits": data["splits"],

@@ -273,6 +273,25 @@ def model_card(manifest: dict) -> str:
     if code.get("dirty"):
         commit += f" (uncommitted changes, diff sha256 {code['diff_sha256'][:16]}…)"
 
+    example = m.get("prompt_example")
+    if example:  # a real test conversation, in the format the model was trained on
+        listed = ",\n".join(f"    {json.dumps(msg, ensure_ascii=False)}" for msg in example["messages"])
+        snippet_messages = [f"messages = [\n{listed},\n]"]
+        prompt_format = [
+            "## Prompt format",
+            "",
+            "The model was trained on conversations in the format of the one in the snippet below (a test "
+            "row, its system prompt included: leave that out and the answers change). Its expected answer:",
+            "",
+            "```text",
+            example["reference"],
+            "```",
+            "",
+        ]
+    else:
+        snippet_messages = ['messages = [{"role": "user", "content": "..."}]']
+        prompt_format = []
+
     def metric_row(key: str, label: str) -> str:
         cells = [met[k][key] if met.get(k) else None for k in ("base", "tuned", "adapter_4bit")]
         return f"| {label} | " + " | ".join("" if c is None else f"{c:.4f}" for c in cells) + " |"
@@ -290,6 +309,7 @@ def model_card(manifest: dict) -> str:
         f"`{m['base_model'].get('revision')}`) on the Kiln dataset `{exp['dataset']}`, trained with "
         f"{'4-bit NF4 QLoRA' if tr['quantization'] == 'nf4' else 'LoRA'} and merged into the base weights.",
         "",
+        *prompt_format,
         "## How to load it",
         "",
         "```python",
@@ -298,7 +318,7 @@ def model_card(manifest: dict) -> str:
         'path = "."  # this folder',
         "tokenizer = AutoTokenizer.from_pretrained(path)",
         "model = AutoModelForCausalLM.from_pretrained(path)",
-        'messages = [{"role": "user", "content": "..."}]',
+        *snippet_messages,
         "inputs = tokenizer.apply_chat_template(",
         "    messages, add_generation_prompt=True, return_dict=True, return_tensors='pt'",
         ")",
