@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -272,10 +273,8 @@ def build_dataset(
         # Our content fingerprint doubles as the `datasets` one (else it pickles the whole table to make one).
         dd[name] = datasets.Dataset(part, fingerprint=content)
         stats["splits"][name] = {"rows": part.num_rows, "fingerprint": content}
-    stats["rejected_by_reason"] = dict(
-        sorted(pd.Series([r for r, _ in reasons.values()], dtype=object).value_counts().items())
-    )
-    stats["rejected_by_reason"] = {k: int(v) for k, v in stats["rejected_by_reason"].items()}
+    counts = Counter(reason for reason, _ in reasons.values())
+    stats["rejected_by_reason"] = dict(sorted(counts.items()))
     stats["mixture"] = mix_stats
     stats["contamination"] = audit
     stats["orphaned_shards"] = orphaned_shards(data_dir, clean_paths) if data_dir else []
