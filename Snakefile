@@ -27,10 +27,12 @@ wildcard_constraints:
     source="[A-Za-z0-9][A-Za-z0-9_.-]*",
     shard="[^/]+",
     tok="[^/]+",
+    qtype="[A-Za-z0-9_]+",
 
 
 include: "rules/data.smk"
 include: "rules/model.smk"
+include: "rules/export.smk"
 include: "rules/audit.smk"
 
 

@@ -31,13 +31,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/kill_campaign.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        for sub in ("reference", "killed"):
-            (Path(tmp) / sub).mkdir()
-        ref = Workflow(Path(tmp) / "reference", tiny_config())
-        chain = Workflow(Path(tmp) / "killed", tiny_config())
-        summary = campaign(
-            (ref.command(), ref.workdir), (chain.command(), chain.workdir), args.seed, EXTRA, AFTER_CHECKPOINT
-        )
+        wf = Workflow(Path(tmp) / "run", tiny_config())
+        summary = campaign(wf.command(), wf.workdir, args.seed, EXTRA, AFTER_CHECKPOINT)
     summary["machine"] = machine()
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
     print(

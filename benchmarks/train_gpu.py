@@ -136,8 +136,26 @@ def n_params(shape: str) -> int:
     return json.loads((WORK / "models" / shape / "identity.json").read_text())["parameters"]
 
 
+def unsloth_lora(path: str, seq: int, checkpointing: bool):
+    """Unsloth's 4-bit model with the benchmark's LoRA, as its users make one: (model, tokenizer)."""
+    from unsloth import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=seq, load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=16,
+        lora_alpha=16,
+        target_modules=TARGETS,
+        use_gradient_checkpointing="unsloth" if checkpointing else False,
+        random_state=0,
+    )
+    return model, tok
+
+
 def cmd_loop(args) -> None:
-    """A plain QLoRA training loop (no Trainer): the reference both stacks are measured with."""
+    """A plain QLoRA training loop (no Trainer), the way its users write one, at each micro-batch of
+    ``--bs`` in turn (one model load; ascending; the first out-of-memory ends the sweep and is
+    recorded), with gradient checkpointing on or off (``--ckpt``)."""
     t_start = time.time()
     if args.backend == "unsloth":
         import unsloth  # noqa: F401  (before transformers)
@@ -146,6 +164,7 @@ def cmd_loop(args) -> None:
 
     path = str(WORK / "models" / args.shape)
     dev = "cuda" if cuda() else "cpu"
+    ckpt = args.ckpt == "on"
     if args.backend == "hf":
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -161,63 +180,155 @@ def cmd_loop(args) -> None:
         )
         model.config.use_cache = False
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
     else:
         from unsloth import FastLanguageModel
 
-        model, _ = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=args.seq, load_in_4bit=True)
-        model = FastLanguageModel.get_peft_model(
-            model, r=16, lora_alpha=16, target_modules=TARGETS, use_gradient_checkpointing="unsloth", random_state=0
-        )
+        model, _ = unsloth_lora(path, args.seq, ckpt)
         FastLanguageModel.for_training(model)
     model.train()
-    opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     vocab = model.get_input_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(0)
-    data = torch.randint(3, vocab, (args.warmup + args.steps, args.bs, args.seq), generator=g)
+    for bs in args.bs:
+        opt = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+        g = torch.Generator().manual_seed(0)
+        data = torch.randint(3, vocab, (args.warmup + args.steps, bs, args.seq), generator=g)
 
-    def step(i):
-        x = data[i].to(dev, non_blocking=True)
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        def step(i, data=data, opt=opt):
+            x = data[i].to(dev, non_blocking=True)
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
 
-    for i in range(args.warmup):
-        step(i).item()
-    sync()
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    losses = [step(args.warmup + i).detach() for i in range(args.steps)]
-    sync()
-    dt = time.perf_counter() - t0
-    tokens = args.bs * args.seq * args.steps
-    emit(
-        args.out,
-        {
+        record = {
             "kind": "train",
-            "name": args.name,
+            "name": f"{args.name}_bs{bs}",
             "runner": f"plain {args.backend} loop",
             "shape": args.shape,
             "seq": args.seq,
-            "micro_batch": args.bs,
-            "effective_batch": args.bs,
-            "tokens_per_s": tokens / dt,
-            "step_s": dt / args.steps,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
+            "micro_batch": bs,
+            "effective_batch": bs,
+            "checkpointing": ckpt,
             "n_params": n_params(args.shape),
-            "loss_last": losses[-1].item(),
             "card": card(),
-            "wall_s": time.time() - t_start,
-        },
-    )
+        }
+        try:
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            for i in range(args.warmup):
+                step(i).item()
+            sync()
+            t0 = time.perf_counter()
+            losses = [step(args.warmup + i).detach() for i in range(args.steps)]
+            sync()
+            dt = time.perf_counter() - t0
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            del opt, data
+            torch.cuda.empty_cache()
+            emit(args.out, {**record, "oom": True, "tokens_per_s": None, "wall_s": time.time() - t_start})
+            break
+        emit(
+            args.out,
+            {
+                **record,
+                "tokens_per_s": bs * args.seq * args.steps / dt,
+                "step_s": dt / args.steps,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
+                "loss_last": losses[-1].item(),
+                "wall_s": time.time() - t_start,
+            },
+        )
+        del opt, data
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+
+def cmd_sft(args) -> None:
+    """Unsloth through TRL's SFTTrainer, as its users run it (Unsloth's notebooks): FastLanguageModel,
+    its LoRA, SFTTrainer with adamw_8bit, bf16, gradient checkpointing "unsloth" unless ``--ckpt
+    off``; each ``--bs`` x ``--accum`` in turn; tokens/s over the steps after the warm-up, from a
+    callback that synchronizes the device."""
+    t_start = time.time()
+    import torch
+    import unsloth  # noqa: F401
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok = unsloth_lora(str(WORK / "models" / args.shape), args.seq, args.ckpt == "on")
+    ckpt = args.ckpt == "on"
+    data = random_tokenized(args.shape, 64 * (args.warmup + args.steps + 2), args.seq)
+    import datasets
+
+    train = datasets.load_from_disk(str(data))["train"].remove_columns(["assistant_masks"])
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.t = {}
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step in (args.warmup, args.warmup + args.steps):
+                sync()
+                self.t[state.global_step] = time.perf_counter()
+
+    for bs, accum in zip(args.bs, args.accum, strict=True):
+        clock = Clock()
+        cfg = SFTConfig(
+            output_dir=str(WORK / "sft" / f"{args.name}-{bs}x{accum}"),
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=accum,
+            max_steps=args.warmup + args.steps,
+            learning_rate=2e-4,
+            optim="adamw_8bit",
+            bf16=True,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            max_length=args.seq,
+            packing=False,
+            dataset_num_proc=1,
+        )
+        record = {
+            "kind": "train",
+            "name": f"{args.name}_bs{bs}x{accum}",
+            "runner": "unsloth + TRL SFTTrainer",
+            "documented_default": args.default,
+            "shape": args.shape,
+            "seq": args.seq,
+            "micro_batch": bs,
+            "effective_batch": bs * accum,
+            "checkpointing": ckpt,
+            "n_params": n_params(args.shape),
+            "card": card(),
+        }
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=train, args=cfg, callbacks=[clock])
+            trainer.train()
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            emit(args.out, {**record, "oom": True, "tokens_per_s": None, "wall_s": time.time() - t_start})
+            break
+        dt = clock.t[args.warmup + args.steps] - clock.t[args.warmup]
+        emit(
+            args.out,
+            {
+                **record,
+                "tokens_per_s": bs * accum * args.seq * args.steps / dt,
+                "step_s": dt / args.steps,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "wall_s": time.time() - t_start,
+            },
+        )
+        del trainer
+        torch.cuda.empty_cache()
 
 
 def random_tokenized(shape: str, rows: int, seq: int) -> Path:
@@ -340,6 +451,7 @@ def cmd_kiln(args) -> None:
             "micro_batch": summary["micro_batch"],
             "effective_batch": summary["micro_batch"] * summary["gradient_accumulation_steps"],
             "micro_batch_probe": summary["micro_batch_probe"],
+            "checkpointing": bool(settings.get("gradient_checkpointing")),
             "settings_changed": json.loads(args.set or "{}"),
             "tokens_per_s": tokens / seconds,
             "step_s": seconds / n_steps,
@@ -354,6 +466,21 @@ def cmd_kiln(args) -> None:
     )
 
 
+def true_flops_per_token(shape: str, seq: int, checkpointing: bool) -> float:
+    """FLOPs a LoRA training step spends per token, counted rather than 6N: the forward (every
+    matmul, LM head included, and causal attention), the backward of a frozen base (input gradients
+    only: the same matmuls again, attention twice; the LoRA weights' own gradients are negligible),
+    and the forward again when activations are recomputed (gradient checkpointing)."""
+    c = SHAPES[shape]
+    d, ff, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = d * c["num_key_value_heads"] // c["num_attention_heads"]
+    matmul_params = layers * (2 * d * d + 2 * d * kv + 3 * d * ff) + c["vocab_size"] * d
+    attention = layers * 2 * seq * d  # QK^T and AV, 2*seq*d each, halved by the causal mask
+    forward = 2 * matmul_params + attention
+    backward = 2 * matmul_params + 2 * attention
+    return forward + backward + (forward if checkpointing else 0)
+
+
 def cmd_table(args) -> None:
     rows = [json.loads(x) for x in (args.out / "results.jsonl").read_text().splitlines()]
     peak = next((r["tflops"] for r in rows if r["kind"] == "matmul"), None)
@@ -361,21 +488,45 @@ def cmd_table(args) -> None:
         f"Card: {next((r['card'] for r in rows if 'card' in r), '?')}; bf16 8192^3 matmul: "
         + (f"{peak:.0f} TFLOP/s" if peak else "not measured"),
         "",
-        "| run | runner | shape | seq | micro x accum | tokens/s | step s | peak GiB | 6N MFU | x (1) | x (2) |",
+        "| run | runner | shape | seq | micro x accum | ckpt | tokens/s | step s | peak GiB | 6N MFU | counted MFU |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     trains = [r for r in rows if r["kind"] == "train"]
-    ref = {r["name"]: r["tokens_per_s"] for r in trains}
     for r in trains:
-        mfu = 6 * r["n_params"] * r["tokens_per_s"] / (peak * 1e12) if peak else float("nan")
         accum = r["effective_batch"] // r["micro_batch"]
-        x1 = r["tokens_per_s"] / ref["hf_loop_bs8"] if "hf_loop_bs8" in ref else float("nan")
-        x2 = r["tokens_per_s"] / ref["unsloth_loop_bs8"] if "unsloth_loop_bs8" in ref else float("nan")
+        ckpt = r.get("checkpointing")
+        if r.get("oom"):
+            lines.append(
+                f"| {r['name']} | {r['runner']} | {r['shape']} | {r['seq']} | {r['micro_batch']} x {accum} | "
+                f"{'on' if ckpt else 'off'} | out of memory | | | | |"
+            )
+            continue
+        mfu = 6 * r["n_params"] * r["tokens_per_s"] / (peak * 1e12) if peak else float("nan")
+        true = (
+            true_flops_per_token(r["shape"], r["seq"], bool(ckpt)) * r["tokens_per_s"] / (peak * 1e12)
+            if peak and r["shape"] in SHAPES
+            else float("nan")
+        )
         peak_gib = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         lines.append(
             f"| {r['name']} | {r['runner']} | {r['shape']} | {r['seq']} | {r['micro_batch']} x {accum} | "
-            f"{r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {peak_gib} | {mfu:.1%} | {x1:.2f} | {x2:.2f} |"
+            f"{'on' if ckpt else 'off' if ckpt is not None else '?'} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
+            f"{peak_gib} | {mfu:.1%} | {true:.1%} |"
         )
+    # Each runner at its best (same shape and seq), and Kiln's stage against each.
+    best: dict = {}
+    for r in trains:
+        if r.get("tokens_per_s") and not r.get("documented_default"):
+            key = (r["runner"], r["shape"], r["seq"])
+            if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
+                best[key] = r
+    kiln = {(k[1], k[2]): v for k, v in best.items() if k[0] == "kiln train stage"}
+    lines += ["", "Each runner at its best setting found, and Kiln's stage (automatic settings) against it:", ""]
+    lines += ["| runner | shape | seq | best run | tokens/s | Kiln / it |", "|---|---|---|---|---|---|"]
+    for (runner, shape, seq), r in sorted(best.items()):
+        k = kiln.get((shape, seq))
+        ratio = f"{k['tokens_per_s'] / r['tokens_per_s']:.2f}" if k else "-"
+        lines.append(f"| {runner} | {shape} | {seq} | {r['name']} | {r['tokens_per_s']:,.0f} | {ratio} |")
     text = "\n".join(lines) + "\n"
     (args.out / "table.md").write_text(text)
     print(text)
@@ -441,9 +592,37 @@ PLAN = {
 }
 
 
+# the fair comparison (issue 16): each peer swept over micro-batch and checkpointing, plus the
+# documented default of Unsloth's notebooks (2 x 4, its checkpointing), and Kiln's stage with its
+# automatic settings; one card, two device calls (parts "f1" and "f2")
+PLAN["f1"] = [
+    ["matmul"],
+    ["make", "--shape", "qwen2.5-0.5b"],
+    ["loop", "--name", "hf_ckpt", "--backend", "hf", "--ckpt", "on", "--bs", "8", "16", "32"],
+    ["loop", "--name", "hf_nockpt", "--backend", "hf", "--ckpt", "off", "--bs", "4", "8", "16"],
+    ["loop", "--name", "unsloth_ckpt", "--backend", "unsloth", "--ckpt", "on", "--bs", "16", "32", "64"],
+    ["loop", "--name", "unsloth_nockpt", "--backend", "unsloth", "--ckpt", "off", "--bs", "16", "32", "64"],
+]
+PLAN["f2"] = [
+    ["matmul"],
+    ["make", "--shape", "qwen2.5-0.5b"],
+    ["sft", "--name", "unsloth_sft_default", "--ckpt", "on", "--bs", "2", "--accum", "4", "--default"],
+    ["sft", "--name", "unsloth_sft_ckpt", "--ckpt", "on", "--bs", "16", "32", "--accum", "1", "1"],
+    ["sft", "--name", "unsloth_sft_nockpt", "--ckpt", "off", "--bs", "16", "32", "--accum", "1", "1"],
+    ["kiln", "--name", "kiln_stage_auto", "--set", "{}"],
+]
+# Kiln's stage beside the best peer setting found in f1/f2, re-measured in the same call
+PLAN["f3"] = [
+    ["matmul"],
+    ["make", "--shape", "qwen2.5-0.5b"],
+    ["kiln", "--name", "kiln_stage_auto", "--set", "{}"],
+    ["loop", "--name", "unsloth_nockpt", "--backend", "unsloth", "--ckpt", "off", "--bs", "32", "64"],
+]
+
+
 def cmd_all(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    parts = ["1", "2", "3"] if args.part == "all" else [args.part]
+    parts = ["1", "2", "3"] if args.part == "all" else args.part.split(",")
     for part in parts:
         for cmd in PLAN[part]:
             extra = ["--out", str(args.out)]
@@ -457,12 +636,12 @@ def cmd_all(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("all", "matmul", "make", "loop", "kiln", "table"):
+    for name in ("all", "matmul", "make", "loop", "sft", "kiln", "table"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
-    sub.choices["all"].add_argument("--part", default="1", choices=["1", "2", "3", "all"])
+    sub.choices["all"].add_argument("--part", default="1", help="1, 2, 3, f1, f2, all, or a comma list")
     sub.choices["make"].add_argument("--shape", nargs="+", required=True)
-    for name in ("loop", "kiln"):
+    for name in ("loop", "sft", "kiln"):
         p = sub.choices[name]
         p.add_argument("--name", required=True)
         p.add_argument("--shape", default="qwen2.5-0.5b")
@@ -470,8 +649,14 @@ def main() -> None:
         p.add_argument("--warmup", type=int, default=5)
     loop = sub.choices["loop"]
     loop.add_argument("--backend", choices=["hf", "unsloth"], required=True)
-    loop.add_argument("--bs", type=int, default=8)
-    loop.add_argument("--steps", type=int, default=20)
+    for name in ("loop", "sft"):
+        p = sub.choices[name]
+        p.add_argument("--bs", type=int, nargs="+", default=[8], help="micro-batches, ascending")
+        p.add_argument("--ckpt", choices=["on", "off"], default="on", help="gradient checkpointing")
+        p.add_argument("--steps", type=int, default=20)
+    sft = sub.choices["sft"]
+    sft.add_argument("--accum", type=int, nargs="+", default=[1])
+    sft.add_argument("--default", action="store_true", help="label the run as the documented default")
     kiln = sub.choices["kiln"]
     kiln.add_argument("--set", help="JSON of training settings to change from the config")
     kiln.add_argument("--data", choices=["random", "orders"], default="random")
@@ -479,9 +664,9 @@ def main() -> None:
     kiln.add_argument("--rows", type=int, default=20000)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    {"all": cmd_all, "matmul": cmd_matmul, "make": cmd_make, "loop": cmd_loop, "kiln": cmd_kiln, "table": cmd_table}[
-        args.cmd
-    ](args)
+    commands = {"all": cmd_all, "matmul": cmd_matmul, "make": cmd_make, "loop": cmd_loop, "sft": cmd_sft}
+    commands |= {"kiln": cmd_kiln, "table": cmd_table}
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":

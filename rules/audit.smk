@@ -23,6 +23,7 @@ rule manifest:
         summary=f"{R}/{{experiment}}/train_summary.json",
         merge_report=f"{R}/{{experiment}}/merge_report.json",
         shard_stats=lambda w: shard_stats_of_dataset(dataset_of(w.experiment)),
+        gguf_reports=lambda w: gguf_inputs(w)["gguf_reports"],
         code=code("manifest"),
     output:
         manifest=f"{R}/{{experiment}}/manifest.json",

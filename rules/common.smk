@@ -139,12 +139,58 @@ def lm_eval_task_files(wildcards):
     )
 
 
+def gguf_files(experiment, prefix="model", suffix="gguf"):
+    """The experiment's GGUF exports (export.gguf), in the configured order; [] when off. With
+    prefix="verify", suffix="json": their verification reports."""
+    return [
+        f"{R}/{experiment}/gguf/{prefix}-{qtype}.{suffix}"
+        for qtype in config["experiments"][experiment]["export"]["gguf"]
+    ]
+
+
+def export_prompt_settings(experiment):
+    """The evaluate settings that choose the prompts evaluation generates from."""
+    settings = config["experiments"][experiment]["evaluate"]
+    return {k: settings[k] for k in ("max_samples", "continuations")}
+
+
+def gguf_inputs(wildcards):
+    """Evaluate's GGUF inputs: each file and its verification report."""
+    return {
+        "gguf": gguf_files(wildcards.experiment),
+        "gguf_reports": gguf_files(wildcards.experiment, "verify", "json"),
+    }
+
+
 def experiment_outputs(experiment):
+    exported = gguf_files(experiment)
     return [
         f"{R}/{experiment}/metrics.json",
         f"{R}/{experiment}/merge_report.json",
         f"{R}/{experiment}/loss.png",
+        *([f"{R}/{experiment}/gguf/Modelfile"] if exported else []),
     ]
+
+
+def quiet_script_rules():
+    """Snakemake 9 logs `Shell command: None` after every job of a script-based step, which has
+    no shell command: noise after every job of this workflow. A filter on Snakemake's logger drops
+    exactly those records; real shell commands still print."""
+    import logging
+
+    from snakemake_interface_logger_plugins.common import LogEvent
+
+    class NoEmptyShellCommand(logging.Filter):
+        def filter(self, record):
+            return not (
+                getattr(record, "event", None) == LogEvent.SHELLCMD
+                and getattr(record, "shellcmd", 1) is None
+            )
+
+    logging.getLogger("snakemake.logging").addFilter(NoEmptyShellCommand())
+
+
+quiet_script_rules()
 
 
 def finished_run_summary():
@@ -195,6 +241,7 @@ def stage_settings(experiment):
     ]
     return {
         "merge": exp["merge"],
+        "export": exp["export"],
         "evaluate": exp["evaluate"],
         "regression_datasets": regression,
     }
@@ -222,6 +269,10 @@ def stage_benchmarks(wildcards):
         "base_model": [f"{b}/base_model/{exp['model']}.tsv"],
         "train": [f"{b}/train/{wildcards.experiment}.tsv"],
         "merge": [f"{b}/merge/{wildcards.experiment}.tsv"],
+        "export_gguf": [
+            f"{b}/export_gguf/{wildcards.experiment}-{q}.tsv"
+            for q in exp["export"]["gguf"]
+        ],
         "evaluate": [f"{b}/evaluate/{wildcards.experiment}.tsv"],
     }
 

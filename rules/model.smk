@@ -85,6 +85,7 @@ rule merge:
 rule evaluate:
     """Base, merged and adapter-on-4-bit models side by side on the test split."""
     input:
+        unpack(gguf_inputs),
         dataset=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset",
         tokenized=lambda w: tokenized_dir(w.experiment),
         base=lambda w: f"{R}/base/{config['experiments'][w.experiment]['model']}",

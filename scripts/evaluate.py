@@ -18,4 +18,6 @@ evaluate(
     experiment=sm.wildcards.experiment,
     # config entry (a dataset name or a file glob) -> its tokenized dataset
     regression=dict(zip(sm.params.regression, sm.input.regression, strict=True)),
+    # GGUF type -> file (each verified by export_gguf): scored in llama.cpp on the same rows
+    gguf={p.rsplit("model-", 1)[1].removesuffix(".gguf"): p for p in sm.input.gguf},
 )

@@ -25,6 +25,7 @@ manifest = build_manifest(
     packages=dict(sm.params.packages),
     shard_stats=list(sm.input.shard_stats),
     samples=sm.input.samples,
+    gguf_reports=list(sm.input.gguf_reports),
 )
 write_manifest(sm.output.manifest, json.loads(json.dumps(manifest)))
 with open(sm.output.html, "w") as f:

@@ -85,6 +85,7 @@ class Workflow:
 
     def __init__(self, workdir: Path, config: dict):
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "config.yaml"
         self.write_config(config)
 

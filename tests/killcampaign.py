@@ -262,22 +262,27 @@ def compare(reference: dict[str, str], other: dict[str, str]) -> dict:
 
 
 def campaign(
-    reference: tuple[list[str], Path],
-    chain: tuple[list[str], Path],
+    command: list[str],
+    workdir: Path,
     seed: int,
     extra: dict[str, int],
     after_checkpoint: int = 2,
 ) -> dict:
-    """Run the reference (command, folder), then the chain of killed runs (command, folder); both
-    commands the same but for their folder, each folder already holding its config."""
-    (ref_command, reference_dir), (command, chain_dir) = reference, chain
+    """Run the reference, then the chain of killed runs, with the same command in the same folder
+    (which already holds its config): the reference's outputs are moved to ``reference-results``
+    (and Snakemake's state to ``reference-snakemake``) before the chain starts. One folder, because
+    outputs may record absolute paths (the adapter's base model path, so that it loads from any
+    directory) and those must be the same bytes for the comparison to mean anything."""
+    chain_dir = workdir
     t_start = time.monotonic()
-    ref = WatchedRun(ref_command, reference_dir, reference_dir / "run-reference.log")
+    ref = WatchedRun(command, workdir, workdir / "run-reference.log")
     if ref.finish(timeout=1800):
-        raise AssertionError(f"the uninterrupted run failed: see {reference_dir / 'run-reference.log'}")
+        raise AssertionError(f"the uninterrupted run failed: see {workdir / 'run-reference.log'}")
+    (workdir / "results").rename(workdir / "reference-results")
+    (workdir / ".snakemake").rename(workdir / "reference-snakemake")
     stages = stage_times(ref)
     kills = schedule(stages, seed, extra, after_checkpoint)
-    window = after_window(reference_dir / "results", CHECKPOINT, ref.t0_wall, stages, "train")
+    window = after_window(workdir / "reference-results", CHECKPOINT, ref.t0_wall, stages, "train")
     runs, run = 0, None
     for kill in kills:
         if run is None:
@@ -325,7 +330,7 @@ def campaign(
             )
             kill.finished_by_run = next(later, None)
     landed = [k for k in kills if k.at_s >= 0]
-    result = compare(content_hashes(reference_dir / "results"), content_hashes(chain_dir / "results"))
+    result = compare(content_hashes(workdir / "reference-results"), content_hashes(workdir / "results"))
     return {
         "seed": seed,
         "kills": len(landed),

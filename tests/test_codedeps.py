@@ -23,13 +23,15 @@ ALL_RULES = {
     "base_model",
     "train",
     "merge",
+    "export_gguf",
+    "ollama_modelfile",
     "evaluate",
     "manifest",
     "publish",
     "compare",
     "data_report",
 }
-AFTER_TRAIN = {"train", "merge", "evaluate", "manifest", "publish", "compare"}
+AFTER_TRAIN = {"train", "merge", "export_gguf", "ollama_modelfile", "evaluate", "manifest", "publish", "compare"}
 
 
 def test_imports_are_followed_everywhere_and_nothing_else(tmp_path):

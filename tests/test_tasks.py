@@ -181,9 +181,28 @@ def test_the_run_summary_names_each_experiments_main_metric():
         },
         "b": {"task": "text", "main_metric": "perplexity", "base": {"perplexity": 9.5}, "tuned": {"perplexity": 3.25}},
     }
-    assert run_summary(metrics, "results").splitlines() == [
-        "Kiln: a: exact match 0 -> 0.92 (adapter on the 4-bit base 0.98); model: results/a/model",
+    lines = run_summary(metrics, "results").splitlines()
+    assert lines[0] == "Kiln: a: exact match 0 -> 0.92 (adapter on the 4-bit base 0.98); model: results/a/model"
+    # The published model is 6 points below the adapter it came from: the run says so, and why.
+    assert lines[1].startswith("Kiln: WARNING a: the published model scores exact match 0.92, the adapter it came")
+    assert "merge.onto: dequantized" in lines[1]
+    assert lines[2:] == [
         "Kiln: b: perplexity 9.5 -> 3.25; model: results/b/model",
         "Kiln: the report: snakemake --report results/report.html",
     ]
     assert run_summary({}, "results") == ""
+
+
+def test_the_published_model_is_held_to_one_point_of_its_adapter():
+    from kiln.metrics import published_check, published_warning
+
+    def m(tuned, adapter, main="exact_match"):
+        return {"main_metric": main, "tuned": {main: tuned}, "adapter_4bit": {main: adapter}}
+
+    assert published_check(m(0.984375, 0.984375))["ok"] and published_warning(m(0.984375, 0.984375)) is None
+    assert published_check(m(0.975, 0.984))["ok"]  # within one point
+    assert not published_check(m(0.921875, 0.984375))["ok"]
+    assert published_check(m(0.99, 0.95))["ok"]  # better than the adapter is never a problem
+    assert published_check(m(30.0, 30.5, "chrf"))["ok"] and not published_check(m(28.0, 30.5, "chrf"))["ok"]
+    assert not published_check(m(3.3, 3.2, "perplexity"))["ok"]  # lower is better: 3% worse
+    assert published_check({"main_metric": "exact_match", "tuned": {"exact_match": 1.0}}) is None

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from kiln.folders import local_model_problem
+from kiln.progress import Phases
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,45 @@ def hub_snapshot(repo_id: str, revision: str) -> Path:
         ) from None
 
 
+def gguf_tokenizer_model(path: Path) -> str | None:
+    """The GGUF file's `tokenizer.ggml.model` (gpt2: byte-level BPE; llama: SentencePiece)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.model")
+    return field.contents() if field is not None else None
+
+
+def needs_byte_level_fix(tok) -> bool:
+    """A byte-level BPE tokenizer (ByteLevel pre-tokenizer) carrying SentencePiece traits."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or type(backend.pre_tokenizer).__name__ != "ByteLevel":
+        return False
+    return bool(getattr(backend.model, "byte_fallback", False)) or type(backend.decoder).__name__ != "ByteLevel"
+
+
+def byte_level_bpe(tok) -> None:
+    """Make a tokenizer that transformers rebuilt from a `gpt2` (byte-level BPE) GGUF vocabulary
+    look like one again: transformers' GGUF converter gives it SentencePiece traits (byte fallback,
+    a `▁`-replacing decoder) that change nothing in transformers (every byte is already a token),
+    but GGUF converters read them and export a SentencePiece `llama` vocabulary, which llama.cpp
+    then tokenizes differently (the export of issue 15 printed `Ġ` garbage). Verified: the ids of
+    a mixed-script probe are the same before and after."""
+    from tokenizers import decoders
+
+    backend = tok.backend_tokenizer
+    if type(backend.pre_tokenizer).__name__ != "ByteLevel":
+        raise ModelSourceError(f"a gpt2 GGUF vocabulary without a ByteLevel pre-tokenizer: {backend.pre_tokenizer}")
+    probe = 'Héllo  wörld\n\t{"a": 1} 日本語 émoji 🙂 <|im_end|>'
+    before = tok(probe)["input_ids"]
+    backend.model.byte_fallback = False
+    backend.decoder = decoders.ByteLevel()
+    if tok(probe)["input_ids"] != before or tok.decode(before) != probe:
+        raise ModelSourceError("making the GGUF tokenizer byte-level BPE changed its tokenization")
+
+
 def _fix_tokenizer(tok, eos: str | None, pad: str | None):
+    if needs_byte_level_fix(tok):
+        byte_level_bpe(tok)
     if eos:
         tok.eos_token = eos
     if pad:
@@ -84,6 +123,9 @@ def _fix_tokenizer(tok, eos: str | None, pad: str | None):
     if not tok.chat_template:
         tok.chat_template = CHATML
     tok.padding_side = "left"  # generation batches; training collators pad on their own side
+    # transformers' "clean up spaces" step strips spaces before punctuation: destructive for a BPE
+    # vocabulary (transformers ignores it there, with a warning on every load)
+    tok.clean_up_tokenization_spaces = False
     return tok
 
 
@@ -101,6 +143,7 @@ def load_source(cfg: dict, tokenizer_dir: str | Path | None = None):
             id=f"{cfg['package']}=={version}:{path.name}", revision=version, source_files={path.name: sha256_file(path)}
         )
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        identity["gguf_tokenizer_model"] = gguf_tokenizer_model(path)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         # A GGUF load leaves quantization marks that make save_pretrained refuse; the weights are
         # already dequantized, so clear them.
@@ -140,6 +183,9 @@ def load_source(cfg: dict, tokenizer_dir: str | Path | None = None):
         )
     else:
         raise ModelSourceError(f"unknown model kind {kind!r}")
+    hub_id = cfg["repo_id"] if kind == "hub" else cfg.get("hub_id")
+    if hub_id:
+        identity["hub_id"] = hub_id
     return model, _fix_tokenizer(tok, cfg.get("eos_token"), cfg.get("pad_token")), identity
 
 
@@ -168,7 +214,9 @@ def prepare_base_model(
     import torch
 
     out_dir = Path(out_dir)
-    model, tok, identity = load_source(cfg, tokenizer_dir)
+    phases = Phases(f"base model {name}", ["load source", "save", "smoke generation"])
+    with phases.step("load source"):
+        model, tok, identity = load_source(cfg, tokenizer_dir)
     model = model.to(getattr(torch, dtype))
     eos_id = tok.convert_tokens_to_ids(tok.eos_token)
     model.config.eos_token_id = eos_id
@@ -176,9 +224,12 @@ def prepare_base_model(
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    sample = smoke_generate(out_dir)
+    with phases.step("save"):
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tok.save_pretrained(out_dir)
+    with phases.step("smoke generation"):
+        sample = smoke_generate(out_dir)
+    phases.close()
     identity.update(
         name=name,
         dtype=dtype,

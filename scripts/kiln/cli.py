@@ -123,15 +123,57 @@ def url_hash_main(argv=None) -> int:
     return status
 
 
-COMMANDS = {"trace": trace_main, "repro": repro_main, "url-hash": url_hash_main}
+def serve_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="kiln serve",
+        description="An OpenAI-compatible server (llama.cpp's) on an exported GGUF: /v1/chat/completions, "
+        "/v1/completions, /v1/models, with response_format json_schema for schema-bound answers.",
+    )
+    ap.add_argument("experiment", nargs="?", default="default")
+    ap.add_argument("--results", default="results")
+    ap.add_argument("--gguf", help="the GGUF file (default: RESULTS/EXPERIMENT/gguf/model-q8_0.gguf, or the only one)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--ctx", type=int, default=4096, help="context length of each request")
+    ap.add_argument("--slots", type=int, default=2, help="requests decoded in parallel")
+    args = ap.parse_args(argv)
+    import glob
+    import time
+
+    path = args.gguf
+    if path is None:
+        found = sorted(glob.glob(os.path.join(args.results, args.experiment, "gguf", "model-*.gguf")))
+        q8 = [p for p in found if p.endswith("model-q8_0.gguf")]
+        path = (q8 or found or [None])[0]
+    if not path or not os.path.exists(path):
+        print(
+            f"kiln serve: no GGUF for '{args.experiment}' under {args.results}: build it first "
+            f"(snakemake --cores 1 {args.results}/{args.experiment}/gguf/model-q8_0.gguf) or pass --gguf",
+            file=sys.stderr,
+        )
+        return 2
+    from kiln.export import LlamaCpp
+
+    server = LlamaCpp(path, n_ctx=args.ctx, host=args.host, port=args.port, slots=args.slots)
+    print(f"kiln serve: {path} at {server.url}/v1 (OpenAI-compatible); Ctrl-C stops it", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.close()
+    return 0
+
+
+COMMANDS = {"trace": trace_main, "repro": repro_main, "url-hash": url_hash_main, "serve": serve_main}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(
-            "usage: kiln {trace,repro,url-hash} ...\n  kiln trace ID      where a dataset row came from\n"
+            "usage: kiln {trace,repro,url-hash,serve} ...\n  kiln trace ID      where a dataset row came from\n"
             "  kiln repro EXP     rebuild an experiment from its manifest and compare\n"
+            "  kiln serve [EXP]   an OpenAI-compatible server on the experiment's GGUF\n"
             "  kiln url-hash URL  the sha256 to pin a url source with",
             file=sys.stderr,
         )

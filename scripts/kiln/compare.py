@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kiln.metrics import label, main_metric, scale, task_metrics
+from kiln.metrics import gguf_models, label, main_metric, scale, task_metrics
 
 SETTINGS = [  # after the metrics: the settings that tell runs apart
     "main_metric",
@@ -39,6 +39,7 @@ def metric_columns(metrics: dict) -> dict:
         f"tuned_{main}": tuned.get(main),
         f"delta_{main}": tuned[main] - base[main] if main in tuned and main in base else None,
         f"adapter_4bit_{main}": (metrics.get("adapter_4bit") or {}).get(main),
+        **{f"{k}_{main}": metrics[k].get(main) for k in gguf_models(metrics)},
     }
     for name in task_metrics(metrics):
         if name != main:

@@ -17,7 +17,16 @@ import re
 import time
 from pathlib import Path
 
-from kiln.metrics import check_main_metric, detect_task, label_scores, resolve_main_metric, task_metrics
+from kiln.metrics import (
+    check_main_metric,
+    detect_task,
+    label_scores,
+    published_check,
+    published_warning,
+    resolve_main_metric,
+    task_metrics,
+)
+from kiln.progress import progress
 from kiln.spec import EvaluateSettings, read_adapter_spec
 
 log = logging.getLogger(__name__)
@@ -127,14 +136,14 @@ def prompts_and_references(test, tokenizer, max_samples: int):
     return prompts, refs, rows
 
 
-def progress(total: int, desc: str):
-    """A progress bar with its ETA on the console (the job's own stderr goes to its log): minutes of
-    generation are not silent. tqdm is what Transformers' trainer bar uses too."""
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.__stderr__, mininterval=5, disable=total == 0, leave=False)
+def evaluation_prompts(test, tokenizer, settings) -> list[str]:
+    """The prompts evaluation generates from: the chat rows' prompts, or (no chat rows: a text
+    task) the continuation prompts. The GGUF export checks its token ids on exactly these."""
+    s = EvaluateSettings.coerce(settings)
+    prompts, _, _ = prompts_and_references(test, tokenizer, s.max_samples)
+    if not prompts:
+        prompts, _, _ = continuation_prompts(test, tokenizer, s.continuations)
+    return prompts
 
 
 def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, desc: str = "") -> list[str]:
@@ -278,6 +287,7 @@ def evaluate(
     experiment: str = "",
     models: tuple[str, ...] = ("base", "tuned", "adapter_4bit"),
     regression: dict[str, str] | None = None,
+    gguf: dict[str, str] | None = None,
 ) -> dict:
     """`regression`: name -> tokenized dataset of each regression set, scored by loss and perplexity
     on (at most max_samples of) its rows, test split first, with every model."""
@@ -330,6 +340,23 @@ def evaluate(
             metrics["regression"][name][kind] = masked_loss(model, regression_set, tokenizer.pad_token_id)
         log.info("%s: loss %.4f", kind, m["loss"])
         del model
+    for qtype, path in (gguf or {}).items():  # the exported files, in llama.cpp, same rows and scoring
+        from kiln.export import LlamaCpp
+        from kiln.export import generate as generate_gguf
+
+        t0 = time.perf_counter()
+        with LlamaCpp(path, n_ctx=4096) as server:
+            outputs[f"gguf_{qtype}"], speed = generate_gguf(
+                server, prompts, s.max_new_tokens, tokenizer.eos_token, f"gguf_{qtype}"
+            )
+        m = score(outputs[f"gguf_{qtype}"], refs, task)
+        m.update({k: v for k, v in speed.items() if v is not None})
+        if "tuned" in outputs:  # the export's drift: generations that differ from the merged model's
+            same = sum(a == b for a, b in zip(outputs[f"gguf_{qtype}"], outputs["tuned"], strict=True))
+            m["identical_to_tuned"] = same / max(1, len(prompts))
+        m["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        metrics[f"gguf_{qtype}"] = m
+        log.info("gguf_%s: %s", qtype, {k: v for k, v in m.items() if isinstance(v, float)})
     produced = task_metrics(metrics)
     main = resolve_main_metric(s.main_metric, task)
     check_main_metric(main, produced)
@@ -345,6 +372,13 @@ def evaluate(
             "loss_tuned_minus_adapter_4bit": metrics["tuned"]["loss"] - metrics["adapter_4bit"]["loss"],
             "identical_generations": agree / max(1, len(prompts)),
         }
+    check = published_check(metrics)
+    if check:
+        metrics["published_check"] = check
+        merge_report = Path(merged_dir).parent / "merge_report.json"
+        warning = published_warning(metrics, json.loads(merge_report.read_text()) if merge_report.exists() else None)
+        if warning:
+            log.warning("\n%s\nWARNING: %s\n%s", "=" * 100, warning, "=" * 100)
     Path(metrics_path).write_text(json.dumps(metrics, indent=2))
     with open(samples_path, "w") as fh:
         for i, (row, ref) in enumerate(zip(rows, refs, strict=True)):

@@ -14,7 +14,7 @@ from kiln.base_model import sha256_file  # noqa: F401 (also this module's, for c
 from kiln.provenance import hardware
 from kiln.spec import read_adapter_spec
 
-STAGES = ("collect", "clean", "build_dataset", "tokenize", "base_model", "train", "merge", "evaluate")
+STAGES = ("collect", "clean", "build_dataset", "tokenize", "base_model", "train", "merge", "export_gguf", "evaluate")
 
 
 def tree_hashes(folder: str | Path) -> dict[str, str]:
@@ -81,6 +81,7 @@ def build_manifest(
     packages: dict,
     shard_stats: list[str | Path] = (),
     samples: str | Path | None = None,
+    gguf_reports: list[str | Path] = (),
 ) -> dict:
     """Everything about one experiment in one JSON-able dict.
 
@@ -130,6 +131,8 @@ def build_manifest(
         "base_model": json.loads((Path(base_dir) / "identity.json").read_text()),
         "adapter": {"files": tree_hashes(adapter_dir)},
         "merged": {"files": tree_hashes(merged_dir), "report": json.loads(Path(merge_report).read_text())},
+        # each exported GGUF: file, sha256, converter and version, what its verification found
+        "gguf": {r["type"]: r for r in (json.loads(Path(p).read_text()) for p in gguf_reports)},
         "training": {
             "backend": training["backend"],
             "backend_reason": training["backend_reason"],

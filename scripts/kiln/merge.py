@@ -13,19 +13,24 @@ import json
 import logging
 from pathlib import Path
 
+from kiln.progress import Phases
 from kiln.spec import read_adapter_spec
 
 log = logging.getLogger(__name__)
 
 
+PHASES = ["load base + adapter", "reference logits", "merge + save", "reload + logit check", "pipeline check"]
 MAX_MERGE_ERROR_RATIO = 0.05  # merge error relative to the adapter's own effect on the logits
 
 
-def resolve_merge_dtype(requested: str):
+def resolve_merge_dtype(requested: str, base_dir: str | Path | None = None):
+    """``auto``: the dtype the base model was saved in (its identity.json), float32 if unknown."""
     import torch
 
     if requested == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        identity = Path(base_dir, "identity.json") if base_dir else None
+        saved = json.loads(identity.read_text()).get("dtype") if identity and identity.exists() else None
+        return getattr(torch, saved or "float32")
     return getattr(torch, requested)
 
 
@@ -70,7 +75,7 @@ def merge_adapter(
     out_dir: str,
     report_path: str,
     dataset_dir: str,
-    onto: str = "original",
+    onto: str = "dequantized",
     dtype: str = "auto",
     n_samples: int = 8,
 ) -> dict:
@@ -85,27 +90,32 @@ def merge_adapter(
         onto = "original"
         log.info("adapter trained without quantization: merging onto the original weights it was trained against")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    save_dtype = resolve_merge_dtype(dtype)
+    save_dtype = resolve_merge_dtype(dtype, base_dir)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    phases = Phases(f"merge {Path(adapter_dir).parent.name}", PHASES)
 
-    model = PeftModel.from_pretrained(load_base(base_dir, onto, device), adapter_dir).eval()
+    with phases.step("load base + adapter"):
+        model = PeftModel.from_pretrained(load_base(base_dir, onto, device), adapter_dir).eval()
     texts = validation_prompts(dataset_dir, tokenizer, n_samples)
     tokenizer.padding_side = "right"
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     mask = batch["attention_mask"].bool()
-    with model.disable_adapter():
-        base_logits = _logits(model, batch)[mask]
-    ref_logits = _logits(model, batch)[mask]
+    with phases.step("reference logits"):
+        with model.disable_adapter():
+            base_logits = _logits(model, batch)[mask]
+        ref_logits = _logits(model, batch)[mask]
 
-    merged = model.merge_and_unload().to(save_dtype)
-    merged.generation_config = GenerationConfig.from_pretrained(base_dir)
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(out_dir)
-    del model, merged
+    with phases.step("merge + save"):
+        merged = model.merge_and_unload().to(save_dtype)
+        merged.generation_config = GenerationConfig.from_pretrained(base_dir)
+        merged.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(out_dir)
+        del model, merged
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(device).eval()
-    merged_logits = _logits(reloaded, batch)[mask]
+    with phases.step("reload + logit check"):
+        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(device).eval()
+        merged_logits = _logits(reloaded, batch)[mask]
     diff = (merged_logits - ref_logits).abs()
     effect = (ref_logits - base_logits).abs().mean().item()
     ratio = diff.mean().item() / effect if effect > 0 else 0.0
@@ -114,8 +124,14 @@ def merge_adapter(
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Say hello."}], tokenize=False, add_generation_prompt=True
     )
-    generator = pipeline("text-generation", model=out_dir, tokenizer=out_dir, device=device)
-    full = generator(prompt, max_new_tokens=48, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    with phases.step("pipeline check"):
+        generator = pipeline("text-generation", model=out_dir, tokenizer=out_dir, device=device)
+        # one GenerationConfig (the saved one, greedy, 48 new tokens): loose arguments beside the
+        # model's own config made transformers warn twice on every call
+        config = GenerationConfig.from_pretrained(out_dir, max_new_tokens=48, do_sample=False)
+        config.max_length = None
+        full = generator(prompt, generation_config=config, return_tensors=True)[0]["generated_token_ids"]
+    phases.close()
     out = list(full)[len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) :]
     eos_id = reloaded.generation_config.eos_token_id
     eos_ids = set(eos_id if isinstance(eos_id, list) else [eos_id])

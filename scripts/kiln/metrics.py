@@ -28,7 +28,26 @@ def higher_is_better(name: str) -> bool:
 
 MODELS = ("base", "tuned", "adapter_4bit")  # the three models evaluation scores, in display order
 # Counts and timings in a model's block.
-NOT_METRICS = {"n", "eval_seconds", "loss_tokens", "other_predictions", "continuations"}
+NOT_METRICS = {
+    "n",
+    "eval_seconds",
+    "loss_tokens",
+    "other_predictions",
+    "continuations",
+    "generated_tokens",
+    "tokens_per_second",
+    "identical_to_tuned",
+}
+
+
+def gguf_models(metrics: dict) -> list[str]:
+    """The exported GGUF files evaluate scored (``gguf_<type>``), in file order."""
+    return [k for k in metrics if k.startswith("gguf_") and isinstance(metrics[k], dict)]
+
+
+def model_keys(metrics: dict) -> list[str]:
+    """Every model block of a metrics file: the three of MODELS, then the GGUF exports."""
+    return [*[k for k in MODELS if k in metrics], *gguf_models(metrics)]
 
 
 def label(name: str) -> str:
@@ -145,6 +164,48 @@ def resolve_main_metric(setting: str, task: str) -> str:
     return TASK_MAIN[task] if setting == "auto" else setting
 
 
+PUBLISHED_TOLERANCE = 0.01  # of the main metric's scale (1 point of a rate); relative where it has none
+
+
+def published_check(metrics: dict) -> dict | None:
+    """Does the published (merged) model score like the adapter it came from? The gap on the main
+    metric, worse-is-positive, against a tolerance of one point of its scale (1% relative for a
+    metric without one, such as perplexity). None when either model was not scored."""
+    main = main_metric(metrics)
+    tuned, adapter = (metrics.get("tuned") or {}).get(main), (metrics.get("adapter_4bit") or {}).get(main)
+    if tuned is None or adapter is None:
+        return None
+    gap = (adapter - tuned) if higher_is_better(main) else (tuned - adapter)
+    tolerance = PUBLISHED_TOLERANCE * (scale(main) or abs(adapter))
+    return {
+        "metric": main,
+        "tuned": tuned,
+        "adapter_4bit": adapter,
+        "gap": gap,
+        "tolerance": tolerance,
+        "ok": gap <= tolerance,
+    }
+
+
+def published_warning(metrics: dict, merge: dict | None = None) -> str | None:
+    """The loud line for a published model that scores below its adapter, and what to do."""
+    check = published_check(metrics)
+    if not check or check["ok"]:
+        return None
+    how = ""
+    if merge:
+        how = f" (merged onto the {merge.get('merge_onto')} weights, saved as {merge.get('saved_dtype')})"
+    drift = (metrics.get("merge_drift") or {}).get("identical_generations")
+    same = f"; {drift:.0%} of its generations are the adapter's" if drift is not None else ""
+    return (
+        f"the published model{how} scores {label(check['metric'])} {check['tuned']:.4g}, the adapter it "
+        f"came from {check['adapter_4bit']:.4g}: more than the tolerance {check['tolerance']:.3g} apart{same}. "
+        "The merge is exact (see merge_report.json); the gap is the adapter meeting other weights than it "
+        "was trained against. `merge.onto: dequantized` publishes the weights it was trained on; "
+        "`merge.dtype: float32` keeps the adapter's small updates that a 16-bit save rounds away."
+    )
+
+
 def run_summary(metrics_by_experiment: dict[str, dict], results: str) -> str:
     """The lines a finished run ends with: each experiment's main metric, base -> tuned (and the
     adapter on the 4-bit base), where its model is, and how to make the report."""
@@ -157,6 +218,9 @@ def run_summary(metrics_by_experiment: dict[str, dict], results: str) -> str:
         adapter = (m.get("adapter_4bit") or {}).get(main)
         extra = f" (adapter on the 4-bit base {adapter:.4g})" if adapter is not None else ""
         lines.append(f"Kiln: {name}: {label(main)} {base:.4g} -> {tuned:.4g}{extra}; model: {results}/{name}/model")
+        warning = published_warning(m)
+        if warning:
+            lines.append(f"Kiln: WARNING {name}: {warning}")
     if lines:
         lines.append(f"Kiln: the report: snakemake --report {results}/report.html")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from kiln.compare import page
-from kiln.metrics import MODELS, label, main_metric, task_metrics
+from kiln.metrics import MODELS, gguf_models, label, main_metric, model_keys, task_metrics
 
 
 def _table(rows: list[dict], columns: list[str] | None = None, table_id: str = "") -> str:
@@ -203,7 +203,7 @@ def label_tables(block: dict) -> str:
 
 def length_table(metrics: dict) -> str:
     """A free-text task's answer lengths in words, per model: rambling or clipped answers show here."""
-    rows = [{"model": k, **metrics[k]["length"]} for k in MODELS if (metrics.get(k) or {}).get("length")]
+    rows = [{"model": k, **metrics[k]["length"]} for k in model_keys(metrics) if (metrics.get(k) or {}).get("length")]
     if not rows:
         return ""
     return "<h3>Answer lengths (words)</h3>" + _table(rows, table_id="lengths")
@@ -239,7 +239,27 @@ def manifest_page(manifest: dict) -> str:
         {"what": f"{label(main)} base -> tuned", "value": f"{base[main]:.3f} -> {tuned[main]:.3f}"},
     ]
     stages = [{"stage": k, **(v or {})} for k, v in m["stages"].items()]
-    body = _table(summary, table_id="manifest-summary") + label_tables(tuned) + length_table(m["metrics"])
+    body = _table(summary, table_id="manifest-summary")
+    scores = [
+        {"model": k, **{name: (m["metrics"][k] or {}).get(name) for name in [*task_metrics(m["metrics"]), "loss"]}}
+        for k in model_keys(m["metrics"])
+    ]
+    body += "<h3>Scores on the test rows (every model, the GGUF exports in llama.cpp included)</h3>"
+    body += _table(scores, table_id="scores") + label_tables(tuned) + length_table(m["metrics"])
+    if m.get("gguf"):
+        rows = [
+            {
+                "file": r["gguf"],
+                "size MB": r["size_mb"],
+                "token ids equal": f"{r['token_ids']['identical']} of {r['token_ids']['prompts']}",
+                "max log-prob diff": round(r["logprobs"]["max_abs_logprob_diff"], 4),
+                "tolerance": r["logprobs"]["tolerance"],
+                "tokenizer": f"{r['metadata']['tokenizer_model']} / {r['metadata']['tokenizer_pre']}",
+                "sha256": r["sha256"],
+            }
+            for r in m["gguf"].values()
+        ]
+        body += "<h3>GGUF exports, verified in llama.cpp</h3>" + _table(rows, table_id="gguf")
     if m["metrics"].get("lm_eval"):
         harness = m["metrics"]["lm_eval"]
         rows = [
@@ -292,22 +312,30 @@ def model_card(manifest: dict) -> str:
         snippet_messages = ['messages = [{"role": "user", "content": "..."}]']
         prompt_format = []
 
+    ggufs = gguf_models(met)
+
     def metric_row(key: str, label: str) -> str:
-        cells = [met[k][key] if met.get(k) else None for k in ("base", "tuned", "adapter_4bit")]
+        cells = [(met.get(k) or {}).get(key) for k in ("base", "tuned", "adapter_4bit", *ggufs)]
         return f"| {label} | " + " | ".join("" if c is None else f"{c:.4f}" for c in cells) + " |"
 
+    base = m["base_model"]
+    hub_id = base.get("hub_id")
     lines = [
         "---",
         "library_name: transformers",
         "tags: [kiln, qlora, lora, sft]",
-        f"base_model: {m['base_model']['id']}",
+        # The Hub's model tree reads a repo id here; a model with none (a local folder, a random
+        # test model) leaves it out rather than write something no tool can resolve.
+        *([f"base_model: {hub_id}", "base_model_relation: finetune"] if hub_id else []),
         "---",
         "",
         f"# {name}",
         "",
-        f"A fine-tune of **{m['base_model']['id']}** (Kiln model `{exp['model']}`, revision "
-        f"`{m['base_model'].get('revision')}`) on the Kiln dataset `{exp['dataset']}`, trained with "
-        f"{'4-bit NF4 QLoRA' if tr['quantization'] == 'nf4' else 'LoRA'} and merged into the base weights.",
+        f"A fine-tune of **{hub_id or base['id']}** (Kiln model `{exp['model']}`) on the Kiln dataset "
+        f"`{exp['dataset']}`, trained with {'4-bit NF4 QLoRA' if tr['quantization'] == 'nf4' else 'LoRA'} "
+        "and merged into the base weights.",
+        "",
+        f"Base weights: {base_weights_line(base)}",
         "",
         *prompt_format,
         "## How to load it",
@@ -354,11 +382,13 @@ def model_card(manifest: dict) -> str:
         "",
         f"Main metric: {label(main_metric(met))}.",
         "",
-        "| metric | base model | this model | adapter on 4-bit base |",
-        "|---|---|---|---|",
+        "| metric | base model | this model | adapter on 4-bit base |"
+        + "".join(f" {k.removeprefix('gguf_')} GGUF (llama.cpp) |" for k in ggufs),
+        "|---|---|---|---|" + "---|" * len(ggufs),
         *[metric_row(name, label(name)) for name in [*task_metrics(met), "loss"]],
         "",
         *regression_card_lines(met),
+        *gguf_card_lines(m),
         "## Provenance",
         "",
         f"- code: {commit}",
@@ -369,6 +399,49 @@ def model_card(manifest: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def gguf_card_lines(m: dict) -> list[str]:
+    """The GGUF exports beside this model (in the run's `gguf/` folder): what each is and what its
+    verification in llama.cpp found."""
+    reports = m.get("gguf") or {}
+    if not reports:
+        return []
+    lines = [
+        "## GGUF (llama.cpp, Ollama, LM Studio)",
+        "",
+        f"Exported by {next(iter(reports.values()))['converter']['name']} "
+        f"{next(iter(reports.values()))['converter']['version']} into the run's `gguf/` folder, with an Ollama "
+        "`Modelfile`; each file verified in llama.cpp against this model and scored above.",
+        "",
+        "| file | size | token ids equal (evaluated prompts) | max next-token log-prob diff | sha256 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in reports.values():
+        t, lp = r["token_ids"], r["logprobs"]
+        lines.append(
+            f"| `{r['gguf']}` | {r['size_mb']} MB | {t['identical']} of {t['prompts']} | "
+            f"{lp['max_abs_logprob_diff']:.3g} (tolerance {lp['tolerance']}) | `{r['sha256']}` |"
+        )
+    return [*lines, ""]
+
+
+def base_weights_line(base: dict) -> str:
+    """Where the weights the model was trained on came from, in words (not always the Hub's)."""
+    kind = base.get("kind")
+    if kind == "gguf_package":
+        (file,) = base["source_files"] or ["?"]
+        return (
+            f"the GGUF file `{file}` of the Python package `{base['id'].split(':')[0]}`, dequantized "
+            f"and saved as {base.get('dtype')} (the rounding of that file's quantization is in them; they "
+            "are not the Hub repo's original weights)."
+        )
+    if kind == "hub":
+        where = f"`{base['id']}` at revision `{base.get('revision')}` from the Hugging Face Hub"
+        return f"{where}, saved as {base.get('dtype')}."
+    if kind == "local":
+        return f"the local folder `{base['id']}`, saved as {base.get('dtype')}."
+    return f"`{base['id']}` ({kind})."
 
 
 def regression_card_lines(metrics: dict) -> list[str]:

@@ -171,9 +171,16 @@ def snakemake(workdir: Path, config_path: Path, targets: list[str], cores: int) 
         str(cores),
         *targets,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # The rebuild's own console, passed through as it comes (a retrain takes many minutes: its
+    # jobs and progress bars are the progress of this command), and its tail kept for an error.
+    print(f"kiln repro: {' '.join(targets)} in {workdir}", file=sys.stderr, flush=True)
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            tail = (tail + [line])[-200:]
     if proc.returncode:
-        raise RuntimeError(f"the rebuild failed ({' '.join(cmd)}):\n{proc.stderr[-6000:]}")
+        raise RuntimeError(f"the rebuild failed ({' '.join(cmd)}):\n{''.join(tail)[-6000:]}")
 
 
 def reproduce(

@@ -94,7 +94,8 @@ def _say_storage_errors(snakemake) -> None:
 
     def hook(kind, value, tb):
         line = storage_problem(value, outputs, snakemake.rule) or failure_line(value, snakemake.rule, log_file)
-        print(line, file=sys.__stderr__, flush=True)
+        # on a line of its own: a progress bar (kiln.progress) may hold the console's current line
+        print("\n" + line, file=sys.__stderr__, flush=True)
         logging.getLogger(f"kiln.{snakemake.rule}").error(line)
         previous(kind, value, tb)
 

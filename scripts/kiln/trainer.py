@@ -18,6 +18,38 @@ def _fused_loss_available() -> bool:
     return getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
 
 
+# Per-step keys shown on the console, in order, with their labels; the rest stay in the step log.
+SHOWN = {
+    "loss": "loss",
+    "eval_loss": "eval loss",
+    "grad_norm": "grad norm",
+    "learning_rate": "lr",
+    "train_tokens_per_second": "tokens/s",
+}
+
+
+def readable_log(logs: dict, step: int, max_steps: int) -> str:
+    """One console line for a training log: `step 7/56  loss 0.1096  grad norm 0.394  lr 0.0002976`."""
+    parts = [f"step {step}/{max_steps}"]
+    for key, name in SHOWN.items():
+        value = logs.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{name} {value:.4g}")
+    return "  ".join(parts)
+
+
+def _readable_progress():
+    from transformers.trainer_callback import ProgressCallback
+
+    class ReadableProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                if any(k in logs for k in SHOWN):
+                    self.training_bar.write(readable_log(logs, state.global_step, state.max_steps))
+
+    return ReadableProgress()
+
+
 @functools.cache
 def sft_trainer_class():
     """TRL's SFTTrainer, with a loss that also runs where TRL's fused LM-head kernel can't."""
@@ -53,6 +85,12 @@ def sft_trainer_class():
             for module in self.model.modules():
                 if getattr(module, "support_avx512bf16_for_cpu", False):
                     module.support_avx512bf16_for_cpu = False
+            # Transformers' progress bar prints each log as a dict of strings ({'loss': '0.1096',
+            # ...}); Kiln's prints one readable line with numbers (the step log keeps them all).
+            from transformers.trainer_callback import ProgressCallback
+
+            if self.pop_callback(ProgressCallback) is not None:
+                self.add_callback(_readable_progress())
             if adapter_dtype is not None:
                 for param in self.model.parameters():
                     if param.requires_grad and param.dtype != adapter_dtype:

@@ -1,0 +1,47 @@
+# Deployment: the merged model as GGUF for llama.cpp / Ollama / LM Studio, verified against the
+# merged model in llama.cpp itself, and an Ollama Modelfile. Evaluate scores each GGUF too.
+
+
+rule export_gguf:
+    """The merged model as one GGUF type; metadata, token ids and log-probs checked in llama.cpp."""
+    input:
+        merged=f"{R}/{{experiment}}/merged",
+        dataset=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset",
+        code=code("export_gguf"),
+    output:
+        gguf=f"{R}/{{experiment}}/gguf/model-{{qtype}}.gguf",
+        report=f"{R}/{{experiment}}/gguf/verify-{{qtype}}.json",
+    log:
+        f"{R}/logs/export_gguf/{{experiment}}-{{qtype}}.log",
+    benchmark:
+        f"{R}/benchmarks/export_gguf/{{experiment}}-{{qtype}}.tsv"
+    conda:
+        "../envs/export.yaml"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    params:
+        export=lambda w: config["experiments"][w.experiment]["export"],
+        # only what picks the evaluated prompts (their token ids are checked), so that a change
+        # of another evaluate setting does not redo the export
+        evaluate=lambda w: export_prompt_settings(w.experiment),
+    script:
+        "../scripts/export_gguf.py"
+
+
+rule ollama_modelfile:
+    """An Ollama Modelfile beside the GGUF: chat template, stop token, the task's system prompt."""
+    input:
+        gguf=lambda w: gguf_files(w.experiment)[0],
+        merged=f"{R}/{{experiment}}/merged",
+        dataset=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset",
+        code=code("ollama_modelfile"),
+    output:
+        f"{R}/{{experiment}}/gguf/Modelfile",
+    log:
+        f"{R}/logs/ollama_modelfile/{{experiment}}.log",
+    conda:
+        "../envs/model.yaml"
+    script:
+        "../scripts/ollama_modelfile.py"

