@@ -83,6 +83,13 @@ def test_default_run_beats_the_base_model(tmp_path):
     )
     assert verify["token_ids"]["identical"] == verify["token_ids"]["prompts"] == metrics["generated_rows"]
     served_readme_example(tmp_path)
+    # README's PEFT snippet, as written, from the run's folder: the adapter on its base answers.
+    peft_snippet = next(
+        b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S) if "AutoPeft" in b
+    )
+    out = subprocess.run([sys.executable, "-c", peft_snippet], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip())["quantity"] == 3, out.stdout
     again = subprocess.run(
         [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--cores", "2", "-n"],
         capture_output=True,

@@ -17,8 +17,10 @@ import pytest
 from kiln.export import (
     answer_json_schema,
     convert,
+    expected_metadata,
     find_converter,
     free_port,
+    metadata_problems,
     modelfile,
     ollama_template,
     read_metadata,
@@ -36,7 +38,7 @@ def test_tiny_export_is_verified_evaluated_and_recorded(tiny_run):
     # every prompt evaluate generates from, tokenized by llama.cpp, has the Hugging Face ids
     metrics = json.loads(tiny_run.path("tiny/metrics.json").read_text())
     assert report["token_ids"]["identical"] == report["token_ids"]["prompts"] == metrics["generated_rows"]
-    assert report["logprobs"]["ok"] and report["logprobs"]["max_abs_logprob_diff"] <= report["logprobs"]["tolerance"]
+    assert report["logprobs"]["ok"] and report["logprobs"]["max_abs_prob_diff"] <= report["logprobs"]["tolerance"]
     assert report["logprobs"]["greedy_token_same"] == report["logprobs"]["prompts"] > 0
     # evaluated like the other models, same scoring keys as the tuned model's task metrics
     block = metrics["gguf_q8_0"]
@@ -82,7 +84,7 @@ def test_a_gguf_derived_tokenizer_exports_as_byte_level_bpe(tmp_path):
             tie_word_embeddings=True,
         )
     ).to(torch.bfloat16)
-    kinds = {}
+    kinds, problems = {}, {}
     for name, fixed in (("raw", False), ("kiln", True)):
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         if fixed:
@@ -93,8 +95,10 @@ def test_a_gguf_derived_tokenizer_exports_as_byte_level_bpe(tmp_path):
         convert(str(folder), str(folder / "m.gguf"), "f16", find_converter())
         meta = read_metadata(folder / "m.gguf")
         kinds[name] = (meta["tokenizer_model"], meta["tokenizer_pre"])
+        problems[name] = metadata_problems(meta, expected_metadata(str(folder)))
     assert kinds["raw"][0] == "llama"  # the trap, as transformers leaves the tokenizer
-    assert kinds["kiln"] == ("gpt2", "smollm")
+    assert any(p.startswith("tokenizer_model: the GGUF says 'llama'") for p in problems["raw"])  # would fail the rule
+    assert kinds["kiln"] == ("gpt2", "smollm") and problems["kiln"] == []
 
 
 def test_answer_schema_shorthand_becomes_json_schema():

@@ -252,7 +252,7 @@ def manifest_page(manifest: dict) -> str:
                 "file": r["gguf"],
                 "size MB": r["size_mb"],
                 "token ids equal": f"{r['token_ids']['identical']} of {r['token_ids']['prompts']}",
-                "max log-prob diff": round(r["logprobs"]["max_abs_logprob_diff"], 4),
+                "max next-token prob diff": round(r["logprobs"]["max_abs_prob_diff"], 4),
                 "tolerance": r["logprobs"]["tolerance"],
                 "tokenizer": f"{r['metadata']['tokenizer_model']} / {r['metadata']['tokenizer_pre']}",
                 "sha256": r["sha256"],
@@ -414,14 +414,14 @@ def gguf_card_lines(m: dict) -> list[str]:
         f"{next(iter(reports.values()))['converter']['version']} into the run's `gguf/` folder, with an Ollama "
         "`Modelfile`; each file verified in llama.cpp against this model and scored above.",
         "",
-        "| file | size | token ids equal (evaluated prompts) | max next-token log-prob diff | sha256 |",
+        "| file | size | token ids equal (evaluated prompts) | max next-token probability diff | sha256 |",
         "|---|---|---|---|---|",
     ]
     for r in reports.values():
         t, lp = r["token_ids"], r["logprobs"]
         lines.append(
             f"| `{r['gguf']}` | {r['size_mb']} MB | {t['identical']} of {t['prompts']} | "
-            f"{lp['max_abs_logprob_diff']:.3g} (tolerance {lp['tolerance']}) | `{r['sha256']}` |"
+            f"{lp['max_abs_prob_diff']:.3g} (tolerance {lp['tolerance']}) | `{r['sha256']}` |"
         )
     return [*lines, ""]
 
