@@ -99,6 +99,28 @@ def readme_sentences(record: dict) -> list[str]:
     return out
 
 
+MODEL_LABELS = {
+    "base": "base (SmolLM2-135M-Instruct)",
+    "tuned": "tuned (merged, published)",
+    "adapter_4bit": "adapter on the 4-bit base",
+    "gguf_q8_0": "the q8_0 GGUF, in llama.cpp",
+}
+
+
+def metrics_rows(record: dict) -> list[str]:
+    """README's "What you get" table rows, from the run's metrics (GGUF: no loss, generation only)."""
+    rows = []
+    for key, name in MODEL_LABELS.items():
+        m = record["metrics"].get(key)
+        if not m:
+            continue
+        loss = f"{m['loss']:.4f} | {m['perplexity']:.3f}" if "loss" in m else "- | -"
+        rows.append(
+            f"| {name} | {m['exact_match']:.3f} | {m['valid_json']:.3f} | {m['mean_field_accuracy']:.3f} | {loss} |"
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/run_times.json")
@@ -148,7 +170,7 @@ def main() -> None:
         record["ci"] = {"wall_seconds": ci_s, "rc": rc, **pytest_summary((work / "ci.log").read_text())}
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
-    print("\n".join(readme_sentences(record)))
+    print("\n".join(readme_sentences(record) + metrics_rows(record)))
     if not args.keep:
         subprocess.run(["rm", "-rf", str(work)], check=False)
     else:

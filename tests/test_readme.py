@@ -111,3 +111,33 @@ def test_readme_gpu_ratios_are_the_committed_h200_records():
     ]
     row = f"{kiln:,.0f} tokens/s: " + " / ".join(f"{r:.2f}x" for r in ratios)
     assert row in (REPO / "README.md").read_text(), row
+
+
+def test_readme_run_figures_are_the_committed_run_times():
+    """README's default-run table, its time line and the CI figures come from
+    benchmarks/results/run_times.json (benchmarks/run_times.py writes both)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from run_times import metrics_rows, readme_sentences
+
+    record = json.loads((REPO / "benchmarks" / "results" / "run_times.json").read_text())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for line in readme_sentences(record) + metrics_rows(record):
+        assert " ".join(line.split()) in readme, line
+
+
+def test_readme_gguf_figures_are_the_committed_measurement():
+    r = json.loads((REPO / "benchmarks" / "results" / "gguf_export.json").read_text())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    sp, sv = r["speed"], r["serving"]
+    for quoted in (
+        f"ran {sp['best_llama_cpp']['tokens_per_s']:.1f} tokens/s",
+        f"(batch {sp['best_transformers']['batch']}) {sp['best_transformers']['tokens_per_s']:.1f}:",
+        f"{sp['ratio_best_llama_cpp_over_best_transformers']:.2f}x",
+        f"{sv['schema_bound']['valid']:.0%} of the answers validated",
+        f"f16 within {r['logprobs']['f16']['max_abs_prob_diff']:.4f}",
+        f"q8_0 within {r['logprobs']['q8_0']['max_abs_prob_diff']:.3f}",
+        r["date"],
+    ):
+        assert quoted in readme, quoted
