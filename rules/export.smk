@@ -31,7 +31,6 @@ rule export_gguf:
 
 
 rule ollama_modelfile:
-    """An Ollama Modelfile beside the GGUF: chat template, stop token, the task's system prompt."""
     input:
         gguf=lambda w: gguf_files(w.experiment)[0],
         merged=f"{R}/{{experiment}}/merged",
@@ -41,6 +40,8 @@ rule ollama_modelfile:
         f"{R}/{{experiment}}/gguf/Modelfile",
     log:
         f"{R}/logs/ollama_modelfile/{{experiment}}.log",
+    """An Ollama Modelfile beside the GGUF: chat template, stop token, the task's system prompt."""
+    localrule: True
     conda:
         "../envs/model.yaml"
     script:

@@ -68,6 +68,7 @@ class Kill:
     after: str | None = None  # a glob under results/: kill only once a new file matches it
     at_s: float = -1.0  # seconds into the killed run; -1: the kill never landed
     running: list[str] = field(default_factory=list)  # jobs started and not finished at the kill
+    forced: bool = False  # the stage had finished before its kill: rerun with --forcerun for it
     run: int = 0  # the run (1, 2, ...) this kill stopped; its log is run-NN.log
     finished_by_run: int | None = None  # the first later run that finished every job this kill stopped
     checkpoints: list[str] = field(default_factory=list)  # complete training checkpoints left behind
@@ -293,7 +294,20 @@ def campaign(
             rc, run = run.finish(timeout=1800), None
             if rc:
                 raise AssertionError(f"run {runs} failed (rc {rc}): see {chain_dir}/run-{runs:02d}.log")
-            continue
+            if kill.after is not None:
+                continue
+            # A short stage that ran side by side with the one killed before it finished in that
+            # run, so its own kill had nothing to land in: run the same command with that stage
+            # forced (`--forcerun`: it reruns, and what follows it) and aim the kill there.
+            runs += 1
+            kill.forced = True
+            run = WatchedRun([*command, "--forcerun", kill.target], chain_dir, chain_dir / f"run-{runs:02d}.log")
+            start = run.wait_started(kill.target, timeout=600)
+            if start is None:
+                rc, run = run.finish(timeout=1800), None
+                if rc:
+                    raise AssertionError(f"run {runs} failed (rc {rc}): see {chain_dir}/run-{runs:02d}.log")
+                continue
         if kill.after is None:
             delay = start + kill.fraction * stages[kill.target][1] - (time.monotonic() - run.t0)
         elif run.wait_new_file(chain_dir / "results", kill.after, kill.target, timeout=600):

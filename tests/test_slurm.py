@@ -67,8 +67,9 @@ def test_tiny_pipeline_runs_as_slurm_jobs(cluster, tmp_path):
     proc = _run(tmp_path, tiny_config())
     assert proc.returncode == 0, proc.stderr[-6000:]
     submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: ([^)]+)\)", proc.stdout + proc.stderr)
-    # Every rule but the local ones (all, compare, publish, data_report) went to SLURM.
+    # Every rule but the local ones (all, compare, publish, data_report, ollama_modelfile) went to SLURM.
     remote = {"collect", "clean", "build_dataset", "tokenize", "base_model", "train", "merge", "evaluate", "manifest"}
+    remote |= {"export_gguf"}
     assert len(submitted) == len(remote)
     assert {re.search(r"rule_([a-z_]+)/", log).group(1) for _, log in submitted} == remote
     records = {r["JobId"]: r for r in _completed_jobs(cluster, tmp_path)}

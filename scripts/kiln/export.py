@@ -207,7 +207,7 @@ class LlamaCpp:
         threads = threads or len(os.sched_getaffinity(0))
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
-        params.hostnames = [host] if hasattr(params, "hostnames") else params.hostnames
+        params.hostnames = [host]  # 127.0.0.1 unless asked: not reachable from other machines
         params.port = port or free_port(host)
         if quiet:
             params.verbosity = -1
@@ -233,7 +233,8 @@ class LlamaCpp:
         return self.post("/completion", body)
 
     def close(self) -> None:
-        del self.server
+        """Stop the server (xllamacpp's destructor ends its loop and frees the model)."""
+        self.__dict__.pop("server", None)
 
     def __enter__(self):
         return self
