@@ -1,7 +1,7 @@
 """The real default run, end to end on the CPU: the embedded SmolLM2 GGUF, the synthetic orders task.
 
-Slow (about 10 minutes on 2 cores, then about 3 for the label example); CI runs it. Asserts the
-promises the README makes.
+Slow (the pipeline as timed in benchmarks/results/run_times.json, then the label example); CI
+runs it. Asserts the promises the README makes.
 """
 
 import ast
