@@ -2,6 +2,11 @@
 # merged model in llama.cpp itself, and an Ollama Modelfile. Evaluate scores each GGUF too.
 
 
+# Writing a small text file: where Snakemake runs, never submitted to a cluster.
+localrules:
+    ollama_modelfile,
+
+
 rule export_gguf:
     """The merged model as one GGUF type; metadata, token ids and log-probs checked in llama.cpp."""
     input:
@@ -31,6 +36,7 @@ rule export_gguf:
 
 
 rule ollama_modelfile:
+    """An Ollama Modelfile beside the GGUF: chat template, stop token, the task's system prompt."""
     input:
         gguf=lambda w: gguf_files(w.experiment)[0],
         merged=f"{R}/{{experiment}}/merged",
@@ -40,8 +46,6 @@ rule ollama_modelfile:
         f"{R}/{{experiment}}/gguf/Modelfile",
     log:
         f"{R}/logs/ollama_modelfile/{{experiment}}.log",
-    """An Ollama Modelfile beside the GGUF: chat template, stop token, the task's system prompt."""
-    localrule: True
     conda:
         "../envs/model.yaml"
     script:
