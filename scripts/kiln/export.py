@@ -18,7 +18,6 @@ The exported file is then checked against the merged model it came from, in llam
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,8 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+from kiln.base_model import sha256_file  # the project's one file hash (tests import it from here too)
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,6 @@ def convert(merged_dir: str, out_path: str, qtype: str, converter: Path, llama_c
         first.unlink(missing_ok=True)
         if proc.returncode:
             raise ExportError(f"llama-quantize {qtype} failed:\n{proc.stderr[-4000:]}")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- metadata ----------------------------------------------------------------------------------
