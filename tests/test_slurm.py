@@ -36,10 +36,21 @@ def cluster():
     return match.group(1)
 
 
-def _completed_jobs(jobcomp: str, workdir) -> list[dict]:
-    """SLURM's job-completion records of jobs that ran in ``workdir``."""
+def _jobcomp_size(jobcomp: str) -> int:
+    return os.path.getsize(jobcomp) if os.path.exists(jobcomp) else 0
+
+
+def _completed_jobs(jobcomp: str, workdir, since: int) -> list[dict]:
+    """SLURM's job-completion records, written after byte ``since``, of jobs that ran in ``workdir``.
+
+    The record outlives the test session (a CI machine can be reused, and pytest can hand out the
+    same temporary path again once older ones are cleaned up), so only this run's lines count.
+    """
     jobs = []
-    for line in open(jobcomp).read().splitlines():
+    with open(jobcomp) as f:
+        f.seek(since)
+        lines = f.read().splitlines()
+    for line in lines:
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
         if fields.get("WorkDir") == str(workdir):
             jobs.append(fields)
@@ -64,6 +75,7 @@ def _run(workdir, config: dict, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_tiny_pipeline_runs_as_slurm_jobs(cluster, tmp_path):
+    since = _jobcomp_size(cluster)
     proc = _run(tmp_path, tiny_config())
     assert proc.returncode == 0, proc.stderr[-6000:]
     submitted = re.findall(r"submitted with SLURM jobid (\d+) \(log: ([^)]+)\)", proc.stdout + proc.stderr)
@@ -72,7 +84,7 @@ def test_tiny_pipeline_runs_as_slurm_jobs(cluster, tmp_path):
     remote |= {"export_gguf"}
     assert len(submitted) == len(remote)
     assert {re.search(r"rule_([a-z_]+)/", log).group(1) for _, log in submitted} == remote
-    records = {r["JobId"]: r for r in _completed_jobs(cluster, tmp_path)}
+    records = {r["JobId"]: r for r in _completed_jobs(cluster, tmp_path, since)}
     for job_id, log in submitted:
         assert records[job_id]["JobState"] == "COMPLETED", records[job_id]
         assert os.path.exists(log)
@@ -88,10 +100,11 @@ def test_a_failing_job_is_retried_and_reported_with_its_slurm_log(cluster, tmp_p
     cfg["datasets"]["orders"]["sources"] = [
         {"name": "web", "kind": "url", "urls": ["http://127.0.0.1:9/x.jsonl"], "sha256": ["0" * 64]}
     ]
+    since = _jobcomp_size(cluster)
     proc = _run(tmp_path, cfg, "results/data/orders/dataset_stats.json")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    failed = [r for r in _completed_jobs(cluster, tmp_path) if r["JobState"] == "FAILED"]
+    failed = [r for r in _completed_jobs(cluster, tmp_path, since) if r["JobState"] == "FAILED"]
     assert len(failed) == 2  # the first try and the one retry of the profile (retries: 1)
     assert re.search(r"\.snakemake/slurm_logs/rule_collect/\S+\.log", out), out[-3000:]
     assert "127.0.0.1:9" in out or any("127.0.0.1:9" in p.read_text() for p in tmp_path.rglob("*.log"))
