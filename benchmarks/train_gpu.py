@@ -47,6 +47,19 @@ SHAPES = {
         "tie_word_embeddings": True,
         "vocab_size": 151936,
     },
+    "qwen2.5-1.5b": {
+        "model_type": "qwen2",
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "vocab_size": 151936,
+    },
     "smollm2-135m": {
         "model_type": "llama",
         "hidden_size": 576,
@@ -264,19 +277,25 @@ def cmd_sft(args) -> None:
 
     model, tok = unsloth_lora(str(WORK / "models" / args.shape), args.seq, args.ckpt == "on")
     ckpt = args.ckpt == "on"
-    data = random_tokenized(args.shape, 64 * (args.warmup + args.steps + 2), args.seq)
     import datasets
 
-    train = datasets.load_from_disk(str(data))["train"].remove_columns(["assistant_masks"])
+    if args.data == "random":
+        data = random_tokenized(args.shape, 64 * (args.warmup + args.steps + 2), args.seq)
+        train = datasets.load_from_disk(str(data))["train"].remove_columns(["assistant_masks"])
+    else:  # the default task's conversations, tokenized (and packed) by TRL itself, as its users run it
+        orders_tokenized(args.rows, False, args.seq)
+        train = datasets.load_from_disk(str(WORK / "data" / f"orders-{args.rows}" / "dataset"))["train"]
+        train = train.select_columns(["messages"])
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.t = {}
+            self.t, self.epoch = {}, {}
 
         def on_step_end(self, a, state, control, **kw):
             if state.global_step in (args.warmup, args.warmup + args.steps):
                 sync()
                 self.t[state.global_step] = time.perf_counter()
+                self.epoch[state.global_step] = state.epoch
 
     for bs, accum in zip(args.bs, args.accum, strict=True):
         clock = Clock()
@@ -292,7 +311,7 @@ def cmd_sft(args) -> None:
             save_strategy="no",
             report_to=[],
             max_length=args.seq,
-            packing=False,
+            packing=args.packing,
             dataset_num_proc=1,
         )
         record = {
@@ -307,6 +326,8 @@ def cmd_sft(args) -> None:
             "checkpointing": ckpt,
             "n_params": n_params(args.shape),
             "card": card(),
+            "data": args.data,
+            "packing": args.packing,
         }
         try:
             torch.cuda.reset_peak_memory_stats()
@@ -317,11 +338,20 @@ def cmd_sft(args) -> None:
             emit(args.out, {**record, "oom": True, "tokens_per_s": None, "wall_s": time.time() - t_start})
             break
         dt = clock.t[args.warmup + args.steps] - clock.t[args.warmup]
+        if args.data == "random":
+            tokens = bs * accum * args.seq * args.steps
+        else:  # real rows: the non-pad tokens of the rows seen in the window (TRL's own tokenization)
+            import pyarrow.compute as pc
+
+            col = trainer.train_dataset.data.column("input_ids")
+            total = int(pc.sum(pc.list_value_length(col)).as_py())
+            tokens = (clock.epoch[args.warmup + args.steps] - clock.epoch[args.warmup]) * total
+            record["train_tokens_total"] = total
         emit(
             args.out,
             {
                 **record,
-                "tokens_per_s": bs * accum * args.seq * args.steps / dt,
+                "tokens_per_s": tokens / dt,
                 "step_s": dt / args.steps,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                 "wall_s": time.time() - t_start,
@@ -372,6 +402,7 @@ def orders_tokenized(rows: int, packing: bool, seq: int) -> Path:
         clean = {"min_chars": 10, "max_chars": 4000, "answer_schema": ANSWER_SCHEMA}
         clean_shard(base / "raw.parquet", base / "clean.parquet", base / "rej.parquet", base / "clean.json", clean)
         build = {"near_dedup": False, "near_dedup_threshold": 0.9, "validation": 0.02, "test": 0.02, "seed": 0}
+        build["contamination_audit"] = False  # speed runs: no audit (and no datasketch on the GPU image)
         build_dataset([str(base / "clean.parquet")], base / "dataset", base / "brej.parquet", base / "b.json", build)
     settings = {"max_seq_len": seq, "assistant_only_loss": True, "packing": packing}
     tokenize_dataset(base / "dataset", WORK / "models" / "smollm2-135m", out, str(out) + ".json", settings)
@@ -620,6 +651,38 @@ PLAN["f3"] = [
 ]
 
 
+# issue 16 item 4: real rows, packed. Kiln's stage packed (and unpacked) beside Unsloth through
+# TRL's SFTTrainer with its own packing on (bfd, padding-free), swept over its micro-batch, plus its
+# documented default (2 x 4, checkpointing); effective (non-pad) tokens/s, SmolLM2-135M shape
+PLAN["f4"] = [
+    ["matmul"],
+    ["make", "--shape", "smollm2-135m"],
+    ["kiln", "--name", "orders_packed", "--data", "orders", "--shape", "smollm2-135m", "--packing"],
+    ["kiln", "--name", "orders_unpacked", "--data", "orders", "--shape", "smollm2-135m"],
+    ["sft", "--name", "unsloth_sft_packed_nockpt", "--data", "orders", "--packing", "--shape", "smollm2-135m"]
+    + ["--ckpt", "off", "--bs", "16", "32", "64", "--accum", "1", "1", "1"],
+    ["sft", "--name", "unsloth_sft_packed_default", "--data", "orders", "--packing", "--shape", "smollm2-135m"]
+    + ["--ckpt", "on", "--bs", "2", "--accum", "4", "--default"],
+]
+# issue 16 items 2 and 3 at two more shapes: Kiln's stage (automatic settings) beside the plain
+# Unsloth loop swept over micro-batch with checkpointing off and on
+SHORT = '{"max_steps": 15}'
+PLAN["f5"] = [
+    ["matmul"],
+    ["make", "--shape", "qwen2.5-0.5b", "qwen2.5-1.5b"],
+    ["kiln", "--name", "kiln_stage_auto_0.5b_seq4096", "--seq", "4096", "--set", SHORT],
+    ["loop", "--name", "unsloth_nockpt_0.5b_seq4096", "--backend", "unsloth", "--ckpt", "off", "--seq", "4096"]
+    + ["--bs", "8", "16", "32", "--steps", "10"],
+    ["loop", "--name", "unsloth_ckpt_0.5b_seq4096", "--backend", "unsloth", "--ckpt", "on", "--seq", "4096"]
+    + ["--bs", "16", "32", "--steps", "10"],
+    ["kiln", "--name", "kiln_stage_auto_1.5b_seq2048", "--shape", "qwen2.5-1.5b", "--set", SHORT],
+    ["loop", "--name", "unsloth_nockpt_1.5b_seq2048", "--backend", "unsloth", "--ckpt", "off"]
+    + ["--shape", "qwen2.5-1.5b", "--bs", "16", "32", "64", "--steps", "10"],
+    ["loop", "--name", "unsloth_ckpt_1.5b_seq2048", "--backend", "unsloth", "--ckpt", "on"]
+    + ["--shape", "qwen2.5-1.5b", "--bs", "32", "64", "--steps", "10"],
+]
+
+
 def cmd_all(args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     parts = ["1", "2", "3"] if args.part == "all" else args.part.split(",")
@@ -639,7 +702,7 @@ def main() -> None:
     for name in ("all", "matmul", "make", "loop", "sft", "kiln", "table"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
-    sub.choices["all"].add_argument("--part", default="1", help="1, 2, 3, f1, f2, all, or a comma list")
+    sub.choices["all"].add_argument("--part", default="1", help="1, 2, 3, f1..f5, all, or a comma list")
     sub.choices["make"].add_argument("--shape", nargs="+", required=True)
     for name in ("loop", "sft", "kiln"):
         p = sub.choices[name]
@@ -659,9 +722,11 @@ def main() -> None:
     sft.add_argument("--default", action="store_true", help="label the run as the documented default")
     kiln = sub.choices["kiln"]
     kiln.add_argument("--set", help="JSON of training settings to change from the config")
-    kiln.add_argument("--data", choices=["random", "orders"], default="random")
-    kiln.add_argument("--packing", action="store_true")
-    kiln.add_argument("--rows", type=int, default=20000)
+    for name in ("kiln", "sft"):
+        p = sub.choices[name]
+        p.add_argument("--data", choices=["random", "orders"], default="random")
+        p.add_argument("--packing", action="store_true")
+        p.add_argument("--rows", type=int, default=20000)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     commands = {"all": cmd_all, "matmul": cmd_matmul, "make": cmd_make, "loop": cmd_loop, "sft": cmd_sft}

