@@ -63,6 +63,27 @@ def validation_prompts(dataset_dir: str, tokenizer, n: int) -> list[str]:
     ]
 
 
+def check_prompt(dataset_dir: str, tokenizer) -> tuple[str, int]:
+    """The pipeline check's prompt and new-token budget: the first validation conversation's turns
+    before its answer (what the model was trained to answer and then end), with room for the
+    reference answer and 16 tokens more. A task-specific model need not end an off-task turn: the
+    "Say hello." used before found a 48-step default adapter repeating itself for 48 tokens (a
+    56-step one stopped), which says nothing about the saved end-of-turn settings this checks. No
+    conversation (a plain-text task): that generic prompt and 48 tokens."""
+    import datasets
+
+    datasets.disable_caching()
+    dd = datasets.load_from_disk(dataset_dir)
+    split = dd["validation"] if len(dd["validation"]) else dd["train"]
+    for row in split.select(range(min(32, len(split)))):
+        if row["kind"] == "chat" and len(row["messages"]) >= 2:
+            prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+            answer = tokenizer(row["messages"][-1]["content"], add_special_tokens=False)["input_ids"]
+            return prompt, len(answer) + 16
+    generic = [{"role": "user", "content": "Say hello."}]
+    return tokenizer.apply_chat_template(generic, tokenize=False, add_generation_prompt=True), 48
+
+
 def _logits(model, batch):
     import torch
 
@@ -121,14 +142,12 @@ def merge_adapter(
     ratio = diff.mean().item() / effect if effect > 0 else 0.0
 
     # The merged folder must work with the plain transformers API, and stop at the end of a turn.
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Say hello."}], tokenize=False, add_generation_prompt=True
-    )
+    prompt, budget = check_prompt(dataset_dir, tokenizer)
     with phases.step("pipeline check"):
         generator = pipeline("text-generation", model=out_dir, tokenizer=out_dir, device=device)
-        # one GenerationConfig (the saved one, greedy, 48 new tokens): loose arguments beside the
-        # model's own config made transformers warn twice on every call
-        config = GenerationConfig.from_pretrained(out_dir, max_new_tokens=48, do_sample=False)
+        # one GenerationConfig (the saved one, greedy): loose arguments beside the model's own
+        # config made transformers warn twice on every call
+        config = GenerationConfig.from_pretrained(out_dir, max_new_tokens=budget, do_sample=False)
         config.max_length = None
         full = generator(prompt, generation_config=config, return_tensors=True)[0]["generated_token_ids"]
     phases.close()
@@ -149,6 +168,8 @@ def merge_adapter(
         "mean_abs_logit_diff": diff.mean().item(),
         "adapter_effect_mean_abs_logit": effect,
         "merge_error_ratio": ratio,
+        "pipeline_prompt": prompt[-300:],
+        "pipeline_new_token_budget": budget,
         "pipeline_generated_tokens": len(out),
         "pipeline_stopped_at_eos": bool(out and out[-1] in eos_ids),
         "eos_token": tokenizer.eos_token,
