@@ -47,19 +47,6 @@ SHAPES = {
         "tie_word_embeddings": True,
         "vocab_size": 151936,
     },
-    "qwen2.5-1.5b": {
-        "model_type": "qwen2",
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "tie_word_embeddings": True,
-        "vocab_size": 151936,
-    },
     "smollm2-135m": {
         "model_type": "llama",
         "hidden_size": 576,
@@ -84,6 +71,15 @@ SHAPES = {
         "tie_word_embeddings": True,
         "vocab_size": 49152,
     },
+}
+
+
+SHAPES["qwen2.5-1.5b"] = {
+    **SHAPES["qwen2.5-0.5b"],
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
 }
 
 

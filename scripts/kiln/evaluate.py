@@ -175,12 +175,11 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
 
 def masked_loss(model, tokenized_test, pad_id: int, batch_size: int = 16) -> dict:
     """Mean negative log-likelihood of the trainable (assistant) tokens, and its perplexity."""
-    import inspect
-
     import torch
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    selective = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    from kiln.trainer import takes_logits_to_keep
+
+    selective = takes_logits_to_keep(model)
     total, count = 0.0, 0
     for i in range(0, len(tokenized_test), batch_size):
         rows = tokenized_test[i : i + batch_size]
@@ -248,12 +247,11 @@ def loss_and_generate(
     from there, so no prompt is run through the model twice (the prompt forward was a fifth of an
     HF model's evaluation on the 2-core CPU). Models whose cache is not plain full attention
     (sliding windows, linear attention) prefill the prompts again."""
-    import inspect
-
     import torch
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    selective = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    from kiln.trainer import takes_logits_to_keep
+
+    selective = takes_logits_to_keep(model)
     pad = tokenizer.pad_token_id
     total, count, outputs = 0.0, 0, []
     bar = progress(len(shared), f"evaluate {desc}: loss and generation".replace("  ", " "))

@@ -51,6 +51,12 @@ def _readable_progress():
     return ReadableProgress()
 
 
+def takes_logits_to_keep(model) -> bool:
+    """Whether the model (or, under PEFT, the model it wraps) takes Transformers' ``logits_to_keep``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 def labelled_positions_loss(model, inputs: dict, num_items_in_batch=None):
     """The causal-LM loss with the LM head applied only at positions whose next token is labelled.
 
@@ -128,9 +134,7 @@ def sft_trainer_class():
                 self.add_callback(_readable_progress())
             # The LM head only where a label is (kiln.trainer.labelled_positions_loss), where the
             # model takes `logits_to_keep` (Unsloth's path has its own fused loss).
-            base = self.accelerator.unwrap_model(self.model)
-            base = base.get_base_model() if hasattr(base, "get_base_model") else base
-            self.kiln_answer_positions = "logits_to_keep" in inspect.signature(base.forward).parameters
+            self.kiln_answer_positions = takes_logits_to_keep(self.accelerator.unwrap_model(self.model))
             if adapter_dtype is not None:
                 for param in self.model.parameters():
                     if param.requires_grad and param.dtype != adapter_dtype:
