@@ -79,3 +79,24 @@ def _settings(**over) -> dict:
     return training_settings(
         {**tiny_config()["experiments"]["tiny"]["training"], "max_steps": 2, "eval_steps": 0, **over}
     )
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("liger_kernel"), reason="needs liger-kernel")
+def test_liger_sum_loss_is_torchs_cross_entropy():
+    """kiln.trainer.liger_sum_loss on the card: the summed NLL and the gradients of torch's own
+    LM head + cross-entropy (bf16 inputs, as the lean step gives them)."""
+    from kiln.trainer import liger_sum_loss
+
+    torch.manual_seed(0)
+    w = (torch.randn(4096, 256, device="cuda") * 0.05).to(torch.bfloat16)  # the frozen (tied) head
+    h = torch.randn(300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 4096, (300,), device="cuda")
+    ours = liger_sum_loss()(w, h, t)
+    ours.backward()
+    gh = h.grad.clone()
+    h.grad = None
+    ref = torch.nn.functional.cross_entropy((h @ w.T).float(), t, reduction="sum")
+    ref.backward()
+    assert torch.allclose(ours.float(), ref, rtol=2e-3), (ours, ref)
+    err = (gh.float() - h.grad.float()).abs().max().item()
+    assert err <= 0.02 * h.grad.float().abs().max().item(), err

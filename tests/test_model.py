@@ -222,32 +222,114 @@ def _tiny_merged(tiny_run):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
 
 
+def _answer_only_batch() -> dict:
+    """Three rows of 24 random tokens, labels on an answer span of each (6, 10 and 4 tokens)."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (3, 24))
+    labels = torch.full_like(ids, -100)
+    labels[0, 10:16], labels[1, 14:24], labels[2, 5:9] = ids[0, 10:16], ids[1, 14:24], ids[2, 5:9]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _same_loss_and_grads_as_the_models(model, inputs: dict, items, loss_fn):
+    """loss_fn(model, inputs, items) -> (loss, outputs) gives the model's own causal-LM loss (with
+    num_items_in_batch = items where given) and the same gradients; returns its outputs."""
+    model.zero_grad()
+    ours, outputs = loss_fn(model, inputs, items)
+    ours.backward()
+    ours_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    reference = model(**inputs, **({"num_items_in_batch": items} if items is not None else {})).loss
+    reference.backward()
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6), (ours, reference)
+    for a, p in zip(ours_grads, model.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-6)
+    return outputs
+
+
 def test_loss_on_labelled_positions_only_is_the_models_own_loss(tiny_run):
     """kiln.trainer.labelled_positions_loss: the LM head only where a label is; the same loss and
     the same gradients as the model's own causal-LM loss, with and without num_items_in_batch."""
     from kiln.trainer import labelled_positions_loss
 
     model, _ = _tiny_merged(tiny_run)
-    torch.manual_seed(0)
-    ids = torch.randint(3, 1000, (3, 24))
-    labels = torch.full_like(ids, -100)
-    labels[0, 10:16], labels[1, 14:24], labels[2, 5:9] = ids[0, 10:16], ids[1, 14:24], ids[2, 5:9]
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    inputs = _answer_only_batch()
     for items in (None, torch.tensor(17)):
-        model.zero_grad()
-        ours, outputs = labelled_positions_loss(model, inputs, items)
-        assert outputs.logits.shape[1] < ids.shape[1] - 1  # not every position went through the head
-        ours.backward()
-        ours_grads = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
-        reference = model(**inputs, **({"num_items_in_batch": items} if items is not None else {})).loss
-        reference.backward()
-        assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6), (ours, reference)
-        for a, p in zip(ours_grads, model.parameters(), strict=True):
-            assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-6)
+        outputs = _same_loss_and_grads_as_the_models(model, inputs, items, labelled_positions_loss)
+        assert outputs.logits.shape[1] < inputs["input_ids"].shape[1] - 1  # not every position: the head
     # every position labelled: nothing to save, the plain path is used
-    full = dict(inputs, labels=ids.clone())
+    full = dict(inputs, labels=inputs["input_ids"].clone())
     assert labelled_positions_loss(model, full) == (None, None)
+
+
+class _HiddenStatesUnderUnslothVariable(torch.nn.Module):
+    """A causal LM that answers as Unsloth's forward does: the final-norm hidden states in place of
+    the logits while UNSLOTH_RETURN_HIDDEN_STATES=1, the logits otherwise."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def get_output_embeddings(self):
+        return self.lm.get_output_embeddings()
+
+    def forward(self, **inputs):
+        import os
+
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        if os.environ.get("UNSLOTH_RETURN_HIDDEN_STATES") == "1":
+            return CausalLMOutputWithPast(logits=self.lm.model(**inputs).last_hidden_state)
+        return self.lm(**inputs)
+
+
+def test_fused_head_loss_from_hidden_states_is_the_models_own_loss(tiny_run, monkeypatch):
+    """kiln.trainer.hidden_states_then_head_loss (the GPU lean step's path with Liger's fused
+    linear cross-entropy): hidden states at the labelled positions only, the head + summed NLL
+    from a function of Liger's contract (here plain PyTorch: Liger needs a GPU); the same loss and
+    gradients as the model's own, with and without num_items_in_batch; the variable restored."""
+    import os
+
+    from kiln.trainer import hidden_states_then_head_loss
+
+    model, _ = _tiny_merged(tiny_run)
+    wrapped = _HiddenStatesUnderUnslothVariable(model)
+    seen = []
+
+    def head_loss(weight, hidden, target):
+        seen.append(hidden.shape[0])
+        return torch.nn.functional.cross_entropy(hidden @ weight.T, target, reduction="sum")
+
+    inputs = _answer_only_batch()
+    monkeypatch.delenv("UNSLOTH_RETURN_HIDDEN_STATES", raising=False)
+
+    def ours(model, inputs, items):
+        return hidden_states_then_head_loss(wrapped, inputs, items, head_loss)
+
+    for items in (None, torch.tensor(17)):
+        _same_loss_and_grads_as_the_models(model, inputs, items, ours)
+        assert "UNSLOTH_RETURN_HIDDEN_STATES" not in os.environ
+        assert seen[-1] == 6 + 10 + 4  # the labelled next-token positions, no others
+    monkeypatch.setenv("UNSLOTH_RETURN_HIDDEN_STATES", "0")  # a user's own setting survives
+    hidden_states_then_head_loss(wrapped, inputs, None, head_loss)
+    assert os.environ["UNSLOTH_RETURN_HIDDEN_STATES"] == "0"
+
+
+def test_lm_head_loss_resolves_with_its_reason():
+    """training.lm_head_loss: auto falls back to the model's own loss, saying why; liger asked for
+    where it can't run is refused with every reason; model is taken as said."""
+    from kiln.trainer import liger_head_loss_available, resolve_head_loss
+
+    assert resolve_head_loss("model", "unsloth", True) == ("model", "training.lm_head_loss: model")
+    name, why = resolve_head_loss("auto", "hf", False)
+    assert name == "model" and "backend is hf" in why and "step_metrics is true" in why
+    if not liger_head_loss_available()[0]:  # this machine (CI: no CUDA)
+        name, why = resolve_head_loss("auto", "unsloth", True)
+        assert name == "model" and liger_head_loss_available()[1] in why
+        with pytest.raises(ValueError, match="training.lm_head_loss: liger can't run here: .*set it to auto or model"):
+            resolve_head_loss("liger", "unsloth", True)
+    with pytest.raises(ValueError, match="backend is hf"):
+        resolve_head_loss("liger", "hf", True)
 
 
 def test_one_pass_loss_and_generation_equal_the_separate_ones(tiny_run):

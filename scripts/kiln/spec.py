@@ -171,6 +171,11 @@ class TrainingSettings(_Settings):
     auto_micro_batch: bool = _f(False, "CUDA: largest micro-batch that fits, effective batch kept.")
     num_gpus: int = _f(0, "GPUs the train job asks for; N >= 2 trains in N DDP processes.")
     step_metrics: bool = _f(True, "TRL's per-step entropy / token accuracy (false: a lean step).")
+    lm_head_loss: str = _f(
+        "auto",
+        "Lean step's LM head + loss: auto (liger on Unsloth + CUDA with liger-kernel) | model | liger.",
+        ("auto", "model", "liger"),
+    )
     eval_steps: int = _f(0, "Validation every eval_steps steps; 0 = never.")
     eval_samples: int = _f(64, "Validation rows per evaluation.")
     early_stopping_patience: int = _f(0, "Evaluations without improvement before stopping; 0 = off.")

@@ -37,7 +37,7 @@ from kiln.microbatch import auto_micro_batch, split_batch
 from kiln.spec import ADAPTER_SPEC, TokenizeSettings, TrainingSettings
 from kiln.steplog import STEP_LOG, plot_loss, step_logger
 from kiln.tracking import mlflow_setup
-from kiln.trainer import sft_args, sft_trainer_class
+from kiln.trainer import liger_sum_loss, resolve_head_loss, sft_args, sft_trainer_class
 
 log = logging.getLogger(__name__)
 # The code a checkpoint was made by (this module and what it runs): another version starts again.
@@ -192,6 +192,8 @@ class TrainingJob:
 
         s, world = self.s, self.world
         self.lean = not s.step_metrics
+        self.head_loss, self.head_loss_reason = resolve_head_loss(s.lm_head_loss, self.backend, self.lean)
+        log.info("LM head + loss: %s (%s)", self.head_loss, self.head_loss_reason)
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.ckpt / "tensorboard")
         report_to = ["tensorboard"] + mlflow_setup(self.tracking, self.experiment)
         args = sft_args(self, report_to)
@@ -214,6 +216,7 @@ class TrainingJob:
             peft_config=self.peft_config,
             adapter_dtype=self.dtype if self.dtype == torch.float32 else None,
             lean=self.lean,
+            head_loss=liger_sum_loss() if self.head_loss == "liger" else None,
             callbacks=([step_logger(self.ckpt / STEP_LOG, self.start_step)] if self.main else [])
             + ([EarlyStoppingCallback(s.early_stopping_patience)] if self.early else []),
         )
@@ -314,6 +317,8 @@ class TrainingJob:
             "gradient_accumulation_steps": self.accum,
             "effective_batch": world * self.micro * self.accum,
             "micro_batch_probe": self.probe,
+            "lm_head_loss": self.head_loss,
+            "lm_head_loss_reason": self.head_loss_reason,
             "wall_time_s": round(time.perf_counter() - self.t_start, 1),
             "train_runtime_s": round(self.result.metrics["train_runtime"], 1) if self.result.metrics else None,
             "first_loss": losses[0] if losses else None,

@@ -91,6 +91,93 @@ def labelled_positions_loss(model, inputs: dict, num_items_in_batch=None):
     return loss / count, outputs
 
 
+def liger_head_loss_available() -> tuple[bool, str]:
+    """Whether Liger's fused linear cross-entropy can run here: (yes/no, why)."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (Liger's kernels are Triton, GPU only)"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False, "liger-kernel is not installed (pip install -e '.[gpu]')"
+    return True, "CUDA device and liger-kernel installed"
+
+
+def hidden_states_then_head_loss(model, inputs: dict, num_items_in_batch=None, head_loss=None):
+    """The causal-LM loss from the final hidden states at labelled positions, the LM head and the
+    cross-entropy fused: the 151,936-wide logits of a Qwen batch never exist whole.
+
+    Unsloth returns its final-norm hidden states in place of logits under
+    ``UNSLOTH_RETURN_HIDDEN_STATES=1`` (read at each forward; set only around this call). Only the
+    positions whose next token is labelled are kept (prompt tokens and, in packed batches, the
+    sequence boundaries TRL's collator masks cost no LM-head work); ``head_loss(weight, hidden,
+    target)`` returns the summed negative log-likelihood: Liger's fused linear cross-entropy on the
+    GPU (1.03x the tokens/s of Unsloth's own fused loss in Kiln's stage at Qwen2.5-0.5B shape, loss
+    curves within 2e-6 relative, H200: benchmarks/results/train_gpu_levers_h200), or any function
+    of the same contract (the tests pass a plain PyTorch one). Same quantity as the model's loss:
+    the sum over labelled tokens over ``num_items_in_batch`` (the count over the whole accumulated
+    batch), or their mean."""
+    import os
+
+    import torch
+
+    labels = inputs["labels"]
+    before = os.environ.get("UNSLOTH_RETURN_HIDDEN_STATES")
+    os.environ["UNSLOTH_RETURN_HIDDEN_STATES"] = "1"
+    try:
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+    finally:
+        if before is None:
+            os.environ.pop("UNSLOTH_RETURN_HIDDEN_STATES", None)
+        else:
+            os.environ["UNSLOTH_RETURN_HIDDEN_STATES"] = before
+    hidden = outputs.logits  # (batch, seq, hidden) under that variable
+    shift = labels[:, 1:].to(hidden.device)
+    keep = shift != -100
+    weight = model.get_output_embeddings().weight
+    # In the weight's dtype: under bf16 mixed precision accelerate returns every output in float32
+    # (convert_outputs_to_fp32), and the head then ran as a float32 matmul: Kiln's stage at 0.43x
+    # the plain loop on an H200 (benchmarks/results/train_gpu_levers_h200). The values came from
+    # bf16, so the cast back is exact.
+    h = hidden[:, :-1, :][keep].to(weight.dtype)
+    target = shift[keep]
+    total = head_loss(weight, h, target)
+    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    if torch.is_tensor(count):
+        count = count.to(total.device)
+    return total / count, outputs
+
+
+def resolve_head_loss(choice: str, backend: str, lean: bool) -> tuple[str, str]:
+    """training.lm_head_loss resolved for this run: ("liger" or "model", why)."""
+    if choice == "model":
+        return "model", "training.lm_head_loss: model"
+    where = []
+    if backend != "unsloth":
+        where.append(f"the backend is {backend} (the hidden states come from Unsloth's forward)")
+    if not lean:
+        where.append("step_metrics is true (TRL computes its loss with its per-step metrics)")
+    ok, why = liger_head_loss_available()
+    if not ok:
+        where.append(why)
+    if not where:
+        return "liger", "Unsloth on a CUDA card, lean step, liger-kernel installed"
+    if choice == "liger":
+        raise ValueError(
+            "training.lm_head_loss: liger can't run here: " + "; ".join(where) + " (set it to auto or model)"
+        )
+    return "model", "the model's own loss: " + "; ".join(where)
+
+
+@functools.cache
+def liger_sum_loss():
+    """Liger's fused linear cross-entropy, summed (Kiln divides by the token count itself)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+
 @functools.cache
 def sft_trainer_class():
     """TRL's SFTTrainer, with a loss that also runs where TRL's fused LM-head kernel can't."""
@@ -108,9 +195,12 @@ def sft_trainer_class():
           on the same labels is the same quantity, so it is used there.
         """
 
-        def __init__(self, *args, adapter_dtype=None, lean=False, **kwargs):
+        def __init__(self, *args, adapter_dtype=None, lean=False, head_loss=None, **kwargs):
             super().__init__(*args, **kwargs)
             self.kiln_lean = lean
+            # training.lm_head_loss resolved: a (weight, hidden, target) -> summed NLL function for
+            # the lean step (kiln.trainer.hidden_states_then_head_loss), or None: the model's own
+            self.kiln_head_loss = head_loss
             # PEFT resolves `all-linear` into a set of module names and saves it as list(set): hash
             # order, so two identical runs wrote different adapter_config.json bytes (the kill
             # campaign's content-hash comparison found it). A sorted list means the same modules.
@@ -170,6 +260,14 @@ def sft_trainer_class():
                 rotate_checkpoints(str(run_dir), limit, self.state.best_model_checkpoint, use_mtime=True)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.kiln_lean and self.kiln_head_loss is not None and "labels" in inputs:
+                # Trainer divides by the accumulation steps itself when the model takes no loss
+                # kwargs (it then expects a mean per micro-batch): only then not num_items_in_batch
+                n = num_items_in_batch if self.model_accepts_loss_kwargs else None
+                loss, outputs = hidden_states_then_head_loss(model, inputs, n, self.kiln_head_loss)
+                if self.args.average_tokens_across_devices and n is not None:
+                    loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales it
+                return (loss, outputs) if return_outputs else loss
             if self.kiln_lean:
                 # The model's own loss (Unsloth's fused cross-entropy on its path), without TRL's
                 # per-step entropy / token-accuracy metrics and their host syncs.
