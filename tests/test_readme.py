@@ -113,6 +113,34 @@ def test_readme_gpu_ratios_are_the_committed_h200_records():
     assert row in (REPO / "README.md").read_text(), row
 
 
+def test_readme_gpu_shapes_and_lever_are_the_committed_h200_records():
+    """README's rows for the two more shapes (parts f5a, f5b) and the Liger lever (part f8)."""
+    folder = REPO / "benchmarks" / "results"
+
+    def rows(path: str) -> list[dict]:
+        return [json.loads(x) for x in (folder / path).read_text().splitlines()]
+
+    def best(part: list[dict], runner: str) -> float:
+        return max(r["tokens_per_s"] for r in part if r.get("runner") == runner and r.get("tokens_per_s"))
+
+    a, b = rows("train_gpu_shapes_h200/part_f5a.jsonl"), rows("train_gpu_shapes_h200/part_f5b.jsonl")
+    ka, kb = best(a, "kiln train stage"), best(b, "kiln train stage")
+    ra, rb = ka / best(a, "plain unsloth loop"), kb / best(b, "plain unsloth loop")
+    lever = {r["name"]: r for r in rows("train_gpu_levers_h200/part_f8.jsonl") if r.get("kind") == "train"}
+    liger, own = lever["kiln_stage_auto_liger_fixed"], lever["kiln_stage_auto_model_loss"]
+    assert liger["lm_head_loss"] == "liger" and own["lm_head_loss"] == "model"
+    fast, slow = liger["tokens_per_s"], own["tokens_per_s"]
+    drift = max(abs(x[1] - y[1]) / y[1] for x, y in zip(liger["losses"], own["losses"], strict=True))
+    readme = (REPO / "README.md").read_text()
+    for quoted in (
+        f"{ra:.2f}x / {rb:.2f}x ({ka:,.0f} / {kb:,.0f} tokens/s)",
+        f"{fast / slow:.2f}x ({fast:,.0f} vs {slow:,.0f}",
+        f"ran {ra:.2f}x (Qwen2.5-0.5B, seq 4096) and {rb:.2f}x (Qwen2.5-1.5B, seq 2048)",
+    ):
+        assert quoted in readme, quoted
+    assert drift < 2e-6 and "loss curves within 0.0002%" in readme
+
+
 def test_readme_run_figures_are_the_committed_run_times():
     """README's default-run table, its time line and the CI figures come from
     benchmarks/results/run_times.json (benchmarks/run_times.py writes both)."""
