@@ -177,7 +177,7 @@ def masked_loss(model, tokenized_test, pad_id: int, batch_size: int = 16) -> dic
     """Mean negative log-likelihood of the trainable (assistant) tokens, and its perplexity."""
     import torch
 
-    from kiln.trainer import takes_logits_to_keep
+    from kiln.trainer import summed_nll, takes_logits_to_keep
 
     selective = takes_logits_to_keep(model)
     total, count = 0.0, 0
@@ -200,13 +200,10 @@ def masked_loss(model, tokenized_test, pad_id: int, batch_size: int = 16) -> dic
         with torch.no_grad():
             extra = {"logits_to_keep": keep.to(model.device)} if keep is not None else {}
             logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device), **extra).logits
-        logits = logits.float() if keep is not None else logits[:, :-1].float()
-        target = (shift[:, keep] if keep is not None else shift).to(model.device)
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-        )
+        logits = logits if keep is not None else logits[:, :-1]
+        nll, scored = summed_nll(logits, (shift[:, keep] if keep is not None else shift).to(model.device))
         total += nll.item()
-        count += int((target != -100).sum())
+        count += int(scored)
     loss = total / max(1, count)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "loss_tokens": count}
 
@@ -249,7 +246,7 @@ def loss_and_generate(
     (sliding windows, linear attention) prefill the prompts again."""
     import torch
 
-    from kiln.trainer import takes_logits_to_keep
+    from kiln.trainer import summed_nll, takes_logits_to_keep
 
     selective = takes_logits_to_keep(model)
     pad = tokenizer.pad_token_id
@@ -280,12 +277,9 @@ def loss_and_generate(
                 **({"logits_to_keep": keep.to(dev)} if selective else {}),
             )
         logits = out.logits if selective else out.logits[:, keep]
-        target = shift[:, keep].to(dev)
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-        )
+        nll, scored = summed_nll(logits, shift[:, keep].to(dev))
         total += nll.item()
-        count += int((target != -100).sum())
+        count += int(scored)
         cache = out.past_key_values
         del out, logits
         extra = {}

@@ -49,14 +49,19 @@ def load_base(base_dir: str, onto: str, device: str):
     return quantized.dequantize().to(torch.float32)
 
 
-def validation_prompts(dataset_dir: str, tokenizer, n: int) -> list[str]:
+def _validation_rows(dataset_dir: str, n: int):
+    """The dataset's first n validation rows (train's where validation is empty)."""
     import datasets
 
     datasets.disable_caching()  # no cache-*.arrow files written into another rule's output
 
     dd = datasets.load_from_disk(dataset_dir)
     split = dd["validation"] if len(dd["validation"]) else dd["train"]
-    rows = split.select(range(min(n, len(split))))
+    return split.select(range(min(n, len(split))))
+
+
+def validation_prompts(dataset_dir: str, tokenizer, n: int) -> list[str]:
+    rows = _validation_rows(dataset_dir, n)
     return [
         tokenizer.apply_chat_template(m, tokenize=False) if k == "chat" else m[0]["content"]
         for m, k in zip(rows["messages"], rows["kind"], strict=True)
@@ -70,12 +75,7 @@ def check_prompt(dataset_dir: str, tokenizer) -> tuple[str, int]:
     "Say hello." used before found a 48-step default adapter repeating itself for 48 tokens (a
     56-step one stopped), which says nothing about the saved end-of-turn settings this checks. No
     conversation (a plain-text task): that generic prompt and 48 tokens."""
-    import datasets
-
-    datasets.disable_caching()
-    dd = datasets.load_from_disk(dataset_dir)
-    split = dd["validation"] if len(dd["validation"]) else dd["train"]
-    for row in split.select(range(min(32, len(split)))):
+    for row in _validation_rows(dataset_dir, 32):
         if row["kind"] == "chat" and len(row["messages"]) >= 2:
             prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
             answer = tokenizer(row["messages"][-1]["content"], add_special_tokens=False)["input_ids"]

@@ -94,6 +94,11 @@ class TrainingJob:
     def setup(self) -> None:
         self.backend, self.reason = resolve_backend(self.s.backend, processes=self.world)
         log.info("backend: %s (%s)", self.backend, self.reason)
+        # decided with the backend, before any loading: lm_head_loss: liger where it can't run fails at once
+        self.head_loss, self.head_loss_reason = resolve_head_loss(
+            self.s.lm_head_loss, self.backend, lean=not self.s.step_metrics
+        )
+        log.info("LM head + loss: %s (%s)", self.head_loss, self.head_loss_reason)
         if self.backend == "unsloth":
             import unsloth  # noqa: F401  (patches transformers and TRL: must come before them, this process only)
         self.dtype = resolve_dtype(self.s.compute_dtype)
@@ -192,8 +197,6 @@ class TrainingJob:
 
         s, world = self.s, self.world
         self.lean = not s.step_metrics
-        self.head_loss, self.head_loss_reason = resolve_head_loss(s.lm_head_loss, self.backend, self.lean)
-        log.info("LM head + loss: %s (%s)", self.head_loss, self.head_loss_reason)
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.ckpt / "tensorboard")
         report_to = ["tensorboard"] + mlflow_setup(self.tracking, self.experiment)
         args = sft_args(self, report_to)

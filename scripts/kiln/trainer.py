@@ -57,6 +57,26 @@ def takes_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
+def summed_nll(logits, target):
+    """The summed negative log-likelihood of the labelled targets (-100: not scored), from float32
+    logits, and how many were scored: (tensor, tensor)."""
+    import torch
+
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return nll, (target != -100).sum()
+
+
+def _per_token(total, scored, num_items_in_batch=None):
+    """A summed loss over ``num_items_in_batch`` (the whole accumulated batch's count) where given,
+    else over the tokens this batch scored."""
+    import torch
+
+    count = num_items_in_batch if num_items_in_batch is not None else scored
+    return total / (count.to(total.device) if torch.is_tensor(count) else count)
+
+
 def labelled_positions_loss(model, inputs: dict, num_items_in_batch=None):
     """The causal-LM loss with the LM head applied only at positions whose next token is labelled.
 
@@ -70,7 +90,6 @@ def labelled_positions_loss(model, inputs: dict, num_items_in_batch=None):
     Liger's fused linear cross-entropy does this chunked, but in Triton (GPU only).
 
     Returns (None, None) when nearly every position is labelled: the plain path is as fast."""
-    import torch
 
     labels = inputs.get("labels")
     if labels is None:
@@ -80,15 +99,8 @@ def labelled_positions_loss(model, inputs: dict, num_items_in_batch=None):
     if keep.numel() == 0 or keep.numel() > 0.9 * shift.shape[1]:
         return None, None
     outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
-    logits = outputs.logits.float()
-    target = shift[:, keep].to(logits.device)
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    count = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum()
-    if torch.is_tensor(count):
-        count = count.to(loss.device)
-    return loss / count, outputs
+    total, scored = summed_nll(outputs.logits, shift[:, keep].to(outputs.logits.device))
+    return _per_token(total, scored, num_items_in_batch), outputs
 
 
 def liger_head_loss_available() -> tuple[bool, str]:
@@ -120,8 +132,6 @@ def hidden_states_then_head_loss(model, inputs: dict, num_items_in_batch=None, h
     batch), or their mean."""
     import os
 
-    import torch
-
     labels = inputs["labels"]
     before = os.environ.get("UNSLOTH_RETURN_HIDDEN_STATES")
     os.environ["UNSLOTH_RETURN_HIDDEN_STATES"] = "1"
@@ -141,12 +151,7 @@ def hidden_states_then_head_loss(model, inputs: dict, num_items_in_batch=None, h
     # the plain loop on an H200 (benchmarks/results/train_gpu_levers_h200). The values came from
     # bf16, so the cast back is exact.
     h = hidden[:, :-1, :][keep].to(weight.dtype)
-    target = shift[keep]
-    total = head_loss(weight, h, target)
-    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-    if torch.is_tensor(count):
-        count = count.to(total.device)
-    return total / count, outputs
+    return _per_token(head_loss(weight, h, shift[keep]), keep.sum(), num_items_in_batch), outputs
 
 
 def resolve_head_loss(choice: str, backend: str, lean: bool) -> tuple[str, str]:
@@ -260,27 +265,26 @@ def sft_trainer_class():
                 rotate_checkpoints(str(run_dir), limit, self.state.best_model_checkpoint, use_mtime=True)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # Kiln's own losses (below) are normalised as Trainer.compute_loss normalises: by
+            # num_items_in_batch only where the model takes loss kwargs (otherwise Trainer divides
+            # by the accumulation steps itself and expects a mean per micro-batch).
+            n = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = None
             if self.kiln_lean and self.kiln_head_loss is not None and "labels" in inputs:
-                # Trainer divides by the accumulation steps itself when the model takes no loss
-                # kwargs (it then expects a mean per micro-batch): only then not num_items_in_batch
-                n = num_items_in_batch if self.model_accepts_loss_kwargs else None
                 loss, outputs = hidden_states_then_head_loss(model, inputs, n, self.kiln_head_loss)
-                if self.args.average_tokens_across_devices and n is not None:
-                    loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales it
-                return (loss, outputs) if return_outputs else loss
-            if self.kiln_lean:
+            elif self.kiln_lean:
                 # The model's own loss (Unsloth's fused cross-entropy on its path), without TRL's
                 # per-step entropy / token-accuracy metrics and their host syncs.
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-            if _fused_loss_available():
+            elif _fused_loss_available():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if self.kiln_answer_positions and self.compute_loss_func is None and self.label_smoother is None:
-                loss, outputs = labelled_positions_loss(model, inputs, num_items_in_batch)
-                if loss is not None:
-                    if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                        loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales it
-                    return (loss, outputs) if return_outputs else loss
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            elif self.kiln_answer_positions and self.compute_loss_func is None and self.label_smoother is None:
+                loss, outputs = labelled_positions_loss(model, inputs, n)
+            if loss is None:
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and n is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales it
+            return (loss, outputs) if return_outputs else loss
 
     return KilnSFTTrainer
 
