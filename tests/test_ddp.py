@@ -160,3 +160,45 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
     # Exactly equal: the resumed steps differed by 2.35e-5 relative while bitsandbytes switched the
     # CPU kernel after the first evaluation (kiln.trainer keeps one kernel now).
     assert [r["loss"] for r in again if "loss" in r] == loss2
+
+
+def test_packed_rows_on_two_processes_train_like_one(tiny_run, tmp_path):
+    """Packed rows under DDP (2 CPU processes, gloo): Kiln's padding-free collator and the isolation
+    check run in every process, and the losses are one process's (same packed rows a step)."""
+    from kiln.tokenize import tokenize_dataset
+
+    tokenize = {"max_seq_len": 512, "assistant_only_loss": True, "packing": True}
+    packed = tmp_path / "packed"
+    base = tiny_run.path("base/tiny")
+    tokenize_dataset(tiny_run.path("data/orders/dataset"), base, packed, tmp_path / "packed.json", tokenize)
+    settings = {
+        **training_settings(),
+        **tiny_run.config["experiments"]["tiny"]["training"],
+        "max_steps": 2,
+        "per_device_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "logging_steps": 1,
+        "eval_steps": 0,
+        "lora_dropout": 0.0,
+    }
+    losses, summaries = {}, {}
+    for n in (1, 2):
+        d = tmp_path / f"p{n}"
+        d.mkdir()
+        spec = dict(
+            tokenized_dir=str(packed),
+            base_dir=str(base),
+            **train_outputs(d),
+            settings={**settings, "num_gpus": n},
+            tokenize=tokenize,
+            data_fingerprints={"train": "x"},
+            experiment=f"packed{n}",
+            threads=1,
+        )
+        summaries[n] = train(**spec) if n == 1 else launch(spec, n, log_file=str(d / "train.log"), allow_cpu=True)
+        steps = [json.loads(x) for x in Path(spec["step_log_out"]).read_text().splitlines()]
+        losses[n] = [r["loss"] for r in steps if "loss" in r]
+    assert summaries[2]["processes"] == 2 and summaries[2]["effective_batch"] == summaries[1]["effective_batch"] == 4
+    for s in summaries.values():
+        assert s["attention"]["kernel"] == "sdpa, block-diagonal mask" and s["attention"]["isolation"]["isolated"]
+    assert losses[1] == pytest.approx(losses[2], rel=2e-3), losses

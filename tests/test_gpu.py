@@ -100,3 +100,33 @@ def test_liger_sum_loss_is_torchs_cross_entropy():
     assert torch.allclose(ours.float(), ref, rtol=2e-3), (ours, ref)
     err = (gh.float() - h.grad.float()).abs().max().item()
     assert err <= 0.02 * h.grad.float().abs().max().item(), err
+
+
+@pytest.fixture(scope="module")
+def packed_inputs(tmp_path_factory):
+    from packcheck import base_and_dataset
+
+    return base_and_dataset(tmp_path_factory.mktemp("gpu-packed"))
+
+
+@pytest.mark.parametrize("backend", ["hf", "unsloth"])
+def test_a_packed_batch_loss_is_the_sum_of_its_documents_alone_on_cuda(packed_inputs, tmp_path, backend):
+    """tests/test_packing.py's check on the card, per backend, through the trainer kiln.train builds:
+    a batch of its own get_train_dataloader() reaches the model padding-free, its summed loss is the
+    sum of its documents' alone (1e-5 relative), the documents as one causal
+    sequence are far from it, and the kernel is a varlen one (no T x T mask)."""
+    import json as _json
+
+    from packcheck import packed_job, packed_vs_alone
+
+    if backend == "unsloth":
+        pytest.importorskip("unsloth")
+        import unsloth  # noqa: F401  (before transformers, as the train rule does)
+    base, dataset = packed_inputs
+    job = packed_job(base, dataset, tmp_path, backend=backend, auto_micro_batch=False)
+    r = packed_vs_alone(job)
+    print("PACKCHECK", backend, _json.dumps(r))
+    assert r["shape"][0] == 1 and r["has_position_ids"] and r["documents"] > 2, r
+    assert r["packed"] == pytest.approx(r["alone"], rel=1e-5), r  # H200: 1e-7 (hf), 5e-7 (unsloth)
+    assert abs(r["contaminated"] - r["alone"]) > 2e-4 * abs(r["alone"]), r  # H200: 8e-4 of it
+    assert "varlen" in r["attention"]["kernel"] and r["isolation"]["isolated"], r

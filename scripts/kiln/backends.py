@@ -77,13 +77,16 @@ def bnb_config(dtype):
     )
 
 
-def load_hf(base_dir: str, settings, dtype):
-    """(model, peft_config): TRL applies the LoRA config (and k-bit preparation) itself."""
+def load_hf(base_dir: str, settings, dtype, attn_implementation: str | None = None):
+    """(model, peft_config): TRL applies the LoRA config (and k-bit preparation) itself.
+    ``attn_implementation``: packed training's kernel (kiln.packing.plan_attention), else the model's default."""
     s = TrainingSettings.coerce(settings)
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if s.quantization == "nf4":
         kwargs["quantization_config"] = bnb_config(dtype)
     kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
@@ -115,7 +118,7 @@ def load_unsloth(base_dir: str, settings, dtype, max_seq_len: int):
     return model, None
 
 
-def load_for_training(backend: str, base_dir: str, settings, dtype, max_seq_len: int):
+def load_for_training(backend: str, base_dir: str, settings, dtype, max_seq_len: int, attn_implementation=None):
     if backend == "unsloth":
         return load_unsloth(base_dir, settings, dtype, max_seq_len)
-    return load_hf(base_dir, settings, dtype)
+    return load_hf(base_dir, settings, dtype, attn_implementation)

@@ -34,6 +34,7 @@ from kiln.backends import load_for_training, resolve_backend, resolve_dtype
 from kiln.checkpoints import prepare_checkpoints, run_key
 from kiln.codedeps import code_files
 from kiln.microbatch import auto_micro_batch, split_batch
+from kiln.packing import PackedCollator, check_isolation, plan_attention, varlen_calls
 from kiln.spec import ADAPTER_SPEC, TokenizeSettings, TrainingSettings
 from kiln.steplog import STEP_LOG, plot_loss, step_logger
 from kiln.tracking import mlflow_setup
@@ -117,10 +118,19 @@ class TrainingJob:
         self._join_processes()
         self._choose_resume_point()
 
+        # Packed rows: the kernel that keeps their documents apart, chosen before the model loads
+        self.attention = plan_attention(self.backend, self.cuda) if self.tokenize.packing else None
+        if self.attention is not None:
+            log.info("packed rows: attention %s (%s)", self.attention.kernel, self.attention.reason)
         transformers.set_seed(self.s.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
         self.model, self.peft_config = load_for_training(
-            self.backend, self.base_dir, self.s, self.dtype, self.tokenize.max_seq_len
+            self.backend,
+            self.base_dir,
+            self.s,
+            self.dtype,
+            self.tokenize.max_seq_len,
+            self.attention.attn_implementation if self.attention else None,
         )
         self._load_data(datasets.load_from_disk(self.tokenized_dir))
         self._size_batches()
@@ -165,6 +175,10 @@ class TrainingJob:
                 ", and no early stopping" if self.s.early_stopping_patience > 0 else "",
             )
         self.packed = "seq_lengths" in columns
+        if self.packed and self.attention is None:
+            raise ValueError(
+                f"{self.tokenized_dir} holds packed rows (seq_lengths) but tokenize.packing is false for this run"
+            )
         self.early = self.s.early_stopping_patience > 0 and self.eval_ds is not None
 
     def _size_batches(self) -> None:
@@ -200,6 +214,9 @@ class TrainingJob:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.ckpt / "tensorboard")
         report_to = ["tensorboard"] + mlflow_setup(self.tracking, self.experiment)
         args = sft_args(self, report_to)
+        # Packed rows: Kiln's padding-free collator, whatever TRL or Unsloth would choose (kiln.packing)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.collator = PackedCollator(pad, self.attention.extras) if self.packed else None
         if world == 1 and args.n_gpu > 1:
             # One process that sees several GPUs: Trainer would split each batch over them with
             # nn.DataParallel (which TRL refuses). The model sits on the current GPU; train there.
@@ -216,6 +233,7 @@ class TrainingJob:
             train_dataset=self.train_ds,
             eval_dataset=self.eval_ds,
             processing_class=self.tokenizer,
+            data_collator=self.collator,
             peft_config=self.peft_config,
             adapter_dtype=self.dtype if self.dtype == torch.float32 else None,
             lean=self.lean,
@@ -223,6 +241,11 @@ class TrainingJob:
             callbacks=([step_logger(self.ckpt / STEP_LOG, self.start_step)] if self.main else [])
             + ([EarlyStoppingCallback(s.early_stopping_patience)] if self.early else []),
         )
+        self.isolation = None
+        if self.packed:  # before any step: never a silent contaminated run
+            vocab = self.trainer.model.get_input_embeddings().weight.shape[0]
+            self.isolation = check_isolation(self.trainer.model, self.collator, vocab, s.seed)
+            log.info("packed documents are isolated: %s", self.isolation)
 
     # ---- fit: the optimisation (resumed where a checkpoint says) -------------------------------
     def fit(self) -> None:
@@ -320,6 +343,9 @@ class TrainingJob:
             "gradient_accumulation_steps": self.accum,
             "effective_batch": world * self.micro * self.accum,
             "micro_batch_probe": self.probe,
+            "attention": None
+            if self.attention is None
+            else {**self.attention.to_dict(), "isolation": self.isolation, "varlen_calls": varlen_calls()},
             "lm_head_loss": self.head_loss,
             "lm_head_loss_reason": self.head_loss_reason,
             "wall_time_s": round(time.perf_counter() - self.t_start, 1),

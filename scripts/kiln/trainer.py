@@ -202,6 +202,10 @@ def sft_trainer_class():
 
         def __init__(self, *args, adapter_dtype=None, lean=False, head_loss=None, **kwargs):
             super().__init__(*args, **kwargs)
+            # A collator Kiln passes (packed rows: kiln.packing.PackedCollator) is the one batches
+            # come through, whatever a patched trainer (Unsloth's) put in its place.
+            if kwargs.get("data_collator") is not None:
+                self.data_collator = kwargs["data_collator"]
             self.kiln_lean = lean
             # training.lm_head_loss resolved: a (weight, hidden, target) -> summed NLL function for
             # the lean step (kiln.trainer.hidden_states_then_head_loss), or None: the model's own
@@ -269,6 +273,9 @@ def sft_trainer_class():
             # num_items_in_batch only where the model takes loss kwargs (otherwise Trainer divides
             # by the accumulation steps itself and expects a mean per micro-batch).
             n = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            # No cache in training: with one, transformers skips the packed-sequence detection that
+            # keeps padding-free documents apart (a packed row's logits moved by 3.5 on a CPU).
+            inputs = {**inputs, "use_cache": False}
             loss = None
             if self.kiln_lean and self.kiln_head_loss is not None and "labels" in inputs:
                 loss, outputs = hidden_states_then_head_loss(model, inputs, n, self.kiln_head_loss)
@@ -324,10 +331,11 @@ def sft_args(job, report_to: list[str]):
         bf16=job.dtype == torch.bfloat16,
         fp16=job.dtype == torch.float16,
         use_cpu=not cuda,
-        # Packed rows are already at most max_seq_len (TRL refuses a max_length with padding_free).
+        # Packed rows are already at most max_seq_len; they go to the model through Kiln's own
+        # padding-free collator (kiln.packing), so TRL's padding_free stays off (it refuses a collator).
         max_length=None if job.packed else job.tokenize.max_seq_len,
         packing=False,
-        padding_free=job.packed,
+        padding_free=False,
         # Counting tokens costs a host sync every step; the lean step estimates them from the data.
         include_num_input_tokens_seen="no" if job.lean else True,
         report_to=report_to,
