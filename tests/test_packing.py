@@ -109,3 +109,45 @@ def test_the_merge_checks_logits_of_a_padded_batch_are_each_prompts_alone(tiny_r
         [_logits(model, tokenizer([t], return_tensors="pt", add_special_tokens=False))[0] for t in texts]
     )
     assert torch.allclose(together, one_by_one, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_tokens_keep_the_test_split_unpacked_and_regression_sets_unpack(tiny_run, tmp_path):
+    """tokenize.packing packs what training reads (train, validation); the test split stays one row a
+    document in the dataset's order (evaluation lines rows up with it), and a regression set
+    tokenized with packing is scored document by document (kiln.evaluate.regression_rows)."""
+    import datasets
+
+    from kiln.evaluate import regression_rows
+    from kiln.tokenize import tokenize_dataset
+
+    base, dataset = tiny_run.path("base/tiny"), tiny_run.path("data/orders/dataset")
+    for packing in (False, True):
+        settings = {"max_seq_len": 512, "assistant_only_loss": True, "packing": packing}
+        tokenize_dataset(dataset, base, tmp_path / str(packing), tmp_path / f"{packing}.json", settings)
+    plain = datasets.load_from_disk(str(tmp_path / "False"))
+    packed = datasets.load_from_disk(str(tmp_path / "True"))
+    assert "seq_lengths" in packed["train"].column_names and len(packed["train"]) < len(plain["train"])
+    assert packed["test"]["input_ids"] == plain["test"]["input_ids"]
+    a, b = regression_rows(str(tmp_path / "False"), 10_000), regression_rows(str(tmp_path / "True"), 10_000)
+    assert len(a) == len(b) and sorted(a["input_ids"]) == sorted(b["input_ids"])
+    assert sorted(zip(map(tuple, a["input_ids"]), map(tuple, a["assistant_masks"]))) == sorted(
+        zip(map(tuple, b["input_ids"]), map(tuple, b["assistant_masks"]))
+    )
+
+
+def test_the_pipeline_with_packing_runs_to_the_end(workflow_factory):
+    """`tokenize.packing: true` through every stage with Snakemake (train, merge, evaluate, GGUF):
+    the run records the kernel and the isolation check, and evaluation scores the unpacked test rows."""
+    import json
+
+    from conftest import tiny_config
+
+    config = tiny_config()
+    config["experiments"]["tiny"]["tokenize"] |= {"packing": True, "max_seq_len": 512}
+    wf = workflow_factory(config)
+    wf.run()
+    summary = json.loads(wf.path("tiny/train_summary.json").read_text())
+    assert summary["attention"]["kernel"] == "sdpa, block-diagonal mask"
+    assert summary["attention"]["isolation"]["isolated"] and summary["attention"]["isolation"]["leak"] < 1e-4
+    metrics = json.loads(wf.path("tiny/metrics.json").read_text())
+    assert metrics["tuned"]["loss_tokens"] == metrics["base"]["loss_tokens"] > 0

@@ -312,7 +312,11 @@ def regression_rows(tokenized_dir: str, max_samples: int):
     parts = [dd[s] for s in ("test", "validation", "train") if s in dd and len(dd[s])]
     if not parts:
         raise ValueError(f"regression set {tokenized_dir} has no rows")
-    rows = datasets.concatenate_datasets(parts)
+    from kiln.packing import unpack_rows
+
+    # Tokenized with packing, its train and validation rows are cut back into their documents: each
+    # scored as its own row, never attending to the documents packed beside it.
+    rows = datasets.concatenate_datasets([unpack_rows(p) for p in parts])
     return rows.select(range(min(max_samples, len(rows))))
 
 

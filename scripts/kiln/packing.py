@@ -232,6 +232,25 @@ def _plan_unsloth() -> AttentionPlan:
     )
 
 
+def unpack_rows(rows):
+    """A tokenized split as one row a document (input_ids, assistant_masks): packed rows
+    (``seq_lengths``) cut back into their documents, for the forwards that score each row as one
+    sequence (regression sets)."""
+    import datasets
+
+    if "seq_lengths" not in rows.column_names:
+        return rows.select_columns(["input_ids", "assistant_masks"])
+    ids, masks = [], []
+    for row in rows:
+        start = 0
+        for n in row["seq_lengths"]:
+            ids.append(row["input_ids"][start : start + n])
+            masks.append(row["assistant_masks"][start : start + n])
+            start += n
+    features = rows.select_columns(["input_ids", "assistant_masks"]).features  # int32 ids, int8 masks
+    return datasets.Dataset.from_dict({"input_ids": ids, "assistant_masks": masks}, features=features)
+
+
 # ---- the check ---------------------------------------------------------------------------------
 def check_isolation(model, collator: PackedCollator, vocab_size: int, seed: int = 0) -> dict:
     """One document alone against the same document packed after another, through ``model`` and

@@ -271,7 +271,9 @@ def tokenize_dataset(
             table.select(["kiln_id", "input_ids", "assistant_masks"]),
             fingerprint=hashlib.sha256(made_from.encode()).hexdigest()[:32],
         )
-        if s.packing and len(tok):
+        # Only what training reads is packed: the test split stays one row a document, in the
+        # dataset's order (evaluation lines each tokenized row up with its test row).
+        if s.packing and len(tok) and split != "test":
             from trl.data_utils import pack_dataset
 
             tok = pack_dataset(tok.remove_columns(["kiln_id"]), s.max_seq_len, strategy="bfd")
