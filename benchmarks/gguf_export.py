@@ -48,7 +48,7 @@ def hf_speed(merged: str, prompts: list[str], max_new: int, batch: int) -> dict:
 
 
 def cpp_speed(gguf: str, prompts: list[str], max_new: int, slots: int) -> dict:
-    from kiln.export import LlamaCpp
+    from kiln.llamacpp import LlamaCpp
 
     with LlamaCpp(gguf, n_ctx=1024, slots=slots) as server:
         server.complete(prompts[0], n_predict=4)  # warm-up
@@ -63,7 +63,7 @@ def cpp_speed(gguf: str, prompts: list[str], max_new: int, slots: int) -> dict:
 def schema_bound(gguf: str, conversations: list[list[dict]], refs: list[str], schema: dict) -> dict:
     import jsonschema
 
-    from kiln.export import LlamaCpp
+    from kiln.llamacpp import LlamaCpp
     from kiln.metrics import _json_object
 
     validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())

@@ -163,12 +163,15 @@ def gguf_inputs(wildcards):
 
 
 def experiment_outputs(experiment):
-    exported = gguf_files(experiment)
+    modelfile = (
+        gguf_files(experiment)
+        and config["experiments"][experiment]["export"]["ollama"] is not False
+    )
     return [
         f"{R}/{experiment}/metrics.json",
         f"{R}/{experiment}/merge_report.json",
         f"{R}/{experiment}/loss.png",
-        *([f"{R}/{experiment}/gguf/Modelfile"] if exported else []),
+        *([f"{R}/{experiment}/gguf/Modelfile"] if modelfile else []),
     ]
 
 
@@ -199,13 +202,18 @@ def finished_run_summary():
 
     from kiln.metrics import run_summary
 
-    found = {}
+    found, notes = {}, {}
     for name in config["experiments"]:
         path = f"{R}/{name}/metrics.json"
         if os.path.exists(path):
             with open(path) as fh:
                 found[name] = json.load(fh)
-    return run_summary(found, R)
+        # what the export found to say (the first GGUF's verify report)
+        reports = [p for p in gguf_files(name, "verify", "json") if os.path.exists(p)]
+        if reports:
+            with open(reports[0]) as fh:
+                notes[name] = (json.load(fh).get("ollama") or {}).get("note")
+    return run_summary(found, R, notes)
 
 
 def all_targets():

@@ -48,5 +48,7 @@ rule ollama_modelfile:
         f"{R}/logs/ollama_modelfile/{{experiment}}.log",
     conda:
         "../envs/model.yaml"
+    params:
+        ollama=lambda w: config["experiments"][w.experiment]["export"]["ollama"],
     script:
         "../scripts/ollama_modelfile.py"

@@ -14,4 +14,5 @@ export_gguf(
     sm.wildcards.qtype,
     sm.params.export,
     sm.params.evaluate,
+    sm.log[0],
 )

@@ -7,5 +7,11 @@ sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
 use_cores(sm)
 merge_adapter(
-    sm.input.adapter, sm.output.merged, sm.output.report, sm.input.dataset, onto=sm.params.onto, dtype=sm.params.dtype
+    sm.input.adapter,
+    sm.output.merged,
+    sm.output.report,
+    sm.input.dataset,
+    onto=sm.params.onto,
+    dtype=sm.params.dtype,
+    log_path=sm.log[0],
 )

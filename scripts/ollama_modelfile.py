@@ -5,4 +5,4 @@ from kiln.smk import setup_log
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
-write_modelfile(sm.input.gguf, sm.input.merged, sm.input.dataset, sm.output[0])
+write_modelfile(sm.input.gguf, sm.input.merged, sm.input.dataset, sm.output[0], sm.params.ollama)

@@ -24,7 +24,7 @@ def served_readme_example(workdir):
 
     import jsonschema
 
-    from kiln.export import free_port
+    from kiln.llamacpp import free_port
 
     text = (REPO / "README.md").read_text()
     assert ".venv/bin/kiln serve default --port 8080" in text

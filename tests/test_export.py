@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,13 +20,13 @@ from kiln.export import (
     convert,
     expected_metadata,
     find_converter,
-    free_port,
     metadata_problems,
     modelfile,
     ollama_template,
     read_metadata,
     sha256_file,
 )
+from kiln.llamacpp import free_port
 
 
 def test_tiny_export_is_verified_evaluated_and_recorded(tiny_run):
@@ -205,7 +206,7 @@ def test_evaluation_decodes_in_parallel_slots_with_the_same_answers(tiny_run):
     from transformers import AutoTokenizer
 
     from kiln.evaluate import prompts_and_references
-    from kiln.export import LlamaCpp, generate
+    from kiln.llamacpp import LlamaCpp, generate
 
     tok = AutoTokenizer.from_pretrained(tiny_run.path("tiny/model"))
     test = datasets.load_from_disk(str(tiny_run.path("data/orders/dataset")))["test"]
@@ -217,3 +218,42 @@ def test_evaluation_decodes_in_parallel_slots_with_the_same_answers(tiny_run):
             answers[slots], speed = generate(server, prompts, 8, tok.eos_token)
         assert speed["slots"] == slots and speed["generated_tokens"] > 0
     assert len(answers[4]) == len(prompts) and answers[4] == answers[1]
+
+
+def test_export_ollama_auto_writes_a_modelfile_without_template_for_an_unknown_chat_template():
+    """export.ollama: auto writes FROM and the stop token and says in its first line why there is no
+    TEMPLATE; true refuses (naming the setting); false writes none; ChatML gets its TEMPLATE."""
+    from kiln.export import NO_TEMPLATE, ExportError, ollama_status
+
+    other = "{% for m in messages %}### {{ m.role }}:\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    text = modelfile("m.gguf", other, ["<|im_end|>"], None, "auto")
+    assert text.startswith(NO_TEMPLATE + ": the Ollama Modelfile has no TEMPLATE: Kiln translates ChatML")
+    assert 'TEMPLATE """' not in text and "FROM ./m.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text
+    with pytest.raises(ExportError, match="export.ollama: auto"):
+        modelfile("m.gguf", other, ["<|im_end|>"], None, True)
+    assert ollama_status(other, False) == {"modelfile": False, "template": False, "note": None}
+    assert ollama_status("<|im_start|>", "auto")["template"] and "TEMPLATE" in modelfile(
+        "m.gguf", "<|im_start|>", [], None
+    )
+
+
+def test_a_model_whose_chat_template_is_not_chatml_runs_to_the_end_with_export_on(tmp_path):
+    """The tiny pipeline on a model with another chat template, GGUF export on (export.ollama at its
+    default, auto): exit 0, the GGUF verified, a Modelfile without TEMPLATE, and the note in the run
+    summary and on the model card."""
+    from conftest import TOKENIZER, Workflow, tiny_config
+
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(TOKENIZER, tokenizer)
+    (tokenizer / "chat_template.jinja").write_text(
+        "{% for m in messages %}### {{ m.role }}:\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}### assistant:\n{% endif %}"
+    )
+    config = tiny_config()
+    config["models"]["tiny"]["tokenizer_from"] = str(tokenizer)
+    wf = Workflow(tmp_path / "run", config)
+    proc = wf.run()
+    assert json.loads(wf.path("tiny/gguf/verify-q8_0.json").read_text())["ok"]
+    assert wf.path("tiny/gguf/Modelfile").read_text().startswith("# Kiln: no TEMPLATE")
+    assert "Kiln: NOTE tiny: the Ollama Modelfile has no TEMPLATE" in proc.stderr
+    assert "Note: the Ollama Modelfile has no TEMPLATE" in wf.path("tiny/model/README.md").read_text()

@@ -64,7 +64,9 @@ def test_a_label_task_is_scored_by_accuracy_macro_f1_and_a_confusion_matrix(tmp_
     for i in range(80):
         word = WORDS[i % len(WORDS)]
         sentiment = "negative" if word in ("late", "broken", "slow", "cold", "noisy", "rude") else "positive"
-        rows.append({"prompt": f"Review {i}: the delivery was {word}. Sentiment?", "completion": sentiment})
+        # Numbers after blank lines: the texts whose tokens llama.cpp split otherwise (issue 24)
+        prompt = f"Review {i}: the delivery was {word}.\n\n{i % 9 + 1} items\n{i % 7} returns\n\nSentiment?"
+        rows.append({"prompt": prompt, "completion": sentiment})
     (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "general.txt").write_text("".join(f"A plain sentence about kilns, number {i}.\n" for i in range(12)))
     cfg = tiny_config()
@@ -87,6 +89,14 @@ def test_a_label_task_is_scored_by_accuracy_macro_f1_and_a_confusion_matrix(tmp_
         assert block["tuned_minus_base_loss"] == pytest.approx(block["tuned"]["loss"] - block["base"]["loss"])
         assert block["base"]["perplexity"] > 1 and block["adapter_4bit"]["loss_tokens"] > 0
     assert metrics["task"] == "label" and "2 distinct answers" in metrics["task_reason"]
+    # the 4-bit base without the adapter, scored like the others: quantizing's cost on its own
+    assert metrics["base_4bit"]["loss"] > 0 and "macro_f1" in metrics["base_4bit"]
+    assert (
+        "| metric | base model | 4-bit base | this model | adapter on 4-bit base |"
+        in wf.path("reviews/model/README.md").read_text()
+    )
+    verify = json.loads(wf.path("reviews/gguf/verify-q8_0.json").read_text())  # the GGUF reads training's tokens
+    assert verify["ok"] and verify["token_ids"]["identical"] == verify["token_ids"]["prompts"] > 0
     assert metrics["main_metric"] == "macro_f1"
     assert metrics["task_metrics"] == ["accuracy", "macro_f1", "exact_match"]
     tuned = metrics["tuned"]
@@ -137,9 +147,14 @@ def test_a_plain_text_dataset_is_scored_by_perplexity(tmp_path):
     write_task(tmp_path / "tasks")  # lm-evaluation-harness, opt-in, on a local task
     cfg["experiments"]["notes"]["evaluate"]["lm_eval"] = {"tasks": ["kiln_mc"], "include_path": "tasks"}
     wf = Workflow(tmp_path, cfg)
-    wf.run()
+    proc = wf.run()
     metrics = json.loads(wf.path("notes/metrics.json").read_text())
     assert metrics["task"] == "text" and metrics["main_metric"] == "perplexity"
+    # the 4-bit base scored like the others; the closing summary warns exactly when the published
+    # model's perplexity is above the base's
+    assert metrics["base_4bit"]["perplexity"] > 1
+    worse = metrics["tuned"]["perplexity"] > metrics["base"]["perplexity"]
+    assert ("Kiln: WARNING notes: the published model is worse than its base" in proc.stderr) == worse
     assert metrics["task_metrics"] == ["perplexity"] and metrics["generated_rows"] == 8
     assert metrics["tuned"]["continuations"] == 8
     harness = metrics["lm_eval"]
@@ -206,3 +221,23 @@ def test_the_published_model_is_held_to_one_point_of_its_adapter():
     assert published_check(m(30.0, 30.5, "chrf"))["ok"] and not published_check(m(28.0, 30.5, "chrf"))["ok"]
     assert not published_check(m(3.3, 3.2, "perplexity"))["ok"]  # lower is better: 3% worse
     assert published_check({"main_metric": "exact_match", "tuned": {"exact_match": 1.0}}) is None
+
+
+def test_a_fine_tune_worse_than_its_base_ends_with_a_warning_and_the_4bit_bases_score():
+    """kiln.metrics.run_summary: the published model below its base on the main metric is a
+    `Kiln: WARNING` line with the 4-bit base's score beside it and what usually helps; at or above
+    the base, no line."""
+    from kiln.metrics import run_summary
+
+    metrics = {
+        "task": "text",
+        "main_metric": "perplexity",
+        "base": {"perplexity": 18.16},
+        "base_4bit": {"perplexity": 18.65},
+        "tuned": {"perplexity": 18.89},
+    }
+    text = run_summary({"topics": metrics}, "results")
+    assert "Kiln: WARNING topics: the published model is worse than its base: perplexity 18.16 -> 18.89" in text
+    assert "the 4-bit base without the adapter: 18.65" in text and "training.quantization: none" in text
+    better = {**metrics, "tuned": {"perplexity": 17.0}}
+    assert "worse than its base" not in run_summary({"topics": better}, "results")

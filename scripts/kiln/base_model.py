@@ -109,12 +109,38 @@ def one_gguf_parse():
         gguf.GGUFReader, gguf.get_tensor_name_map = original, name_map
 
 
-def gguf_tokenizer_model(path: Path) -> str | None:
-    """The GGUF file's `tokenizer.ggml.model` (gpt2: byte-level BPE; llama: SentencePiece)."""
+def gguf_tokenizer_fields(path: Path) -> dict:
+    """The GGUF file's `tokenizer.ggml.model` (gpt2: byte-level BPE; llama: SentencePiece) and
+    `tokenizer.ggml.pre` (the pre-tokenizer llama.cpp runs: `smollm`, `llama-bpe`, ...)."""
     from gguf import GGUFReader
 
-    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.model")
-    return field.contents() if field is not None else None
+    fields = GGUFReader(str(path)).fields
+    return {
+        k: fields[f"tokenizer.ggml.{k}"].contents() if f"tokenizer.ggml.{k}" in fields else None
+        for k in ("model", "pre")
+    }
+
+
+def check_llama_cpp_tokens(path: Path, tok, pretokenizer: str) -> dict:
+    """The prepared tokenizer against llama.cpp's on the source GGUF, token for token over
+    kiln.pretokenizer.PROBES: before anything trains. A difference after Kiln set a pre-tokenizer it
+    knows is a failure; for one it does not know, a warning (the GGUF export would not verify)."""
+    from kiln.llamacpp import LlamaCpp, token_parity
+    from kiln.pretokenizer import PROBES
+
+    with LlamaCpp(path, n_ctx=512, threads=1) as server:
+        parity = token_parity(server, tok, PROBES)
+    if parity["differences"]:
+        first = parity["differences"][0]
+        what = (
+            f"{path.name}: Kiln's tokenizer and llama.cpp's differ on {len(PROBES) - parity['identical']} of "
+            f"{len(PROBES)} probe texts (first: {PROBES[first['prompt']]!r}, Hugging Face {first['hf']} vs "
+            f"llama.cpp {first['llama_cpp']}; pre-tokenizer {pretokenizer})"
+        )
+        if not pretokenizer.startswith("unknown"):
+            raise ModelSourceError(what)
+        log.warning("Kiln: WARNING %s: a GGUF export of this model would not verify", what)
+    return parity
 
 
 def needs_byte_level_fix(tok) -> bool:
@@ -143,6 +169,20 @@ def byte_level_bpe(tok) -> None:
     backend.decoder = decoders.ByteLevel()
     if tok(probe)["input_ids"] != before or tok.decode(before) != probe:
         raise ModelSourceError("making the GGUF tokenizer byte-level BPE changed its tokenization")
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer of a GGUF file as transformers rebuilds it, made byte-level BPE again and given
+    the pre-tokenizer llama.cpp runs for the file (kiln.pretokenizer): (tokenizer, fields, what was done)."""
+    from transformers import AutoTokenizer
+
+    from kiln.pretokenizer import match_llama_cpp
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    fields = gguf_tokenizer_fields(path)
+    if needs_byte_level_fix(tok):
+        byte_level_bpe(tok)
+    return tok, fields, match_llama_cpp(tok, fields["pre"]) if fields["model"] == "gpt2" else "not byte-level BPE"
 
 
 def _fix_tokenizer(tok, eos: str | None, pad: str | None):
@@ -177,8 +217,8 @@ def load_source(cfg: dict, tokenizer_dir: str | Path | None = None):
             id=f"{cfg['package']}=={version}:{path.name}", revision=version, source_files={path.name: sha256_file(path)}
         )
         with one_gguf_parse():
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            identity["gguf_tokenizer_model"] = gguf_tokenizer_model(path)
+            tok, fields, identity["pretokenizer"] = gguf_tokenizer(path)
+            identity["gguf_tokenizer_model"], identity["gguf_tokenizer_pre"] = fields["model"], fields["pre"]
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         # A GGUF load leaves quantization marks that make save_pretrained refuse; the weights are
         # already dequantized, so clear them.
@@ -221,7 +261,10 @@ def load_source(cfg: dict, tokenizer_dir: str | Path | None = None):
     hub_id = cfg["repo_id"] if kind == "hub" else cfg.get("hub_id")
     if hub_id:
         identity["hub_id"] = hub_id
-    return model, _fix_tokenizer(tok, cfg.get("eos_token"), cfg.get("pad_token")), identity
+    tok = _fix_tokenizer(tok, cfg.get("eos_token"), cfg.get("pad_token"))
+    if kind == "gguf_package":  # before anything trains: the tokens llama.cpp will read
+        identity["llama_cpp_token_parity"] = check_llama_cpp_tokens(path, tok, identity["pretokenizer"])
+    return model, tok, identity
 
 
 def smoke_generate(model_dir: str | Path, max_new_tokens: int = 8) -> str:

@@ -152,7 +152,7 @@ def serve_main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    from kiln.export import LlamaCpp
+    from kiln.llamacpp import LlamaCpp
 
     server = LlamaCpp(path, n_ctx=args.ctx, host=args.host, port=args.port, slots=args.slots)
     print(f"kiln serve: {path} at {server.url}/v1 (OpenAI-compatible); Ctrl-C stops it", file=sys.stderr, flush=True)

@@ -39,6 +39,7 @@ def metric_columns(metrics: dict) -> dict:
         f"tuned_{main}": tuned.get(main),
         f"delta_{main}": tuned[main] - base[main] if main in tuned and main in base else None,
         f"adapter_4bit_{main}": (metrics.get("adapter_4bit") or {}).get(main),
+        f"base_4bit_{main}": (metrics.get("base_4bit") or {}).get(main),
         **{f"{k}_{main}": metrics[k].get(main) for k in gguf_models(metrics)},
     }
     for name in task_metrics(metrics):
@@ -162,12 +163,13 @@ def plot_metric(manifests: list[dict], out: str | Path) -> None:
     names = [m["experiment"] for m in manifests]
     mains = [main_metric(m["metrics"]) for m in manifests]
     x = np.arange(len(names))
-    kinds = [("base", "base model"), ("tuned", "tuned (merged)"), ("adapter_4bit", "adapter on 4-bit base")]
+    kinds = [("base", "base model"), ("base_4bit", "4-bit base"), ("tuned", "tuned (merged)")]
+    kinds += [("adapter_4bit", "adapter on 4-bit base")]
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 4), dpi=110)
     width = 0.8 / len(kinds)
     for j, (kind, text) in enumerate(kinds):
         values = [float((m["metrics"].get(kind) or {}).get(main) or 0.0) for m, main in zip(manifests, mains)]
-        bars = ax.bar(x + (j - 1) * width, values, width, label=text)
+        bars = ax.bar(x + (j - (len(kinds) - 1) / 2) * width, values, width, label=text)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ticks = [f"{n}\n({label(mm)})" if len(set(mains)) > 1 else n for n, mm in zip(names, mains)]
     ax.set_xticks(x, ticks, rotation=20, ha="right", fontsize=8)

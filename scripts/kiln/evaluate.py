@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 from kiln.metrics import (
+    MODELS,
+    below_base_warning,
     check_main_metric,
     detect_task,
     label_scores,
@@ -363,8 +365,9 @@ def run_lm_eval(model, tokenizer, settings: dict, batch_size: int) -> dict:
 
 
 def load_model(kind: str, base_dir: str, merged_dir: str, adapter_dir: str):
-    """base, tuned (merged) or adapter_4bit: the adapter on the base as it was trained (NF4 unless
-    the adapter's experiment.json says it was trained without quantization)."""
+    """base, base_4bit (the base quantized as training quantized it, no adapter), tuned (merged) or
+    adapter_4bit: the adapter on the base as it was trained (NF4 unless the adapter's
+    experiment.json says it was trained without quantization)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -381,6 +384,8 @@ def load_model(kind: str, base_dir: str, merged_dir: str, adapter_dir: str):
     quantized = read_adapter_spec(adapter_dir)["quantization"] == "nf4"
     extra = {"quantization_config": bnb_config(dtype)} if quantized else {}
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map={"": device}, **extra)
+    if kind == "base_4bit":
+        return base.eval()
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
@@ -394,7 +399,7 @@ def evaluate(
     samples_path: str,
     settings: dict,
     experiment: str = "",
-    models: tuple[str, ...] = ("base", "tuned", "adapter_4bit"),
+    models: tuple[str, ...] = MODELS,
     regression: dict[str, str] | None = None,
     gguf: dict[str, str] | None = None,
 ) -> dict:
@@ -431,6 +436,8 @@ def evaluate(
     regression_sets = {name: regression_rows(path, s.max_samples) for name, path in (regression or {}).items()}
     if regression_sets:
         metrics["regression"] = {name: {"rows": len(rows)} for name, rows in regression_sets.items()}
+    if read_adapter_spec(adapter_dir)["quantization"] != "nf4":  # no 4-bit base: base_4bit is the base
+        models = tuple(k for k in models if k != "base_4bit")
     outputs = {}
     shared = shared_prompt_rows(tokenized_test, prompts, rows, tokenizer) if task != "text" else None
     for kind in models:
@@ -454,8 +461,8 @@ def evaluate(
         log.info("%s: loss %.4f", kind, m["loss"])
         del model
     for qtype, path in (gguf or {}).items():  # the exported files, in llama.cpp, same rows and scoring
-        from kiln.export import LlamaCpp
-        from kiln.export import generate as generate_gguf
+        from kiln.llamacpp import LlamaCpp
+        from kiln.llamacpp import generate as generate_gguf
 
         t0 = time.perf_counter()
         # Each slot holds one prompt and its answer; eight decode together (64 default-task prompts
@@ -495,6 +502,9 @@ def evaluate(
         warning = published_warning(metrics, json.loads(merge_report.read_text()) if merge_report.exists() else None)
         if warning:
             log.warning("\n%s\nWARNING: %s\n%s", "=" * 100, warning, "=" * 100)
+    worse = below_base_warning(metrics)
+    if worse:
+        log.warning("Kiln: WARNING %s", worse)
     Path(metrics_path).write_text(json.dumps(metrics, indent=2))
     with open(samples_path, "w") as fh:
         for i, (row, ref) in enumerate(zip(rows, refs, strict=True)):

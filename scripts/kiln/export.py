@@ -23,13 +23,13 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 from kiln.base_model import sha256_file  # the project's one file hash (tests import it from here too)
+from kiln.evidence import write_report
+from kiln.llamacpp import LlamaCpp, token_parity
 
 log = logging.getLogger(__name__)
 
@@ -169,88 +169,6 @@ def metadata_problems(meta: dict, want: dict) -> list[str]:
 
 
 # ---- llama.cpp ---------------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class LlamaCpp:
-    """llama.cpp's server, in this process (xllamacpp), on ``host:port``: the OpenAI-compatible
-    endpoints (/v1/chat/completions, /v1/completions) and llama.cpp's own (/tokenize, /completion).
-
-    ``port=0`` picks a free port. ``slots``: requests decoded in parallel."""
-
-    def __init__(
-        self,
-        gguf: str | Path,
-        n_ctx: int = 4096,
-        threads: int | None = None,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        slots: int = 1,
-        quiet: bool = True,
-    ):
-        import xllamacpp
-
-        params = xllamacpp.CommonParams()
-        params.model.path = str(gguf)
-        params.n_ctx = n_ctx * slots
-        params.n_parallel = slots
-        self.slots = slots
-        threads = threads or len(os.sched_getaffinity(0))
-        params.cpuparams.n_threads = threads
-        params.cpuparams_batch.n_threads = threads
-        params.hostnames = [host]  # 127.0.0.1 unless asked: not reachable from other machines
-        params.port = port or free_port(host)
-        if quiet:
-            params.verbosity = -1
-        self.server = xllamacpp.Server(params)
-        self.url = self.server.listening_address
-
-    def post(self, path: str, body: dict, timeout: float = 600) -> dict:
-        req = urllib.request.Request(
-            self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.post("/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"]
-
-    def complete(self, prompt: str, n_predict: int, n_probs: int = 0, stop: list[str] | None = None) -> dict:
-        body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "top_k": 1, "cache_prompt": False}
-        if n_probs:
-            body |= {"n_probs": n_probs}
-        if stop:
-            body["stop"] = stop
-        return self.post("/completion", body)
-
-    def close(self) -> None:
-        """Stop the server (xllamacpp's destructor ends its loop and frees the model)."""
-        self.__dict__.pop("server", None)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def token_parity(server: LlamaCpp, tokenizer, prompts: list[str]) -> dict:
-    """llama.cpp's ids of every prompt against Hugging Face's; the first few differences shown."""
-    differ = []
-    for i, text in enumerate(prompts):
-        hf = tokenizer(text, add_special_tokens=False)["input_ids"]
-        cpp = server.tokenize(text)
-        if hf != cpp:
-            at = next((j for j, (a, b) in enumerate(zip(hf, cpp)) if a != b), min(len(hf), len(cpp)))
-            differ.append(
-                {"prompt": i, "first_difference_at": at, "hf": hf[at : at + 8], "llama_cpp": cpp[at : at + 8]}
-            )
-    return {"prompts": len(prompts), "identical": len(prompts) - len(differ), "differences": differ[:5]}
-
-
 def logprob_parity(server: LlamaCpp, model, tokenizer, prompts: list[str], qtype: str) -> dict:
     """Next-token probabilities after each prompt: llama.cpp's top-k against the merged model's for
     the same tokens; the largest difference must be within the type's tolerance, and the greedy
@@ -281,43 +199,6 @@ def logprob_parity(server: LlamaCpp, model, tokenizer, prompts: list[str], qtype
     }
 
 
-def generate(
-    server: LlamaCpp, prompts: list[str], max_new_tokens: int, stop: str, desc: str = ""
-) -> tuple[list[str], dict]:
-    """Greedy generation of every prompt in llama.cpp (the evaluation's decoding), with its speed.
-
-    The prompts go to the server's slots in parallel (llama.cpp decodes them as one batch), answers
-    in prompt order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from kiln.progress import progress
-
-    bar = progress(len(prompts), f"evaluate {desc}: generation")
-
-    def one(text: str) -> dict:
-        out = server.complete(text, n_predict=max_new_tokens)
-        bar.update(1)
-        return out
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max(1, server.slots)) as pool:
-        results = list(pool.map(one, prompts))
-    seconds = time.perf_counter() - t0
-    bar.close()
-    outputs = []
-    for out in results:
-        content = out["content"]
-        if stop and stop in content:  # an end-of-turn written as text rather than as the token
-            content = content.split(stop)[0]
-        outputs.append(content)
-    tokens = sum(out["timings"]["predicted_n"] for out in results)
-    return outputs, {
-        "generated_tokens": tokens,
-        "tokens_per_second": tokens / seconds if seconds else None,
-        "slots": server.slots,
-    }
-
-
 # ---- Ollama ------------------------------------------------------------------------------------
 CHATML = re.compile(r"<\|im_start\|>")
 
@@ -329,16 +210,43 @@ def ollama_template(chat_template: str | None) -> str:
     if not chat_template or not CHATML.search(chat_template):
         raise ExportError(
             "the Ollama Modelfile translates ChatML chat templates only; this model's template is another "
-            "kind: write its TEMPLATE by hand (https://github.com/ollama/ollama/blob/main/docs/template.md)"
+            "kind: write its TEMPLATE by hand (https://github.com/ollama/ollama/blob/main/docs/template.md), "
+            "or set export.ollama: auto (a Modelfile without TEMPLATE) or false (none)"
         )
     return "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 
 
-def modelfile(gguf_name: str, chat_template: str | None, stop: list[str], system: str | None) -> str:
+KNOWN_TEMPLATES = "ChatML"  # the chat templates the Modelfile's TEMPLATE is translated from
+NO_TEMPLATE = "# Kiln: no TEMPLATE"  # the first line of a Modelfile written without one
+
+
+def ollama_status(chat_template: str | None, setting) -> dict:
+    """What export.ollama gives for this chat template: whether a Modelfile is written, whether it
+    has a TEMPLATE, and the note a run without one ends with (recorded in the GGUF's verify report)."""
+    if setting is False:
+        return {"modelfile": False, "template": False, "note": None}
+    if chat_template and CHATML.search(chat_template):
+        return {"modelfile": True, "template": True, "note": None}
+    note = (
+        f"the Ollama Modelfile has no TEMPLATE: Kiln translates {KNOWN_TEMPLATES} chat templates only and this "
+        "model's is another kind (write TEMPLATE by hand, or set export.ollama: false)"
+    )
+    return {"modelfile": True, "template": False, "note": note}
+
+
+def modelfile(gguf_name: str, chat_template: str | None, stop: list[str], system: str | None, setting=True) -> str:
+    """The Modelfile text. ``setting`` (export.ollama): True refuses a template Kiln cannot
+    translate; auto writes the Modelfile without TEMPLATE then, its first line saying why."""
+    status = ollama_status(chat_template, setting)
+    if status["template"] or setting is True:  # True: ollama_template refuses what it cannot translate
+        head, template = [], [f'TEMPLATE """{ollama_template(chat_template)}"""']
+    else:
+        head, template = [f"{NO_TEMPLATE}: {status['note']}"], []
     lines = [
+        *head,
         "# Ollama: ollama create NAME -f Modelfile  (in this folder), then ollama run NAME",
         f"FROM ./{gguf_name}",
-        f'TEMPLATE """{ollama_template(chat_template)}"""',
+        *template,
         *[f'PARAMETER stop "{s}"' for s in stop],
         "PARAMETER temperature 0",
     ]
@@ -382,10 +290,19 @@ def answer_json_schema(schema: dict | None) -> dict | None:
 
 # ---- the rule's job ----------------------------------------------------------------------------
 def export_gguf(
-    merged_dir: str, dataset_dir: str, out_path: str, report_path: str, qtype: str, export: dict, evaluate: dict
+    merged_dir: str,
+    dataset_dir: str,
+    out_path: str,
+    report_path: str,
+    qtype: str,
+    export: dict,
+    evaluate: dict,
+    log_path: str | None = None,
 ) -> dict:
     """Convert, then verify against the merged model; the report is written either way, and the
-    job fails (the GGUF removed by Snakemake) when a check does not hold."""
+    job fails (the GGUF and the report removed by Snakemake) when a check does not hold: then a copy
+    of the report stays beside ``log_path`` (kiln.evidence) and the error names it and the first
+    differing prompt's tokens."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -436,12 +353,22 @@ def export_gguf(
         "chat_template_same": meta.get("chat_template") == tokenizer.chat_template,
         "token_ids": tokens,
         "logprobs": logprobs,
+        "ollama": ollama_status(tokenizer.chat_template, s.ollama),
         "problems": problems,
         "ok": not problems,
     }
-    Path(report_path).write_text(json.dumps(report, indent=2))
+    kept = write_report(report, report_path, log_path, failed=bool(problems))
     if problems:
-        raise ExportError(f"{out_path} is not the merged model ({report_path}):\n- " + "\n- ".join(problems))
+        first = ""
+        if tokens["differences"]:
+            d = tokens["differences"][0]
+            first = (
+                f"\n  first differing prompt ({d['prompt']}): {d['text'][:120]!r}\n  at token "
+                f"{d['first_difference_at']}: Hugging Face {d['hf_tokens']} vs llama.cpp {d['llama_cpp_tokens']}"
+            )
+        raise ExportError(
+            f"{out_path} is not the merged model:\n- " + "\n- ".join(problems) + first + f"\n  every check: {kept}"
+        )
     log.info(
         "%s: verified (%d prompts' token ids, probabilities within %.3g)",
         out_path,
@@ -451,10 +378,13 @@ def export_gguf(
     return report
 
 
-def write_modelfile(gguf_path: str, merged_dir: str, dataset_dir: str, out_path: str) -> str:
+def write_modelfile(gguf_path: str, merged_dir: str, dataset_dir: str, out_path: str, setting="auto") -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(merged_dir)
-    text = modelfile(Path(gguf_path).name, tok.chat_template, [tok.eos_token], common_system_prompt(dataset_dir))
+    system = common_system_prompt(dataset_dir)
+    text = modelfile(Path(gguf_path).name, tok.chat_template, [tok.eos_token], system, setting)
+    if text.startswith(NO_TEMPLATE):
+        log.warning("Kiln: NOTE %s", text.splitlines()[0].removeprefix(NO_TEMPLATE + ": "))
     Path(out_path).write_text(text)
     return text

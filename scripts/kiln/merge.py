@@ -13,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 
+from kiln.evidence import write_report
 from kiln.progress import Phases
 from kiln.spec import read_adapter_spec
 
@@ -91,6 +92,30 @@ def _logits(model, batch):
         return model(**batch).logits.float()
 
 
+def _error_ratio(logits, reference, effect: float) -> float:
+    """Mean |logit difference| from base + adapter, as a share of the adapter's own effect."""
+    return (logits - reference).abs().mean().item() / effect if effect > 0 else 0.0
+
+
+def _saving_dtype(merged, batch, mask, reference, effect: float, requested: str, resolved):
+    """(dtype to save in, why, rounding error ratio at the resolved dtype or None). The merged
+    float32 weights are rounded to ``resolved`` in place and checked; under ``auto``, when that
+    rounding alone exceeds the limit, the float32 weights are put back and saved instead."""
+    import torch
+
+    if resolved == torch.float32:
+        return resolved, f"merge.dtype: {requested}", None
+    keep = {k: v.detach().to("cpu", copy=True) for k, v in merged.state_dict().items()} if requested == "auto" else None
+    merged.to(resolved).to(torch.float32)  # the saved weights' values, computed in float32
+    rounded = _error_ratio(_logits(merged, batch)[mask], reference, effect)
+    name = str(resolved).removeprefix("torch.")
+    if keep is not None and rounded > MAX_MERGE_ERROR_RATIO:
+        merged.load_state_dict(keep)
+        return torch.float32, f"auto: rounding to {name} alone would be {rounded:.1%} of the adapter's effect", rounded
+    why = f"merge.dtype: {requested}" + (" (the base model's saved dtype)" if requested == "auto" else "")
+    return resolved, why, rounded
+
+
 def merge_adapter(
     adapter_dir: str,
     out_dir: str,
@@ -99,6 +124,7 @@ def merge_adapter(
     onto: str = "dequantized",
     dtype: str = "auto",
     n_samples: int = 8,
+    log_path: str | None = None,
 ) -> dict:
     import torch
     from peft import PeftModel
@@ -126,8 +152,14 @@ def merge_adapter(
             base_logits = _logits(model, batch)[mask]
         ref_logits = _logits(model, batch)[mask]
 
+    effect = (ref_logits - base_logits).abs().mean().item()
     with phases.step("merge + save"):
-        merged = model.merge_and_unload().to(save_dtype)
+        merged = model.merge_and_unload()  # float32, as loaded
+        # The merge's own error (float32) apart from the saving dtype's rounding: a small adapter's
+        # effect on the logits can be smaller than bfloat16's rounding of the merged weights.
+        own = _error_ratio(_logits(merged, batch)[mask], ref_logits, effect)
+        save_dtype, dtype_reason, rounded = _saving_dtype(merged, batch, mask, ref_logits, effect, dtype, save_dtype)
+        merged = merged.to(save_dtype)
         merged.generation_config = GenerationConfig.from_pretrained(base_dir)
         merged.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.padding_side = "left"
@@ -138,8 +170,7 @@ def merge_adapter(
         reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(device).eval()
         merged_logits = _logits(reloaded, batch)[mask]
     diff = (merged_logits - ref_logits).abs()
-    effect = (ref_logits - base_logits).abs().mean().item()
-    ratio = diff.mean().item() / effect if effect > 0 else 0.0
+    ratio = _error_ratio(merged_logits, ref_logits, effect)
 
     # The merged folder must work with the plain transformers API, and stop at the end of a turn.
     prompt, budget = check_prompt(dataset_dir, tokenizer)
@@ -162,6 +193,9 @@ def merge_adapter(
         "trained_quantization": trained["quantization"],
         "trained_compute_dtype": trained["compute_dtype"],
         "saved_dtype": str(save_dtype).removeprefix("torch."),
+        "saved_dtype_reason": dtype_reason,
+        "merge_error_ratio_float32": own,
+        "rounding_error_ratio": rounded,
         "samples": len(texts),
         "tokens_compared": int(mask.sum()),
         "max_abs_logit_diff": diff.max().item(),
@@ -175,11 +209,20 @@ def merge_adapter(
         "eos_token": tokenizer.eos_token,
         "generation_eos_token_id": eos_id,
     }
-    Path(report_path).write_text(json.dumps(report, indent=2))
+    kept = write_report(report, report_path, log_path, failed=ratio > MAX_MERGE_ERROR_RATIO)
     if ratio > MAX_MERGE_ERROR_RATIO:
+        if own <= MAX_MERGE_ERROR_RATIO:
+            cause = (
+                f"the merge itself is within {own:.1%} in float32: rounding the merged weights to "
+                f"{report['saved_dtype']} for saving is what exceeds the {MAX_MERGE_ERROR_RATIO:.0%} limit (an "
+                "adapter this small: a short run, or plain LoRA). Set merge.dtype: float32 (merge.dtype: auto "
+                "saves float32 where this happens)"
+            )
+        else:
+            cause = f"the merge itself differs by {own:.1%} in float32, before any rounding for saving"
         raise RuntimeError(
             f"merged model does not match base + adapter: mean |logit diff| {diff.mean().item():.4g} is "
-            f"{ratio:.1%} of the adapter's own effect ({effect:.4g}); see {report_path}"
+            f"{ratio:.1%} of the adapter's own effect ({effect:.4g}); {cause}. Every check: {kept}"
         )
     log.info(
         "merged %s onto %s weights: max |diff| %.3g, error %.2f%% of the adapter effect",

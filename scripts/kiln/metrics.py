@@ -26,7 +26,10 @@ def higher_is_better(name: str) -> bool:
     return KNOWN.get(name, (None, None, True))[2]
 
 
-MODELS = ("base", "tuned", "adapter_4bit")  # the three models evaluation scores, in display order
+# The models evaluation scores, in display order: the base, the base quantized to 4 bits without
+# the adapter (what quantizing alone costs; only where training ran on an NF4 base), the published
+# (merged) model, and the adapter on the 4-bit base it was trained against.
+MODELS = ("base", "base_4bit", "tuned", "adapter_4bit")
 # Counts and timings in a model's block.
 NOT_METRICS = {
     "n",
@@ -206,9 +209,26 @@ def published_warning(metrics: dict, merge: dict | None = None) -> str | None:
     )
 
 
-def run_summary(metrics_by_experiment: dict[str, dict], results: str) -> str:
+def below_base_warning(metrics: dict) -> str | None:
+    """The line for a published model that scores worse than its base on the main metric, with the
+    4-bit base's score (quantizing alone) beside it, and what usually helps."""
+    main = main_metric(metrics)
+    base, tuned = (metrics.get("base") or {}).get(main), (metrics.get("tuned") or {}).get(main)
+    if base is None or tuned is None or (tuned >= base if higher_is_better(main) else tuned <= base):
+        return None
+    q = (metrics.get("base_4bit") or {}).get(main)
+    quant = f"; the 4-bit base without the adapter: {q:.4g} (what quantizing alone costs)" if q is not None else ""
+    return (
+        f"the published model is worse than its base: {label(main)} {base:.4g} -> {tuned:.4g}{quant}. What "
+        "usually helps: more steps (training.max_steps), training.quantization: none for a small model, "
+        "merge.onto: original"
+    )
+
+
+def run_summary(metrics_by_experiment: dict[str, dict], results: str, notes: dict | None = None) -> str:
     """The lines a finished run ends with: each experiment's main metric, base -> tuned (and the
-    adapter on the 4-bit base), where its model is, and how to make the report."""
+    adapter on the 4-bit base), where its model is, a note per experiment where one was recorded
+    (``notes``: name -> text or None), and how to make the report."""
     lines = []
     for name, m in metrics_by_experiment.items():
         main = main_metric(m)
@@ -218,9 +238,11 @@ def run_summary(metrics_by_experiment: dict[str, dict], results: str) -> str:
         adapter = (m.get("adapter_4bit") or {}).get(main)
         extra = f" (adapter on the 4-bit base {adapter:.4g})" if adapter is not None else ""
         lines.append(f"Kiln: {name}: {label(main)} {base:.4g} -> {tuned:.4g}{extra}; model: {results}/{name}/model")
-        warning = published_warning(m)
-        if warning:
-            lines.append(f"Kiln: WARNING {name}: {warning}")
+        for warning in (published_warning(m), below_base_warning(m)):
+            if warning:
+                lines.append(f"Kiln: WARNING {name}: {warning}")
+        if (notes or {}).get(name):
+            lines.append(f"Kiln: NOTE {name}: {notes[name]}")
     if lines:
         lines.append(f"Kiln: the report: snakemake --report {results}/report.html")
     return "\n".join(lines)

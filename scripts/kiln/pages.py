@@ -313,9 +313,17 @@ def model_card(manifest: dict) -> str:
         prompt_format = []
 
     ggufs = gguf_models(met)
+    # the 4-bit base beside the base where it was scored: quantizing's cost apart from the fine-tune's gain
+    card_models = ["base", *(["base_4bit"] if "base_4bit" in met else []), "tuned", "adapter_4bit"]
+    headings = {
+        "base": "base model",
+        "base_4bit": "4-bit base",
+        "tuned": "this model",
+        "adapter_4bit": "adapter on 4-bit base",
+    }
 
     def metric_row(key: str, label: str) -> str:
-        cells = [(met.get(k) or {}).get(key) for k in ("base", "tuned", "adapter_4bit", *ggufs)]
+        cells = [(met.get(k) or {}).get(key) for k in (*card_models, *ggufs)]
         return f"| {label} | " + " | ".join("" if c is None else f"{c:.4f}" for c in cells) + " |"
 
     base = m["base_model"]
@@ -382,9 +390,11 @@ def model_card(manifest: dict) -> str:
         "",
         f"Main metric: {label(main_metric(met))}.",
         "",
-        "| metric | base model | this model | adapter on 4-bit base |"
+        "| metric | "
+        + " | ".join(headings[k] for k in card_models)
+        + " |"
         + "".join(f" {k.removeprefix('gguf_')} GGUF (llama.cpp) |" for k in ggufs),
-        "|---|---|---|---|" + "---|" * len(ggufs),
+        "|---|" + "---|" * (len(card_models) + len(ggufs)),
         *[metric_row(name, label(name)) for name in [*task_metrics(met), "loss"]],
         "",
         *regression_card_lines(met),
@@ -413,6 +423,7 @@ def gguf_card_lines(m: dict) -> list[str]:
         f"Exported by {next(iter(reports.values()))['converter']['name']} "
         f"{next(iter(reports.values()))['converter']['version']} into the run's `gguf/` folder, with an Ollama "
         "`Modelfile`; each file verified in llama.cpp against this model and scored above.",
+        *(["", f"Note: {note}."] if (note := (next(iter(reports.values())).get("ollama") or {}).get("note")) else []),
         "",
         "| file | size | token ids equal (evaluated prompts) | max next-token probability diff | sha256 |",
         "|---|---|---|---|---|",

@@ -238,6 +238,13 @@ class ExportSettings(_Settings):
     )
     llama_cpp_dir: str = _f("", "A built llama.cpp (its llama-quantize), for the types the converter does not write.")
     verify_prompts: int = _f(16, "Validation prompts whose next-token log-probabilities are compared.")
+    ollama: Any = _f(
+        "auto",
+        "The Ollama Modelfile beside the GGUF: auto = with its TEMPLATE where Kiln knows the chat template "
+        "(ChatML), else without one and a note in the run summary and the card; true = the template or fail; "
+        "false = no Modelfile.",
+        ("auto", True, False),
+    )
 
 
 @dataclass(frozen=True)
