@@ -16,7 +16,12 @@ plus the lever runs (the stage with one setting changed at a time) and, on the d
 
 Method: a fresh random batch each step; warm-up steps excluded; the clock stops after a device
 synchronize. QLoRA everywhere: NF4 + double quant, bf16 compute, LoRA r=16 alpha=16 on q,k,v,o,
-gate,up,down. Worker subcommands: matmul, make, loop, kiln, table.
+gate,up,down. Worker subcommands: matmul, make, loop, sft, kiln, table.
+
+Parts p1 (SmolLM2-135M shape) and p3 (Qwen2.5-0.5B shape) race packed training that keeps documents
+apart (Kiln's collator and a varlen kernel: each Kiln record carries `attention`) against Kiln
+unpacked and Unsloth + TRL's SFTTrainer with its own packing, swept; p2 compares validation loss
+packed vs unpacked after the same rows seen.
 """
 
 from __future__ import annotations
@@ -848,7 +853,7 @@ def main() -> None:
     for name in ("all", "matmul", "make", "loop", "sft", "kiln", "table"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
-    sub.choices["all"].add_argument("--part", default="1", help="1, 2, 3, f1..f5, all, or a comma list")
+    sub.choices["all"].add_argument("--part", default="1", help="1, 2, 3, f1..f8, p1..p3, all, or a comma list")
     sub.choices["make"].add_argument("--shape", nargs="+", required=True)
     for name in ("loop", "sft", "kiln"):
         p = sub.choices[name]

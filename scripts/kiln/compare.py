@@ -165,6 +165,7 @@ def plot_metric(manifests: list[dict], out: str | Path) -> None:
     x = np.arange(len(names))
     kinds = [("base", "base model"), ("base_4bit", "4-bit base"), ("tuned", "tuned (merged)")]
     kinds += [("adapter_4bit", "adapter on 4-bit base")]
+    kinds = [k for k in kinds if any(k[0] in m["metrics"] for m in manifests)]  # no empty bars
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 4), dpi=110)
     width = 0.8 / len(kinds)
     for j, (kind, text) in enumerate(kinds):
