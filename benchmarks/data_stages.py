@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "tests" / "fixtures" / "smollm2-tokenizer"
 SCHEMA = ANSWER_SCHEMA
 # The defaults from kiln.spec, with what this benchmark sets.
-CLEAN = {**CleanSettings.defaults(), "min_chars": 10, "max_chars": 4000, "answer_schema": SCHEMA}
+CLEAN = CleanSettings(min_chars=10, max_chars=4000, answer_schema=SCHEMA)
 BUILD = BuildSettings.defaults()
 TOKENIZE = {**TokenizeSettings.defaults(), "max_seq_len": 256}
 

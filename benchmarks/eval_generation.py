@@ -29,7 +29,8 @@ def main() -> None:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kiln.evaluate import generate, prompts_and_references
+    from kiln.passes import generate
+    from kiln.prompts import prompts_and_references
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()

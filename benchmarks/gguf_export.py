@@ -35,7 +35,7 @@ def hf_speed(merged: str, prompts: list[str], max_new: int, batch: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kiln.evaluate import generate
+    from kiln.passes import generate
 
     tok = AutoTokenizer.from_pretrained(merged)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
@@ -94,8 +94,9 @@ def main() -> None:
     import datasets
     from transformers import AutoTokenizer
 
-    from kiln.evaluate import prompts_and_references
     from kiln.export import answer_json_schema, export_gguf
+    from kiln.prompts import prompts_and_references
+    from kiln.spec import EvaluateSettings, ExportSettings
 
     results = Path(args.run) / "results"
     exp_dir = results / args.experiment
@@ -125,7 +126,15 @@ def main() -> None:
     record["serving"] = schema_bound(gguf, [r["messages"][:-1] for r in rows], refs, schema)
     with tempfile.TemporaryDirectory(dir=results) as tmp:  # the f16 export's agreement, for the tolerances
         f16 = Path(tmp) / "model-f16.gguf"
-        rep = export_gguf(merged, str(dataset), str(f16), str(f16) + ".json", "f16", exp["export"], exp["evaluate"])
+        rep = export_gguf(
+            merged,
+            str(dataset),
+            str(f16),
+            str(f16) + ".json",
+            "f16",
+            ExportSettings.from_dict(exp["export"]),
+            EvaluateSettings.from_dict(exp["evaluate"]),
+        )
         record["logprobs"] = {
             "f16": rep["logprobs"],
             "q8_0": json.loads((exp_dir / "gguf" / "verify-q8_0.json").read_text())["logprobs"],

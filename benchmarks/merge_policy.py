@@ -36,8 +36,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/merge_policy.json")
     args = ap.parse_args()
 
-    from kiln.evaluate import evaluate
+    from kiln.evaluate import EvaluationInputs, evaluate
     from kiln.merge import merge_adapter
+    from kiln.spec import EvaluateSettings
 
     results = Path(args.run) / "results"
     exp_dir = results / args.experiment
@@ -59,15 +60,18 @@ def main() -> None:
             )
             merge_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            metrics = evaluate(
+            inputs = EvaluationInputs(
                 str(dataset),
                 str(tokenized),
                 str(results / "base" / exp_cfg["model"]),
                 str(out),
                 str(exp_dir / "adapter"),
+            )
+            metrics = evaluate(
+                inputs,
                 str(out) + ".metrics.json",
                 str(out) + ".samples.jsonl",
-                exp_cfg["evaluate"],
+                EvaluateSettings.from_dict(exp_cfg["evaluate"]),
                 args.experiment,
                 models=("tuned",),
             )

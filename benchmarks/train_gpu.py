@@ -461,6 +461,7 @@ def orders_tokenized(rows: int, packing: bool, seq: int) -> Path:
     from kiln.clean import clean_shard
     from kiln.dataset import build_dataset
     from kiln.sources import canonical_rows, write_raw
+    from kiln.spec import CleanSettings, TokenizeSettings
     from kiln.synthetic import ANSWER_SCHEMA, generate
     from kiln.tokenize import tokenize_dataset
 
@@ -474,12 +475,24 @@ def orders_tokenized(rows: int, packing: bool, seq: int) -> Path:
         items = ((i, r, json.dumps(r), None) for i, r in enumerate(records, 1))
         write_raw(canonical_rows(items, source="synthetic", file="bench", fmt="auto", columns={}), base / "raw.parquet")
         clean = {"min_chars": 10, "max_chars": 4000, "answer_schema": ANSWER_SCHEMA}
-        clean_shard(base / "raw.parquet", base / "clean.parquet", base / "rej.parquet", base / "clean.json", clean)
+        clean_shard(
+            base / "raw.parquet",
+            base / "clean.parquet",
+            base / "rej.parquet",
+            base / "clean.json",
+            CleanSettings.from_dict(clean),
+        )
         build = {"near_dedup": False, "near_dedup_threshold": 0.9, "validation": 0.02, "test": 0.02, "seed": 0}
         build["contamination_audit"] = False  # speed runs: no audit (and no datasketch on the GPU image)
         build_dataset([str(base / "clean.parquet")], base / "dataset", base / "brej.parquet", base / "b.json", build)
     settings = {"max_seq_len": seq, "assistant_only_loss": True, "packing": packing}
-    tokenize_dataset(base / "dataset", WORK / "models" / "smollm2-135m", out, str(out) + ".json", settings)
+    tokenize_dataset(
+        base / "dataset",
+        WORK / "models" / "smollm2-135m",
+        out,
+        str(out) + ".json",
+        TokenizeSettings.from_dict(settings),
+    )
     return out
 
 

@@ -2,6 +2,7 @@
 
 from kiln.export import export_gguf
 from kiln.smk import setup_log, use_cores
+from kiln.spec import EvaluateSettings, ExportSettings
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
@@ -12,7 +13,7 @@ export_gguf(
     sm.output.gguf,
     sm.output.report,
     sm.wildcards.qtype,
-    sm.params.export,
-    sm.params.evaluate,
+    ExportSettings.coerce(sm.params.export),
+    EvaluateSettings.coerce(sm.params.evaluate),
     sm.log[0],
 )

@@ -1,6 +1,6 @@
 """Rule publish: merged model + manifest -> the shippable folder with its model card (README.md)."""
 
-from kiln.pages import publish
+from kiln.card import publish
 from kiln.smk import setup_log
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)

@@ -1,6 +1,7 @@
 """Rule tokenize: dataset x base-model tokenizer -> token ids and loss masks (Arrow)."""
 
 from kiln.smk import setup_log
+from kiln.spec import TokenizeSettings
 from kiln.tokenize import tokenize_dataset
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
@@ -10,6 +11,6 @@ tokenize_dataset(
     sm.input.base,
     sm.output.tokenized,
     sm.output.stats,
-    sm.params.settings,
+    TokenizeSettings.coerce(sm.params.settings),
     cache_dir=sm.params.cache,
 )

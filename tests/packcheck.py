@@ -14,11 +14,14 @@ from conftest import train_outputs
 def packed_job(base_dir: Path, dataset_dir: Path, folder: Path, max_seq_len: int = 512, **training):
     """kiln.train's TrainingJob on packed tokens of ``dataset_dir``, set up and with its trainer built."""
     from kiln.config import training_settings
+    from kiln.spec import TokenizeSettings
     from kiln.tokenize import tokenize_dataset
     from kiln.train import TrainingJob
 
     tokenize = {"max_seq_len": max_seq_len, "assistant_only_loss": True, "packing": True}
-    tokenize_dataset(dataset_dir, base_dir, folder / "packed", folder / "packed.json", tokenize)
+    tokenize_dataset(
+        dataset_dir, base_dir, folder / "packed", folder / "packed.json", TokenizeSettings.from_dict(tokenize)
+    )
     settings = {
         "max_steps": 2,
         "eval_steps": 0,
@@ -121,6 +124,7 @@ def base_and_dataset(folder: Path) -> tuple[Path, Path]:
     from kiln.clean import clean_shard
     from kiln.dataset import build_dataset
     from kiln.sources import canonical_rows, write_raw
+    from kiln.spec import CleanSettings
     from kiln.synthetic import ANSWER_SCHEMA, generate
 
     cfg = tiny_config()
@@ -130,7 +134,13 @@ def base_and_dataset(folder: Path) -> tuple[Path, Path]:
     items = ((i, r, __import__("json").dumps(r), None) for i, r in enumerate(records, 1))
     write_raw(canonical_rows(items, source="synthetic", file="t", fmt="auto", columns={}), folder / "raw.parquet")
     clean = {"min_chars": 10, "max_chars": 4000, "answer_schema": ANSWER_SCHEMA}
-    clean_shard(folder / "raw.parquet", folder / "clean.parquet", folder / "rej.parquet", folder / "c.json", clean)
+    clean_shard(
+        folder / "raw.parquet",
+        folder / "clean.parquet",
+        folder / "rej.parquet",
+        folder / "c.json",
+        CleanSettings.from_dict(clean),
+    )
     build = {"near_dedup": False, "near_dedup_threshold": 0.9, "validation": 0.1, "test": 0.1, "seed": 0}
     build["contamination_audit"] = False
     build_dataset([str(folder / "clean.parquet")], folder / "dataset", folder / "b.parquet", folder / "b.json", build)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from kiln.clean import CleanError, clean_table
 from kiln.records import stable_id
+from kiln.spec import CleanSettings
 from kiln.synthetic import ANSWER_SCHEMA, generate
 from kiln.tables import RAW_SCHEMA
 
@@ -49,7 +50,7 @@ def test_text_operations():
             chat("Cafe\u0301 mail me at a.b@example.com or +1 (555) 010-9999", "fine"),
         ]
     )
-    clean, rejected, stats = clean_table(table, {"mask_pii": True})
+    clean, rejected, stats = clean_table(table, CleanSettings(mask_pii=True))
     assert rejected.num_rows == 0
     turns = clean.column("messages").to_pylist()
     assert turns[0][0]["content"] == "Tom & Jerry say hi\n\nbye"
@@ -76,7 +77,7 @@ def test_every_reason():
     ]
     table = raw_table(records, errors={9: "malformed JSON at column 2: x"})
     clean, rejected, stats = clean_table(
-        table, {"min_chars": 20, "max_chars": 400, "answer_schema": SCHEMA, "drop_patterns": ["SECRET"]}
+        table, CleanSettings(min_chars=20, max_chars=400, answer_schema=SCHEMA, drop_patterns=["SECRET"])
     )
     reasons = dict(zip(rejected.column("row").to_pylist(), rejected.column("reason").to_pylist(), strict=True))
     assert reasons == {
@@ -99,10 +100,10 @@ def test_every_reason():
 
 def test_query_filter_and_a_bad_query_is_a_clear_error():
     table = raw_table([chat("a b c d e", "ok"), chat("a", "ok"), chat("a b", "ok")])
-    clean, rejected, _ = clean_table(table, {"query": "n_chars > 4"})
+    clean, rejected, _ = clean_table(table, CleanSettings(query="n_chars > 4"))
     assert clean.num_rows == 2 and rejected.column("reason").to_pylist() == ["query"]
     with pytest.raises(CleanError, match="clean.query: 'nope > 1': 'nope' is not a column.*columns available"):
-        clean_table(table, {"query": "nope > 1"})
+        clean_table(table, CleanSettings(query="nope > 1"))
 
 
 messy_text = st.text(alphabet=st.sampled_from(list('ab &;#\t\n\x00\x07 é<>{}":1')), max_size=30)
@@ -113,7 +114,7 @@ messy_text = st.text(alphabet=st.sampled_from(list('ab &;#\t\n\x00\x07 é<>{}":1
 def test_raw_rows_equal_clean_plus_rejected(rows, min_chars):
     records = [chat(u, a) if ok else [{"role": "user", "content": u}] for u, a, ok in rows]
     table = raw_table(records)
-    clean, rejected, stats = clean_table(table, {"min_chars": min_chars, "max_chars": 40})
+    clean, rejected, stats = clean_table(table, CleanSettings(min_chars=min_chars, max_chars=40))
     assert clean.num_rows + rejected.num_rows == table.num_rows
     assert sorted(clean.column("row").to_pylist() + rejected.column("row").to_pylist()) == list(
         range(1, table.num_rows + 1)
@@ -123,7 +124,7 @@ def test_raw_rows_equal_clean_plus_rejected(rows, min_chars):
 
 def test_synthetic_mess_is_caught():
     recs = [r["messages"] for r in generate(1500, seed=1, mess_rate=0.4)]
-    clean, rejected, stats = clean_table(raw_table(recs), {"max_chars": 4000, "answer_schema": SCHEMA})
+    clean, rejected, stats = clean_table(raw_table(recs), CleanSettings(max_chars=4000, answer_schema=SCHEMA))
     found = set(stats["rejected_by_reason"])
     assert {"duplicate", "empty_answer", "too_long", "invalid_json", "answer_schema"} <= found
     for msgs in clean.column("messages").to_pylist():
@@ -187,7 +188,7 @@ def test_pii_masking_leaves_dates_and_numbers_and_never_rejects_a_good_answer():
             ),
         ]
     )
-    clean, rejected, stats = clean_table(table, {"mask_pii": True, "answer_schema": schema})
+    clean, rejected, stats = clean_table(table, CleanSettings(mask_pii=True, answer_schema=schema))
     assert rejected.num_rows == 0, rejected.to_pylist()
     first, second = clean.column("messages").to_pylist()
     assert first[0]["content"] == "Order 12345678 shipped 2025-06-01; call [PHONE] or write to [EMAIL]"
@@ -199,8 +200,11 @@ def test_pii_masking_leaves_dates_and_numbers_and_never_rejects_a_good_answer():
 
 def test_pii_region_reads_local_numbers():
     table = raw_table([chat("call 020 7946 0958 today", "ok")])
-    assert "[PHONE]" not in clean_table(table, {"mask_pii": True})[0].column("messages").to_pylist()[0][0]["content"]
-    gb = clean_table(table, {"mask_pii": True, "pii_region": "GB"})[0]
+    assert (
+        "[PHONE]"
+        not in clean_table(table, CleanSettings(mask_pii=True))[0].column("messages").to_pylist()[0][0]["content"]
+    )
+    gb = clean_table(table, CleanSettings(mask_pii=True, pii_region="GB"))[0]
     assert gb.column("messages").to_pylist()[0][0]["content"] == "call [PHONE] today"
 
 
@@ -252,7 +256,7 @@ ORDER_SCHEMA = {
 )
 def test_answer_schema_as_json_schema(answer, reason, detail):
     clean, rejected, _ = clean_table(
-        raw_table([chat("an order for a lamp please", answer)]), {"answer_schema": ORDER_SCHEMA}
+        raw_table([chat("an order for a lamp please", answer)]), CleanSettings(answer_schema=ORDER_SCHEMA)
     )
     if reason is None:
         assert clean.num_rows == 1 and rejected.num_rows == 0
@@ -281,4 +285,4 @@ def test_an_unknown_pii_region_is_refused_not_ignored():
     from kiln.clean import CleanError
 
     with pytest.raises(CleanError, match="clean.pii_region: 'ZZ' is not a region"):
-        clean_table(raw_table([chat("call (415) 555-2671", "ok")]), {"mask_pii": True, "pii_region": "ZZ"})
+        clean_table(raw_table([chat("call (415) 555-2671", "ok")]), CleanSettings(mask_pii=True, pii_region="ZZ"))

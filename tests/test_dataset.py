@@ -8,6 +8,7 @@ from test_clean import chat, raw_table
 
 from kiln.clean import clean_table
 from kiln.dataset import build_dataset, split_by_hash
+from kiln.spec import TokenizeSettings
 
 BUILD = {"near_dedup": False, "near_dedup_threshold": 0.8, "validation": 0.1, "test": 0.1, "seed": 0}
 
@@ -84,7 +85,7 @@ def test_an_empty_split_is_saved_loadable_and_tokenized(tmp_path):
         TOKENIZER,
         tmp_path / "tok",
         tmp_path / "t.json",
-        {"max_seq_len": 64, "assistant_only_loss": True, "packing": False},
+        TokenizeSettings(max_seq_len=64, assistant_only_loss=True, packing=False),
     )
     assert tok["splits"]["validation"]["rows_kept"] == 0 and tok["splits"]["train"]["rows_kept"] > 0
     assert len(datasets.load_from_disk(str(tmp_path / "tok"))["validation"]) == 0

@@ -165,12 +165,19 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
 def test_packed_rows_on_two_processes_train_like_one(tiny_run, tmp_path):
     """Packed rows under DDP (2 CPU processes, gloo): Kiln's padding-free collator and the isolation
     check run in every process, and the losses are one process's (same packed rows a step)."""
+    from kiln.spec import TokenizeSettings
     from kiln.tokenize import tokenize_dataset
 
     tokenize = {"max_seq_len": 512, "assistant_only_loss": True, "packing": True}
     packed = tmp_path / "packed"
     base = tiny_run.path("base/tiny")
-    tokenize_dataset(tiny_run.path("data/orders/dataset"), base, packed, tmp_path / "packed.json", tokenize)
+    tokenize_dataset(
+        tiny_run.path("data/orders/dataset"),
+        base,
+        packed,
+        tmp_path / "packed.json",
+        TokenizeSettings.from_dict(tokenize),
+    )
     settings = {
         **training_settings(),
         **tiny_run.config["experiments"]["tiny"]["training"],

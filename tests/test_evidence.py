@@ -56,15 +56,16 @@ def test_a_gguf_whose_tokens_differ_names_the_prompt_and_both_token_sequences(ti
     """The tiny merged model with the tokenizer Kiln had before issue 24 (a plain ByteLevel
     pre-tokenizer): llama.cpp splits `\\n\\n6` otherwise, and the failure shows where, from a file
     that survives."""
-    import kiln.evaluate
+    import kiln.prompts
     from kiln.export import ExportError, export_gguf
+    from kiln.spec import EvaluateSettings, ExportSettings
 
     merged = tmp_path / "merged"
     shutil.copytree(tiny_run.path("tiny/merged"), merged)
     data = json.loads((merged / "tokenizer.json").read_text())
     data["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
     (merged / "tokenizer.json").write_text(json.dumps(data))
-    monkeypatch.setattr(kiln.evaluate, "evaluation_prompts", lambda *a: ["How many?\n\n6 plums\n9 lemons", "hi"])
+    monkeypatch.setattr(kiln.prompts, "evaluation_prompts", lambda *a: ["How many?\n\n6 plums\n9 lemons", "hi"])
     log = tmp_path / "logs" / "export_gguf" / "tiny-q8_0.log"
     with pytest.raises(ExportError) as e:
         export_gguf(
@@ -73,8 +74,8 @@ def test_a_gguf_whose_tokens_differ_names_the_prompt_and_both_token_sequences(ti
             str(tmp_path / "m.gguf"),
             str(tmp_path / "v.json"),
             "q8_0",
-            {},
-            {},
+            ExportSettings(),
+            EvaluateSettings(),
             str(log),
         )
     text = str(e.value)

@@ -205,8 +205,8 @@ def test_evaluation_decodes_in_parallel_slots_with_the_same_answers(tiny_run):
     import datasets
     from transformers import AutoTokenizer
 
-    from kiln.evaluate import prompts_and_references
     from kiln.llamacpp import LlamaCpp, generate
+    from kiln.prompts import prompts_and_references
 
     tok = AutoTokenizer.from_pretrained(tiny_run.path("tiny/model"))
     test = datasets.load_from_disk(str(tiny_run.path("data/orders/dataset")))["test"]

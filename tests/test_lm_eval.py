@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kiln.evaluate import run_lm_eval
+from kiln.harness import run_lm_eval
 
 QUESTIONS = [
     ("The kiln fires clay into", ["pottery", "water", "music"], 0),

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from kiln.backends import resolve_backend, resolve_dtype
 from kiln.base_model import ModelSourceError, load_source, prepare_base_model
 from kiln.config import training_settings
-from kiln.evaluate import score
 from kiln.merge import merge_adapter
+from kiln.scoring import score
+from kiln.spec import TokenizeSettings
 
 
 def test_hub_model_offline_fails_at_once_with_a_clear_message(monkeypatch):
@@ -171,7 +172,7 @@ def test_scores_for_json_and_for_free_text():
 def test_rouge_l_keeps_words_outside_ascii():
     """rouge-score's own tokenizer drops non-ASCII letters: a German or Chinese answer would score 0
     (or too high) against itself."""
-    from kiln.evaluate import rouge_l
+    from kiln.scoring import rouge_l
 
     assert rouge_l(["Grüße aus Köln", "你好 世界"], ["Grüße aus Köln", "你好 世界"]) == 1.0
     assert rouge_l(["Grüße aus Köln"], ["Grüße aus Bonn"]) == pytest.approx(2 / 3)
@@ -188,7 +189,7 @@ def test_packed_rows_train_with_the_lean_step(tiny_run, tmp_path):
         tiny_run.path("base/tiny"),
         packed,
         tmp_path / "packed.json",
-        {"max_seq_len": 512, "assistant_only_loss": True, "packing": True},
+        TokenizeSettings(max_seq_len=512, assistant_only_loss=True, packing=True),
     )
     assert stats["splits"]["train"]["packed_sequences"] < stats["splits"]["train"]["rows_kept"]
     settings = {
@@ -205,7 +206,7 @@ def test_packed_rows_train_with_the_lean_step(tiny_run, tmp_path):
         str(tiny_run.path("base/tiny")),
         **train_outputs(tmp_path),
         settings=settings,
-        tokenize={"max_seq_len": 512, "assistant_only_loss": True, "packing": True},
+        tokenize=TokenizeSettings(max_seq_len=512, assistant_only_loss=True, packing=True),
         data_fingerprints={"train": "x"},
         experiment="packed",
     )
@@ -333,11 +334,12 @@ def test_lm_head_loss_resolves_with_its_reason():
 
 
 def test_one_pass_loss_and_generation_equal_the_separate_ones(tiny_run):
-    """kiln.evaluate.loss_and_generate (one forward scores the answers and leaves the prompts in the
+    """kiln.passes.loss_and_generate (one forward scores the answers and leaves the prompts in the
     cache, generation continues from it) gives masked_loss's loss and generate's answers."""
     import datasets
 
-    from kiln.evaluate import generate, loss_and_generate, masked_loss, prompts_and_references, shared_prompt_rows
+    from kiln.passes import generate, loss_and_generate, masked_loss, shared_prompt_rows
+    from kiln.prompts import prompts_and_references
 
     model, tok = _tiny_merged(tiny_run)
     test = datasets.load_from_disk(str(tiny_run.path("data/orders/dataset")))["test"]

@@ -67,9 +67,9 @@ def _sharp_model_and_rows(tiny_run, sharp_base, n: int = 6):
 
 
 def test_evaluation_and_regression_losses_are_each_rows_loss_alone(tiny_run, sharp_base):
-    """kiln.evaluate.masked_loss (the evaluation loss without generation, and every regression set):
+    """kiln.passes.masked_loss (the evaluation loss without generation, and every regression set):
     a padded batch of rows of different lengths scores what each row scores alone."""
-    from kiln.evaluate import masked_loss
+    from kiln.passes import masked_loss
 
     model, tokenizer, rows = _sharp_model_and_rows(tiny_run, sharp_base)
     assert len({len(x) for x in rows["input_ids"]}) > 1  # rows of different lengths: padding in play
@@ -80,9 +80,9 @@ def test_evaluation_and_regression_losses_are_each_rows_loss_alone(tiny_run, sha
 
 
 def test_evaluation_loss_and_generation_batched_are_each_rows_alone(tiny_run, sharp_base):
-    """kiln.evaluate.loss_and_generate (left-padded prompts, answers after them, the cache reused for
+    """kiln.passes.loss_and_generate (left-padded prompts, answers after them, the cache reused for
     generation): the loss and the greedy outputs of a batch are those of each row alone."""
-    from kiln.evaluate import loss_and_generate
+    from kiln.passes import loss_and_generate
 
     model, tokenizer, rows = _sharp_model_and_rows(tiny_run, sharp_base)
     shared = []
@@ -118,12 +118,15 @@ def test_packed_tokens_keep_the_test_split_unpacked_and_regression_sets_unpack(t
     import datasets
 
     from kiln.evaluate import regression_rows
+    from kiln.spec import TokenizeSettings
     from kiln.tokenize import tokenize_dataset
 
     base, dataset = tiny_run.path("base/tiny"), tiny_run.path("data/orders/dataset")
     for packing in (False, True):
         settings = {"max_seq_len": 512, "assistant_only_loss": True, "packing": packing}
-        tokenize_dataset(dataset, base, tmp_path / str(packing), tmp_path / f"{packing}.json", settings)
+        tokenize_dataset(
+            dataset, base, tmp_path / str(packing), tmp_path / f"{packing}.json", TokenizeSettings.from_dict(settings)
+        )
     plain = datasets.load_from_disk(str(tmp_path / "False"))
     packed = datasets.load_from_disk(str(tmp_path / "True"))
     assert "seq_lengths" in packed["train"].column_names and len(packed["train"]) < len(plain["train"])

@@ -16,6 +16,7 @@ from kiln.clean import CleanError, clean_table
 from kiln.config import ConfigError, validate
 from kiln.repro import reproduce
 from kiln.rowfilter import FilterError, parse_filter
+from kiln.spec import CleanSettings
 from kiln.tables import RAW_SCHEMA
 
 COLUMNS = ("n_chars", "n_turns", "kind", "source")
@@ -89,9 +90,9 @@ def _raw(n: int = 3) -> pa.Table:
 def test_the_clean_stage_refuses_a_payload_with_a_clear_message(tmp_path):
     marker = tmp_path / "pwned"
     with pytest.raises(CleanError, match=r"clean.query: .*does not parse.*'@' variables are not supported"):
-        clean_table(_raw(), {"query": payloads(marker)[0]})
+        clean_table(_raw(), CleanSettings(query=payloads(marker)[0]))
     assert not marker.exists()
-    clean, rejected, _ = clean_table(_raw(), {"query": "n_chars > 12"})  # 12, 13, 14 chars
+    clean, rejected, _ = clean_table(_raw(), CleanSettings(query="n_chars > 12"))  # 12, 13, 14 chars
     assert clean.num_rows == 2 and rejected.column("reason").to_pylist() == ["query"]
 
 

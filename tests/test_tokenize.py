@@ -1,9 +1,11 @@
+import dataclasses
 import json
 
 import datasets
 from conftest import TOKENIZER
 from transformers import AutoTokenizer
 
+from kiln.spec import TokenizeSettings
 from kiln.tokenize import tokenize_batch, tokenize_dataset
 
 TOK = AutoTokenizer.from_pretrained(str(TOKENIZER))
@@ -58,7 +60,7 @@ def test_tokenize_dataset_reports_truncation_and_drops_rows_left_without_loss(tm
         TOKENIZER,
         tmp_path / "tok",
         tmp_path / "s.json",
-        {"max_seq_len": 80, "assistant_only_loss": True, "packing": False},
+        TokenizeSettings(max_seq_len=80, assistant_only_loss=True, packing=False),
     )
     train = stats["splits"]["train"]
     assert train["truncated"] == 1 and train["rows_kept"] == 1
@@ -73,7 +75,7 @@ def test_packing_uses_trl_and_keeps_masks_aligned(tmp_path):
         TOKENIZER,
         tmp_path / "tok",
         tmp_path / "s.json",
-        {"max_seq_len": 128, "assistant_only_loss": True, "packing": True},
+        TokenizeSettings(max_seq_len=128, assistant_only_loss=True, packing=True),
     )
     packed = datasets.load_from_disk(str(tmp_path / "tok"))["train"]
     assert stats["splits"]["train"]["packed_sequences"] == len(packed) < 6
@@ -84,7 +86,7 @@ def test_packing_uses_trl_and_keeps_masks_aligned(tmp_path):
 def test_cache_tokenizes_only_new_rows_and_gives_identical_output(tmp_path):
     rows = [CHAT]
     rows += [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(20)]
-    settings = {"max_seq_len": 64, "assistant_only_loss": True, "packing": False}
+    settings = TokenizeSettings(max_seq_len=64, assistant_only_loss=True, packing=False)
 
     def build(rows, name):
         ds = datasets.Dataset.from_list(
@@ -119,7 +121,7 @@ def test_cache_tokenizes_only_new_rows_and_gives_identical_output(tmp_path):
         TOKENIZER,
         tmp_path / "t4",
         tmp_path / "s4.json",
-        {**settings, "max_seq_len": 32},
+        dataclasses.replace(settings, max_seq_len=32),
         cache_dir=cache,
     )
     assert other["splits"]["train"]["rows_from_cache"] == 0

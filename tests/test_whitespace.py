@@ -16,11 +16,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kiln.spec import CleanSettings
 from kiln.textfix import clean_text
 
 
 def clean(text: str) -> str:
-    return clean_text(pa.array([text]), {})[0][0].as_py()
+    return clean_text(pa.array([text]), CleanSettings())[0][0].as_py()
 
 
 def fenced_code(text: str) -> list[str]:

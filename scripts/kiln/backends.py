@@ -55,8 +55,7 @@ def resolve_dtype(requested: str):
     return torch.float32
 
 
-def lora_config(settings):
-    s = TrainingSettings.coerce(settings)
+def lora_config(s: TrainingSettings):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -77,10 +76,9 @@ def bnb_config(dtype):
     )
 
 
-def load_hf(base_dir: str, settings, dtype, attn_implementation: str | None = None):
+def load_hf(base_dir: str, s: TrainingSettings, dtype, attn_implementation: str | None = None):
     """(model, peft_config): TRL applies the LoRA config (and k-bit preparation) itself.
     ``attn_implementation``: packed training's kernel (kiln.packing.plan_attention), else the model's default."""
-    s = TrainingSettings.coerce(settings)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -94,9 +92,8 @@ def load_hf(base_dir: str, settings, dtype, attn_implementation: str | None = No
     return model, lora_config(s)
 
 
-def load_unsloth(base_dir: str, settings, dtype, max_seq_len: int):
+def load_unsloth(base_dir: str, s: TrainingSettings, dtype, max_seq_len: int):
     """(model, None): the model comes back already wrapped with LoRA by Unsloth."""
-    s = TrainingSettings.coerce(settings)
     from unsloth import FastLanguageModel  # noqa: I001 (must precede transformers in this process)
 
     model, _ = FastLanguageModel.from_pretrained(

@@ -119,9 +119,9 @@ def content_hashes(messages: pa.ListArray) -> np.ndarray:
     return np.array([None if v is None else digest(v) for v in joined.cast(pa.binary()).to_pylist()], dtype=object)
 
 
-def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, pa.Table, dict]:
+def clean_table(raw: pa.Table, settings: CleanSettings | None = None) -> tuple[pa.Table, pa.Table, dict]:
     """Clean a canonical raw table; return (clean, rejected, stats)."""
-    opt = CleanSettings.coerce(settings or {})
+    opt = CleanSettings() if settings is None else settings
     n = raw.num_rows
     messages = raw.column("messages").combine_chunks()
     if isinstance(messages, pa.ChunkedArray) or n == 0:
@@ -295,7 +295,11 @@ def clean_table(raw: pa.Table, settings: dict | None = None) -> tuple[pa.Table, 
 
 
 def clean_shard(
-    raw_path: str | Path, clean_path: str | Path, rejected_path: str | Path, stats_path: str | Path, settings: dict
+    raw_path: str | Path,
+    clean_path: str | Path,
+    rejected_path: str | Path,
+    stats_path: str | Path,
+    settings: CleanSettings,
 ) -> dict:
     # The original text stays in the raw shard (lineage reads it there): not read, not copied.
     columns = [name for name in pq.read_schema(raw_path).names if name != "raw"]

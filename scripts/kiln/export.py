@@ -30,6 +30,7 @@ from pathlib import Path
 from kiln.base_model import sha256_file  # the project's one file hash (tests import it from here too)
 from kiln.evidence import write_report
 from kiln.llamacpp import LlamaCpp, token_parity
+from kiln.spec import EvaluateSettings, ExportSettings
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +296,8 @@ def export_gguf(
     out_path: str,
     report_path: str,
     qtype: str,
-    export: dict,
-    evaluate: dict,
+    export: ExportSettings,
+    evaluate: EvaluateSettings,
     log_path: str | None = None,
 ) -> dict:
     """Convert, then verify against the merged model; the report is written either way, and the
@@ -307,12 +308,10 @@ def export_gguf(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kiln.evaluate import evaluation_prompts
-    from kiln.merge import validation_prompts
     from kiln.progress import Phases
-    from kiln.spec import ExportSettings
+    from kiln.prompts import evaluation_prompts, validation_prompts
 
-    s = ExportSettings.coerce(export)
+    s = export
     phases = Phases(f"export {Path(merged_dir).parent.name} {qtype}", ["convert", "metadata", "token ids", "log-probs"])
     converter = find_converter(s.converter)
     t0 = time.perf_counter()

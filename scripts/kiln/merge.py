@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kiln.evidence import write_report
 from kiln.progress import Phases
+from kiln.prompts import check_prompt, validation_prompts
 from kiln.spec import read_adapter_spec
 
 log = logging.getLogger(__name__)
@@ -48,41 +49,6 @@ def load_base(base_dir: str, onto: str, device: str):
         base_dir, dtype=torch.float32, quantization_config=bnb_config(torch.float32), device_map={"": device}
     )
     return quantized.dequantize().to(torch.float32)
-
-
-def _validation_rows(dataset_dir: str, n: int):
-    """The dataset's first n validation rows (train's where validation is empty)."""
-    import datasets
-
-    datasets.disable_caching()  # no cache-*.arrow files written into another rule's output
-
-    dd = datasets.load_from_disk(dataset_dir)
-    split = dd["validation"] if len(dd["validation"]) else dd["train"]
-    return split.select(range(min(n, len(split))))
-
-
-def validation_prompts(dataset_dir: str, tokenizer, n: int) -> list[str]:
-    rows = _validation_rows(dataset_dir, n)
-    return [
-        tokenizer.apply_chat_template(m, tokenize=False) if k == "chat" else m[0]["content"]
-        for m, k in zip(rows["messages"], rows["kind"], strict=True)
-    ]
-
-
-def check_prompt(dataset_dir: str, tokenizer) -> tuple[str, int]:
-    """The pipeline check's prompt and new-token budget: the first validation conversation's turns
-    before its answer (what the model was trained to answer and then end), with room for the
-    reference answer and 16 tokens more. A task-specific model need not end an off-task turn: the
-    "Say hello." used before found a 48-step default adapter repeating itself for 48 tokens (a
-    56-step one stopped), which says nothing about the saved end-of-turn settings this checks. No
-    conversation (a plain-text task): that generic prompt and 48 tokens."""
-    for row in _validation_rows(dataset_dir, 32):
-        if row["kind"] == "chat" and len(row["messages"]) >= 2:
-            prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
-            answer = tokenizer(row["messages"][-1]["content"], add_special_tokens=False)["input_ids"]
-            return prompt, len(answer) + 16
-    generic = [{"role": "user", "content": "Say hello."}]
-    return tokenizer.apply_chat_template(generic, tokenize=False, add_generation_prompt=True), 48
 
 
 def _logits(model, batch):

@@ -170,7 +170,9 @@ def normalize_layout_text(text: str) -> str:
     return text
 
 
-def clean_text(content: pa.Array, settings, examples: dict | None = None) -> tuple[pa.Array, dict[str, np.ndarray]]:
+def clean_text(
+    content: pa.Array, settings: CleanSettings, examples: dict | None = None
+) -> tuple[pa.Array, dict[str, np.ndarray]]:
     """Apply the text operations to an Arrow string array; return it and per-op change flags.
     (PII masking is separate, mask_pii: it runs after the answer checks.) `examples`, when given,
     gets each step's first two changes as {"before", "after"} (cut at EXAMPLE_CHARS).
@@ -184,7 +186,7 @@ def clean_text(content: pa.Array, settings, examples: dict | None = None) -> tup
     kernels behind pandas' string methods, on those turns only, each again on the subset it could
     change, and the fixed strings go back into the full array once.
     """
-    opt = CleanSettings.coerce(settings)
+    opt = settings
     content = content.cast(pa.string())
     n = len(content)
     check_unicode = opt.unicode_form != "none"

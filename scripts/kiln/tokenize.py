@@ -172,9 +172,8 @@ class TokenCache:
         (self.dir / "key.txt").write_text(self.key)
 
 
-def tokenize_rows(rows: pa.Table, tokenizer, settings: dict, batch_size: int = 1000) -> pa.Table:
+def tokenize_rows(rows: pa.Table, tokenizer, s: TokenizeSettings, batch_size: int = 1000) -> pa.Table:
     """Tokenize rows in batches straight into Arrow columns; truncation is one vectorised cut."""
-    s = TokenizeSettings.coerce(settings)
     max_len, parts = s.max_seq_len, []
     for batch in rows.select(["kiln_id", "content_hash", "kind", "messages"]).to_batches(batch_size):
         data = batch.to_pydict()
@@ -197,7 +196,7 @@ def tokenize_rows(rows: pa.Table, tokenizer, settings: dict, batch_size: int = 1
     return pa.concat_tables(parts) if parts else TOKENS_SCHEMA.empty_table()
 
 
-def tokenize_split(ds, tokenizer, settings: dict, cache: TokenCache) -> tuple[pa.Table, pa.Table]:
+def tokenize_split(ds, tokenizer, settings: TokenizeSettings, cache: TokenCache) -> tuple[pa.Table, pa.Table]:
     """(tokens of every row in order, the rows tokenized now): cached rows are reused."""
     ds = ds.flatten_indices() if ds._indices is not None else ds
     rows = ds.data.table
@@ -221,23 +220,22 @@ def tokenize_dataset(
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     stats_path: str | Path,
-    settings: dict,
+    settings: TokenizeSettings,
     cache_dir: str | Path | None = None,
 ) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
-    s = TokenizeSettings.coerce(settings)
-    settings = s.to_dict()  # the token cache is keyed by the settings as data
+    s = settings
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     if not tokenizer.is_fast:
         raise ValueError(f"{tokenizer_dir}: Kiln needs a fast tokenizer (character offsets for the loss mask)")
     dd = datasets.load_from_disk(str(dataset_dir))
-    cache = TokenCache(cache_dir, tokenizer_dir, settings)
+    cache = TokenCache(cache_dir, tokenizer_dir, s.to_dict())  # keyed by the settings as data
     out, fresh = {}, []
     stats = {"max_seq_len": s.max_seq_len, "packing": s.packing, "splits": {}}
     for split, ds in dd.items():
-        table, new = tokenize_split(ds, tokenizer, settings, cache)
+        table, new = tokenize_split(ds, tokenizer, s, cache)
         fresh.append(new)
         n_tokens = table.column("n_tokens").to_numpy()
         masks = table.column("assistant_masks").combine_chunks()
