@@ -335,7 +335,7 @@ def campaign(
         missed = kill.target != PARSE and kill.after is None and kill.target not in kill.running
         if missed and sum(k.target == kill.target and k.retry_of is not None for k in kills) < RETRIES:
             again = Kill(kill.target, round(kill.fraction / 2, 3), retry_of=kill.fraction)
-            kills.insert(kills.index(kill) + 1, again)
+            kills.insert(next(i for i, k in enumerate(kills) if k is kill) + 1, again)  # this kill, not an equal one
             queue.insert(0, again)
     if run is not None:
         rc = run.finish(timeout=1800)
