@@ -39,7 +39,7 @@ TOKENIZER = REPO / "tests" / "fixtures" / "smollm2-tokenizer"
 SCHEMA = ANSWER_SCHEMA
 # The defaults from kiln.spec, with what this benchmark sets.
 CLEAN = CleanSettings(min_chars=10, max_chars=4000, answer_schema=SCHEMA)
-BUILD = BuildSettings.defaults()
+BUILD = BuildSettings()
 TOKENIZE = {**TokenizeSettings.defaults(), "max_seq_len": 256}
 
 

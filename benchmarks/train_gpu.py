@@ -461,7 +461,7 @@ def orders_tokenized(rows: int, packing: bool, seq: int) -> Path:
     from kiln.clean import clean_shard
     from kiln.dataset import build_dataset
     from kiln.sources import canonical_rows, write_raw
-    from kiln.spec import CleanSettings, TokenizeSettings
+    from kiln.spec import BuildSettings, CleanSettings, TokenizeSettings
     from kiln.synthetic import ANSWER_SCHEMA, generate
     from kiln.tokenize import tokenize_dataset
 
@@ -482,8 +482,8 @@ def orders_tokenized(rows: int, packing: bool, seq: int) -> Path:
             base / "clean.json",
             CleanSettings.from_dict(clean),
         )
-        build = {"near_dedup": False, "near_dedup_threshold": 0.9, "validation": 0.02, "test": 0.02, "seed": 0}
-        build["contamination_audit"] = False  # speed runs: no audit (and no datasketch on the GPU image)
+        # speed runs: no audit (and no datasketch on the GPU image)
+        build = BuildSettings(validation=0.02, test=0.02, contamination_audit=False)
         build_dataset([str(base / "clean.parquet")], base / "dataset", base / "brej.parquet", base / "b.json", build)
     settings = {"max_seq_len": seq, "assistant_only_loss": True, "packing": packing}
     tokenize_dataset(

@@ -2,6 +2,7 @@
 
 from kiln.dataset import build_dataset
 from kiln.smk import setup_log
+from kiln.spec import BuildSettings
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
@@ -10,7 +11,7 @@ build_dataset(
     sm.output.dataset,
     sm.output.rejected,
     sm.output.stats,
-    sm.params.settings,
+    BuildSettings.coerce(sm.params.settings),
     mixture=dict(sm.params.mixture),
     data_dir=sm.params.data_dir,
 )

@@ -124,7 +124,7 @@ def base_and_dataset(folder: Path) -> tuple[Path, Path]:
     from kiln.clean import clean_shard
     from kiln.dataset import build_dataset
     from kiln.sources import canonical_rows, write_raw
-    from kiln.spec import CleanSettings
+    from kiln.spec import BuildSettings, CleanSettings
     from kiln.synthetic import ANSWER_SCHEMA, generate
 
     cfg = tiny_config()
@@ -141,7 +141,6 @@ def base_and_dataset(folder: Path) -> tuple[Path, Path]:
         folder / "c.json",
         CleanSettings.from_dict(clean),
     )
-    build = {"near_dedup": False, "near_dedup_threshold": 0.9, "validation": 0.1, "test": 0.1, "seed": 0}
-    build["contamination_audit"] = False
+    build = BuildSettings(validation=0.1, test=0.1, contamination_audit=False)
     build_dataset([str(folder / "clean.parquet")], folder / "dataset", folder / "b.parquet", folder / "b.json", build)
     return base, folder / "dataset"

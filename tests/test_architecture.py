@@ -11,14 +11,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import architecture  # noqa: E402
 
-# Over the limits as of 2026-12-02 (lines, or parameters): each may shrink or go, none may grow.
+# Over the limits as of 2026-12-03 (lines, or parameters): each may shrink or go, none may grow.
 LONG_MODULES = {"config": 433}
 LONG_FUNCTIONS = {
-    "clean.clean_table": 173,
-    "dataset.build_dataset": 144,
     "merge.merge_adapter": 116,
     "trainer.sft_trainer_class": 110,
-    "textfix.clean_text": 106,
     "manifest.build_manifest": 93,
     "export.export_gguf": 85,
 }

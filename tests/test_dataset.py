@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import datasets
 import pyarrow.parquet as pq
@@ -8,9 +9,9 @@ from test_clean import chat, raw_table
 
 from kiln.clean import clean_table
 from kiln.dataset import build_dataset, split_by_hash
-from kiln.spec import TokenizeSettings
+from kiln.spec import BuildSettings, TokenizeSettings
 
-BUILD = {"near_dedup": False, "near_dedup_threshold": 0.8, "validation": 0.1, "test": 0.1, "seed": 0}
+BUILD = BuildSettings(near_dedup=False, near_dedup_threshold=0.8, validation=0.1, test=0.1, seed=0)
 
 
 @settings(max_examples=50, deadline=None)
@@ -62,7 +63,7 @@ def test_near_duplicates_are_removed_when_asked(tmp_path):
         [chat(base, "ok"), chat(base + " extra", "ok"), chat("something entirely different about bikes", "ok")],
     )
     stats = build_dataset(
-        [shard], tmp_path / "ds", tmp_path / "rej.parquet", tmp_path / "s.json", {**BUILD, "near_dedup": True}
+        [shard], tmp_path / "ds", tmp_path / "rej.parquet", tmp_path / "s.json", replace(BUILD, near_dedup=True)
     )
     assert stats["rejected_by_reason"] == {"near_duplicate": 1}
 
@@ -75,7 +76,7 @@ def test_an_empty_split_is_saved_loadable_and_tokenized(tmp_path):
     from kiln.tokenize import tokenize_dataset
 
     a = write_shard(tmp_path, "a", [chat(f"order {i}", "ok") for i in range(30)])
-    settings = {**BUILD, "validation": 0.0}
+    settings = replace(BUILD, validation=0.0)
     stats = build_dataset([a], tmp_path / "ds", tmp_path / "rej.parquet", tmp_path / "s.json", settings)
     assert stats["splits"]["validation"]["rows"] == 0
     dd = datasets.load_from_disk(str(tmp_path / "ds"))
@@ -148,7 +149,7 @@ def test_contamination_is_audited_and_moved_out_when_asked(tmp_path):
         text = " ".join(f"w{i}_{k}" for k in range(60))
         records += [chat(text, "ok"), chat(text + " again", "ok")]
     shard = write_shard(tmp_path, "a", records)
-    build = {**BUILD, "validation": 0.2, "test": 0.3}
+    build = replace(BUILD, validation=0.2, test=0.3)
     stats = build_dataset([shard], tmp_path / "ds", tmp_path / "rej.parquet", tmp_path / "s.json", build)
     dd = datasets.load_from_disk(str(tmp_path / "ds"))
 
@@ -163,7 +164,7 @@ def test_contamination_is_audited_and_moved_out_when_asked(tmp_path):
     assert stats["contamination"]["decontaminated"] is False
 
     clean = build_dataset(
-        [shard], tmp_path / "ds2", tmp_path / "rej2.parquet", tmp_path / "s2.json", {**build, "decontaminate": True}
+        [shard], tmp_path / "ds2", tmp_path / "rej2.parquet", tmp_path / "s2.json", replace(build, decontaminate=True)
     )
     dd2 = datasets.load_from_disk(str(tmp_path / "ds2"))
     assert not any(pair(r) in train_pairs for s in ("validation", "test") for r in dd2[s])
@@ -251,7 +252,7 @@ def test_a_deleted_source_file_leaves_listed_orphans_never_read(workflow_factory
 
 def test_the_contamination_audit_says_when_it_is_skipped(tmp_path):
     shard = write_shard(tmp_path, "a", [chat(f"order {i}", "ok") for i in range(30)])
-    build = {**BUILD, "contamination_max_rows": 10}
+    build = replace(BUILD, contamination_max_rows=10)
     stats = build_dataset([shard], tmp_path / "ds", tmp_path / "rej.parquet", tmp_path / "s.json", build)
     assert stats["contamination"]["skipped"].startswith("30 rows > build.contamination_max_rows (10)")
     assert "test" not in stats["contamination"]

@@ -119,176 +119,224 @@ def content_hashes(messages: pa.ListArray) -> np.ndarray:
     return np.array([None if v is None else digest(v) for v in joined.cast(pa.binary()).to_pylist()], dtype=object)
 
 
-def clean_table(raw: pa.Table, settings: CleanSettings | None = None) -> tuple[pa.Table, pa.Table, dict]:
-    """Clean a canonical raw table; return (clean, rejected, stats)."""
-    opt = CleanSettings() if settings is None else settings
-    n = raw.num_rows
-    messages = raw.column("messages").combine_chunks()
-    if isinstance(messages, pa.ChunkedArray) or n == 0:
-        messages = pa.array([], type=MESSAGES_TYPE) if n == 0 else messages.chunk(0)
-    parent = pc.list_parent_indices(messages).to_numpy()
-    flat = messages.flatten()
-    examples: dict[str, list[dict]] = {}
-    content, changed = clean_text(flat.field("content"), opt, examples)
-    roles = flat.field("role")
+class _Verdicts:
+    """Each row's reason and detail (None while it is still in): the first rejection stands."""
 
-    lengths = pc.fill_null(pc.utf8_length(content), 0).to_numpy(zero_copy_only=False)
-    n_chars = per_row(parent, lengths, n).astype(np.int64)
-    offsets = messages.offsets.to_numpy()
-    n_turns = np.diff(offsets)
-    has_turns = n_turns > 0
-    n_user = per_row(parent, pc.equal(roles, "user").to_numpy(zero_copy_only=False), n)
-    last = pa.array(np.where(has_turns, offsets[1:] - 1, 0)) if len(content) else pa.array([], pa.int64())
-    last_role = np.where(has_turns, roles.take(last).to_numpy(zero_copy_only=False) if len(content) else None, None)
-    last_content = content.take(last) if len(content) else pa.nulls(n, pa.string())
-    last_len = np.where(has_turns, pc.fill_null(pc.utf8_length(last_content), 0).to_numpy(zero_copy_only=False), 0)
+    def __init__(self, n: int):
+        self.reason = np.full(n, None, dtype=object)
+        self.detail = np.full(n, None, dtype=object)
 
-    kind = raw.column("kind").to_numpy(zero_copy_only=False)
-    error = raw.column("error").to_numpy(zero_copy_only=False)
-    reason = np.full(n, None, dtype=object)
-    detail = np.full(n, None, dtype=object)
+    @property
+    def open(self) -> np.ndarray:
+        return self.reason == None  # noqa: E711 (element-wise on an object array)
 
-    def reject(mask: np.ndarray, why: str, what) -> None:
-        mask = mask & (reason == None)  # noqa: E711 (element-wise on an object array)
-        reason[mask] = why
-        detail[mask] = what(mask) if callable(what) else what
+    def reject(self, mask: np.ndarray, why: str, what) -> None:
+        mask = mask & self.open
+        self.reason[mask] = why
+        self.detail[mask] = what(mask) if callable(what) else what
 
-    reject(error != None, "unreadable", lambda m: error[m])  # noqa: E711
-    chat = kind == "chat"
-    reject(chat & (n_user == 0), "missing_field", "no user turn")
-    reject(chat & (last_role != "assistant"), "missing_field", "the last turn is not an assistant answer")
-    reject(
-        chat & (last_len == 0),
-        "empty_answer",
-        "the assistant answer is empty after cleaning",
-    )
-    reject((kind == "text") & (n_chars == 0), "empty_text", "the text is empty after cleaning")
-    reject(
-        n_chars < opt.min_chars,
-        "too_short",
-        lambda m: [f"{c} chars < min_chars {opt.min_chars}" for c in n_chars[m]],
-    )
-    reject(
-        n_chars > opt.max_chars,
-        "too_long",
-        lambda m: [f"{c} chars > max_chars {opt.max_chars}" for c in n_chars[m]],
-    )
+    def reject_problems(self, rows, check) -> None:
+        """Run ``check(i)`` (None or 'reason|detail') on each row of ``rows``."""
+        for i in rows:
+            problem = check(int(i))
+            if problem:
+                self.reason[i], self.detail[i] = problem.split("|", 1)
+
+
+class _Shard:
+    """One raw shard's turns flattened, and what each row measures after text cleaning."""
+
+    def __init__(self, raw: pa.Table, opt: CleanSettings):
+        self.raw, self.n = raw, raw.num_rows
+        messages = raw.column("messages").combine_chunks()
+        if isinstance(messages, pa.ChunkedArray) or self.n == 0:
+            messages = pa.array([], type=MESSAGES_TYPE) if self.n == 0 else messages.chunk(0)
+        self.messages = messages
+        self.parent = pc.list_parent_indices(messages).to_numpy()
+        flat = messages.flatten()
+        self.examples: dict[str, list[dict]] = {}
+        self.content, self.changed = clean_text(flat.field("content"), opt, self.examples)
+        self.roles = flat.field("role")
+        self.measure_chars()
+        offsets = messages.offsets.to_numpy()
+        self.n_turns = np.diff(offsets)
+        has_turns = self.n_turns > 0
+        self.n_user = self.per_row(pc.equal(self.roles, "user").to_numpy(zero_copy_only=False))
+        any_turn = len(self.content) > 0
+        last = pa.array(np.where(has_turns, offsets[1:] - 1, 0)) if any_turn else pa.array([], pa.int64())
+        last_role = self.roles.take(last).to_numpy(zero_copy_only=False) if any_turn else None
+        self.last_role = np.where(has_turns, last_role, None)
+        self.last_content = self.content.take(last) if any_turn else pa.nulls(self.n, pa.string())
+        last_len = pc.fill_null(pc.utf8_length(self.last_content), 0).to_numpy(zero_copy_only=False)
+        self.last_len = np.where(has_turns, last_len, 0)
+        self.kind = raw.column("kind").to_numpy(zero_copy_only=False)
+        self.error = raw.column("error").to_numpy(zero_copy_only=False)
+
+    def per_row(self, values) -> np.ndarray:
+        return per_row(self.parent, values, self.n)
+
+    def measure_chars(self) -> None:
+        lengths = pc.fill_null(pc.utf8_length(self.content), 0).to_numpy(zero_copy_only=False)
+        self.n_chars = self.per_row(lengths).astype(np.int64)
+
+    def cleaned_messages(self) -> pa.ListArray:
+        """The list column rebuilt with the cleaned strings and the same offsets."""
+        struct = pa.StructArray.from_arrays([self.roles, self.content], names=["role", "content"])
+        return pa.ListArray.from_arrays(self.messages.offsets, struct, mask=self.messages.is_null())
+
+
+def _check_structure(shard: _Shard, v: _Verdicts, opt: CleanSettings) -> None:
+    v.reject(shard.error != None, "unreadable", lambda m: shard.error[m])  # noqa: E711
+    chat = shard.kind == "chat"
+    v.reject(chat & (shard.n_user == 0), "missing_field", "no user turn")
+    v.reject(chat & (shard.last_role != "assistant"), "missing_field", "the last turn is not an assistant answer")
+    v.reject(chat & (shard.last_len == 0), "empty_answer", "the assistant answer is empty after cleaning")
+    v.reject((shard.kind == "text") & (shard.n_chars == 0), "empty_text", "the text is empty after cleaning")
+    n_chars, lo, hi = shard.n_chars, opt.min_chars, opt.max_chars
+    v.reject(n_chars < lo, "too_short", lambda m: [f"{c} chars < min_chars {lo}" for c in n_chars[m]])
+    v.reject(n_chars > hi, "too_long", lambda m: [f"{c} chars > max_chars {hi}" for c in n_chars[m]])
+
+
+def _check_drop_patterns(shard: _Shard, v: _Verdicts, opt: CleanSettings) -> None:
     for pattern in opt.drop_patterns:
         try:
-            hit = (
-                pd.Series(content, dtype=STRING).str.contains(pattern, regex=True).to_numpy(dtype=bool, na_value=False)
-            )
+            text = pd.Series(shard.content, dtype=STRING)
+            hit = text.str.contains(pattern, regex=True).to_numpy(dtype=bool, na_value=False)
         except (pa.ArrowInvalid, re.error) as exc:
             raise CleanError(f"clean.drop_patterns: {pattern!r} is not a valid pattern: {exc}") from None
-        reject(per_row(parent, hit, n) > 0, "drop_pattern", f"matches {pattern!r}")
-    if opt.query:
-        # A filter, never code: parsed by kiln.rowfilter (pandas' eval would run `@` names and calls).
-        frame = {
-            "n_chars": n_chars,
-            "n_turns": n_turns,
-            "kind": np.asarray(kind, dtype=object),
-            "source": raw.column("source").to_numpy(zero_copy_only=False),
-        }
-        try:
-            keep = parse_filter(opt.query, QUERY_COLUMNS)(frame)
-        except FilterError as exc:
-            raise CleanError(f"{exc}; columns available: {', '.join(QUERY_COLUMNS)}") from None
-        except (TypeError, ValueError) as exc:  # e.g. a column compared with a value of another type
-            raise CleanError(
-                f"clean.query: {opt.query!r} cannot be evaluated ({type(exc).__name__}: {exc}); "
-                f"columns available: {', '.join(QUERY_COLUMNS)}"
-            ) from None
-        reject(~keep, "query", f"fails query {opt.query!r}")
-    if opt.answer_schema and not is_type_map(opt.answer_schema):
+        v.reject(shard.per_row(hit) > 0, "drop_pattern", f"matches {pattern!r}")
+
+
+def _check_query(shard: _Shard, v: _Verdicts, opt: CleanSettings) -> None:
+    if not opt.query:
+        return
+    # A filter, never code: parsed by kiln.rowfilter (pandas' eval would run `@` names and calls).
+    frame = {
+        "n_chars": shard.n_chars,
+        "n_turns": shard.n_turns,
+        "kind": np.asarray(shard.kind, dtype=object),
+        "source": shard.raw.column("source").to_numpy(zero_copy_only=False),
+    }
+    try:
+        keep = parse_filter(opt.query, QUERY_COLUMNS)(frame)
+    except FilterError as exc:
+        raise CleanError(f"{exc}; columns available: {', '.join(QUERY_COLUMNS)}") from None
+    except (TypeError, ValueError) as exc:  # e.g. a column compared with a value of another type
+        raise CleanError(
+            f"clean.query: {opt.query!r} cannot be evaluated ({type(exc).__name__}: {exc}); "
+            f"columns available: {', '.join(QUERY_COLUMNS)}"
+        ) from None
+    v.reject(~keep, "query", f"fails query {opt.query!r}")
+
+
+def _check_answers(shard: _Shard, v: _Verdicts, opt: CleanSettings) -> None:
+    if not opt.answer_schema:
+        return
+    chat, answers = shard.kind == "chat", shard.last_content
+    if not is_type_map(opt.answer_schema):
         validator = json_schema_validator(opt.answer_schema)
-        for i in np.flatnonzero(chat & (reason == None)):  # noqa: E711
-            problem = _check_json_schema(last_content[int(i)].as_py(), validator)
-            if problem:
-                reason[i], detail[i] = problem.split("|", 1)
-    elif opt.answer_schema:
-        pattern = answer_fast_pattern(opt.answer_schema)
-        surely_ok = pc.fill_null(pc.match_substring_regex(last_content, pattern), False).to_numpy(zero_copy_only=False)
-        todo = np.flatnonzero(chat & (reason == None) & ~surely_ok)  # noqa: E711
-        for i in todo:
-            problem = _check_answer(last_content[int(i)].as_py(), opt.answer_schema)
-            if problem:
-                reason[i], detail[i] = problem.split("|", 1)
+        v.reject_problems(np.flatnonzero(chat & v.open), lambda i: _check_json_schema(answers[i].as_py(), validator))
+        return
+    pattern = answer_fast_pattern(opt.answer_schema)
+    surely_ok = pc.fill_null(pc.match_substring_regex(answers, pattern), False).to_numpy(zero_copy_only=False)
+    todo = np.flatnonzero(chat & v.open & ~surely_ok)
+    v.reject_problems(todo, lambda i: _check_answer(answers[i].as_py(), opt.answer_schema))
 
-    # PII masking after every check: a mask can't make a row the checks accept fail them (an
-    # answer-schema field holding a date was turned into [PHONE] and rejected).
-    if opt.mask_pii:
-        import phonenumbers
 
-        if opt.pii_region not in phonenumbers.SUPPORTED_REGIONS:  # else local numbers go unmasked
-            raise CleanError(f"clean.pii_region: {opt.pii_region!r} is not a region phonenumbers knows (US, GB, DE, …)")
-        content, changed["pii"] = mask_pii(content, opt.pii_region)
-        lengths = pc.fill_null(pc.utf8_length(content), 0).to_numpy(zero_copy_only=False)
-        n_chars = per_row(parent, lengths, n).astype(np.int64)  # what is kept (bounds were checked before)
-    # Rebuild the list column with the cleaned strings and the same offsets.
-    new_struct = pa.StructArray.from_arrays([roles, content], names=["role", "content"])
-    cleaned = pa.ListArray.from_arrays(messages.offsets, new_struct, mask=messages.is_null())
+def _mask_pii(shard: _Shard, opt: CleanSettings) -> None:
+    """PII masking after every check: a mask can't make a row the checks accept fail them (an
+    answer-schema field holding a date was turned into [PHONE] and rejected)."""
+    if not opt.mask_pii:
+        return
+    import phonenumbers
 
-    # Content hashes of the rows still in (only those are kept or compared).
-    kept_idx = np.flatnonzero(reason == None)  # noqa: E711
-    hashes = np.full(n, None, dtype=object)
+    if opt.pii_region not in phonenumbers.SUPPORTED_REGIONS:  # else local numbers go unmasked
+        raise CleanError(f"clean.pii_region: {opt.pii_region!r} is not a region phonenumbers knows (US, GB, DE, …)")
+    shard.content, shard.changed["pii"] = mask_pii(shard.content, opt.pii_region)
+    shard.measure_chars()  # what is kept (bounds were checked before)
+
+
+def _hash_and_dedup(shard: _Shard, v: _Verdicts, cleaned: pa.ListArray) -> np.ndarray:
+    """Content hashes of the rows still in (only those are kept or compared); exact duplicates
+    within the shard are rejected, the first occurrence stays."""
+    kept_idx = np.flatnonzero(v.open)
+    hashes = np.full(shard.n, None, dtype=object)
     kept_hashes = content_hashes(cleaned.take(pa.array(kept_idx, pa.int64())))
     hashes[kept_idx] = kept_hashes
-    # Exact duplicates within the shard: the first occurrence stays.
     dup_mask = pd.Series(kept_hashes).duplicated(keep="first").to_numpy()
     if dup_mask.any():
         first_of = pd.Series(kept_idx[~dup_mask], index=kept_hashes[~dup_mask])
         dup, orig = kept_idx[dup_mask], first_of.loc[kept_hashes[dup_mask]].to_numpy()
-        rows = raw.column("row").to_numpy()
-        ids = raw.column("kiln_id").to_numpy(zero_copy_only=False)
-        reason[dup] = "duplicate"
-        detail[dup] = [f"same content as row {rows[j]} ({ids[j]}) of this file" for j in orig]
+        rows = shard.raw.column("row").to_numpy()
+        ids = shard.raw.column("kiln_id").to_numpy(zero_copy_only=False)
+        v.reason[dup] = "duplicate"
+        v.detail[dup] = [f"same content as row {rows[j]} ({ids[j]}) of this file" for j in orig]
+    return hashes
 
-    edit_names = list(changed)
-    edit_rows = np.stack([per_row(parent, changed[k], n) > 0 for k in edit_names]) if edit_names else None
-    edits = np.full(n, "", dtype=object)
-    if edit_names:
-        for i in np.flatnonzero(edit_rows.any(axis=0)):
-            edits[i] = ",".join(k for k, hit in zip(edit_names, edit_rows[:, i]) if hit)
 
-    keep = reason == None  # noqa: E711
-    keep_pa = pa.array(keep)
+def _edits(shard: _Shard) -> np.ndarray:
+    """Each row's cleaning steps that changed it, comma-joined ('' for none)."""
+    names = list(shard.changed)
+    edits = np.full(shard.n, "", dtype=object)
+    if names:
+        rows = np.stack([shard.per_row(shard.changed[k]) > 0 for k in names])
+        for i in np.flatnonzero(rows.any(axis=0)):
+            edits[i] = ",".join(k for k, hit in zip(names, rows[:, i]) if hit)
+    return edits
+
+
+def _tables(shard: _Shard, v: _Verdicts, cleaned, hashes, edits) -> tuple[pa.Table, pa.Table]:
+    raw, keep_pa = shard.raw, pa.array(v.open)
+    lineage = {name: raw.column(name) for name in ("kiln_id", "source", "file", "row")}
     clean = pa.table(
         {
-            "kiln_id": raw.column("kiln_id"),
-            "source": raw.column("source"),
-            "file": raw.column("file"),
-            "row": raw.column("row"),
+            **lineage,
             "kind": raw.column("kind"),
             "messages": cleaned,
             "content_hash": pa.array(hashes, pa.string()),
-            "n_chars": pa.array(n_chars, pa.int64()),
+            "n_chars": pa.array(shard.n_chars, pa.int64()),
             "edits": pa.array(edits, pa.string()),
         },
         schema=CLEAN_SCHEMA,
     ).filter(keep_pa)
     rejected = pa.table(
         {
-            "kiln_id": raw.column("kiln_id"),
-            "source": raw.column("source"),
-            "file": raw.column("file"),
-            "row": raw.column("row"),
-            "stage": pa.array(["clean"] * n, pa.string()),
-            "reason": pa.array(reason, pa.string()),
-            "detail": pa.array(detail, pa.string()),
+            **lineage,
+            "stage": pa.array(["clean"] * shard.n, pa.string()),
+            "reason": pa.array(v.reason, pa.string()),
+            "detail": pa.array(v.detail, pa.string()),
         },
         schema=REJECTED_SCHEMA,
     ).filter(pc.invert(keep_pa))
-    by_reason = pd.Series(reason[~keep], dtype=object).value_counts().to_dict()
+    return clean, rejected
+
+
+# The checks in order: a row is rejected by the first that fails it.
+CHECKS = (_check_structure, _check_drop_patterns, _check_query, _check_answers)
+
+
+def clean_table(raw: pa.Table, settings: CleanSettings | None = None) -> tuple[pa.Table, pa.Table, dict]:
+    """Clean a canonical raw table; return (clean, rejected, stats)."""
+    opt = CleanSettings() if settings is None else settings
+    shard, verdicts = _Shard(raw, opt), _Verdicts(raw.num_rows)
+    for check in CHECKS:
+        check(shard, verdicts, opt)
+    _mask_pii(shard, opt)
+    cleaned = shard.cleaned_messages()
+    hashes = _hash_and_dedup(shard, verdicts, cleaned)
+    clean, rejected = _tables(shard, verdicts, cleaned, hashes, _edits(shard))
+    keep = verdicts.open
+    by_reason = pd.Series(verdicts.reason[~keep], dtype=object).value_counts().to_dict()
     stats = {
-        "rows_in": n,
+        "rows_in": shard.n,
         "rows_clean": clean.num_rows,
         "rows_rejected": rejected.num_rows,
         "rejected_by_reason": {str(k): int(v) for k, v in sorted(by_reason.items())},
-        "rows_edited_by": {k: int((per_row(parent, changed[k], n) > 0).sum()) for k in edit_names},
-        "chars_clean": int(n_chars[keep].sum()),
+        "rows_edited_by": {k: int((shard.per_row(hit) > 0).sum()) for k, hit in shard.changed.items()},
+        "chars_clean": int(shard.n_chars[keep].sum()),
         # Each cleaning step's first changes, before and after: a step that rewrites text it
         # should not shows in the data page before anyone trains on it.
-        "examples_by_step": examples,
+        "examples_by_step": shard.examples,
     }
     assert stats["rows_in"] == stats["rows_clean"] + stats["rows_rejected"]
     return clean, rejected, stats

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kiln.spec import BuildSettings
 from kiln.tables import REJECTED_SCHEMA, save_splits
 
 log = logging.getLogger(__name__)
@@ -146,21 +147,34 @@ def _where(table: pa.Table, idx: list[int]) -> list[str]:
     return [f"{f} row {r} ({k})" for f, r, k in zip(cols["file"], cols["row"], cols["kiln_id"])]
 
 
-def build_dataset(
-    clean_paths: list[str],
-    out_dir: str | Path,
-    rejected_path: str | Path,
-    stats_path: str | Path,
-    settings: dict,
-    mixture: dict[str, dict] | None = None,
-    data_dir: str | Path | None = None,
-) -> dict:
-    """`mixture`: source name -> its `weight` and `max_rows` (absent: 1.0 and no cap). `data_dir`:
-    the dataset's folder, searched for orphaned shards."""
-    import datasets
-    import pandas as pd
+class _Fates:
+    """The built table's rows and what became of each: a build reject's (reason, detail), or the
+    split it reached."""
 
-    mixture = mixture or {}
+    def __init__(self, table: pa.Table):
+        self.table = table
+        self.sources = table.column("source").to_numpy(zero_copy_only=False).astype(object)
+        self.ids = table.column("kiln_id").to_numpy(zero_copy_only=False).astype(object)
+        self.reasons: dict[int, tuple[str, str]] = {}  # row index -> (reason, detail)
+        self.split = np.full(table.num_rows, "", dtype=object)
+
+    @property
+    def alive(self) -> np.ndarray:
+        alive = np.ones(self.table.num_rows, dtype=bool)
+        alive[list(self.reasons)] = False
+        return alive
+
+    def where(self, idx) -> list[str]:
+        return _where(self.table, list(idx))
+
+    def reject_pairs(self, pairs: list[tuple[int, int]], reason: str, detail) -> None:
+        """(row, the row it is compared with): a reject whose detail names where the other is."""
+        for (i, _), where in zip(pairs, self.where(j for _, j in pairs)):
+            self.reasons[i] = (reason, detail(where))
+            self.split[i] = ""
+
+
+def _read_clean(clean_paths: list[str]) -> pa.Table:
     tables = [pq.read_table(p) for p in clean_paths]
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
@@ -168,122 +182,158 @@ def build_dataset(
             f"no clean rows in {len(clean_paths)} shard(s): every row was rejected; "
             "see the rejected/ shards for the reasons"
         )
-    seed = settings["seed"]
-    # row index in `table` -> (reason, detail) for every row that reaches no split.
-    reasons: dict[int, tuple[str, str]] = {}
+    return table
 
-    # Exact duplicates across shards: the first occurrence in config/source/file/row order wins.
-    hashes = table.column("content_hash").to_numpy(zero_copy_only=False)
+
+def _drop_duplicates(rows: _Fates, settings: BuildSettings) -> None:
+    """Exact duplicates across shards (the first occurrence in config/source/file/row order
+    wins), then near-duplicates when asked."""
+    import pandas as pd
+
+    hashes = rows.table.column("content_hash").to_numpy(zero_copy_only=False)
     is_dup = pd.Series(hashes).duplicated(keep="first").to_numpy()
     first_of = pd.Series(np.flatnonzero(~is_dup), index=hashes[~is_dup])
-    dup_idx = np.flatnonzero(is_dup).tolist()
-    of = first_of.loc[hashes[is_dup]].to_numpy().tolist()
-    for i, where in zip(dup_idx, _where(table, of)):
-        reasons[i] = ("duplicate", f"same content as {where}")
-    if settings.get("near_dedup"):
-        unique_idx = np.array(sorted(set(range(table.num_rows)) - set(reasons)))
-        near = near_duplicates(table.take(unique_idx), settings["near_dedup_threshold"])
+    pairs = list(zip(np.flatnonzero(is_dup).tolist(), first_of.loc[hashes[is_dup]].to_numpy().tolist()))
+    rows.reject_pairs(pairs, "duplicate", lambda where: f"same content as {where}")
+    if settings.near_dedup:
+        unique_idx = np.flatnonzero(rows.alive)
+        near = near_duplicates(rows.table.take(unique_idx), settings.near_dedup_threshold)
         pairs = sorted((int(unique_idx[i]), int(unique_idx[j])) for i, j in near.items())
-        for (i, _), where in zip(pairs, _where(table, [j for _, j in pairs])):
-            reasons[i] = ("near_duplicate", f"nearly the same content as {where}")
+        rows.reject_pairs(pairs, "near_duplicate", lambda where: f"nearly the same content as {where}")
 
-    sources = table.column("source").to_numpy(zero_copy_only=False).astype(object)
-    ids = table.column("kiln_id").to_numpy(zero_copy_only=False).astype(object)
-    alive = np.ones(table.num_rows, dtype=bool)
-    alive[list(reasons)] = False
-    names = list(dict.fromkeys(sources.tolist()))
-    mix_stats = {
-        n: {"weight": mixture.get(n, {}).get("weight", 1.0), "rows_unique": int((alive & (sources == n)).sum())}
+
+def _cap_sources(rows: _Fates, mixture: dict[str, dict], seed: int) -> dict[str, dict]:
+    """Each source's `max_rows`; returns the mixture's stats so far (weight, rows before and after)."""
+    names = list(dict.fromkeys(rows.sources.tolist()))
+    alive = rows.alive
+    mix = {
+        n: {"weight": mixture.get(n, {}).get("weight", 1.0), "rows_unique": int((alive & (rows.sources == n)).sum())}
         for n in names
     }
     caps = {n: m["max_rows"] for n, m in mixture.items() if m.get("max_rows") is not None}
     if caps:
         idx = np.flatnonzero(alive)
-        kept = cap_rows(sources[idx], ids[idx], caps, seed)
+        kept = cap_rows(rows.sources[idx], rows.ids[idx], caps, seed)
         for i in idx[~kept].tolist():
-            reasons[i] = ("max_rows", f"source {sources[i]} keeps {caps[sources[i]]} rows (max_rows)")
-        alive[idx[~kept]] = False
+            rows.reasons[i] = ("max_rows", f"source {rows.sources[i]} keeps {caps[rows.sources[i]]} rows (max_rows)")
+    alive = rows.alive
     for n in names:
-        mix_stats[n]["max_rows"] = caps.get(n)
-        mix_stats[n]["rows_after_max_rows"] = int((alive & (sources == n)).sum())
+        mix[n]["max_rows"] = caps.get(n)
+        mix[n]["rows_after_max_rows"] = int((alive & (rows.sources == n)).sum())
+    return mix
 
-    split = np.full(table.num_rows, "", dtype=object)
-    split[alive] = split_by_hash(ids[alive], seed, settings["validation"], settings["test"])
 
-    # Contamination audit: held-out rows that nearly duplicate a train row (exact ones are gone).
-    audit: dict = {"threshold": settings.get("contamination_threshold", 0.8), "decontaminated": False}
-    cap = settings.get("contamination_max_rows", 200_000)
-    if settings.get("contamination_audit", True) and int(alive.sum()) > cap:
+def _audit_contamination(rows: _Fates, settings: BuildSettings) -> dict:
+    """Held-out rows that nearly duplicate a train row (exact ones are gone); moved out with
+    `decontaminate`."""
+    audit: dict = {"threshold": settings.contamination_threshold, "decontaminated": False}
+    n_alive, cap = int(rows.alive.sum()), settings.contamination_max_rows
+    if not settings.contamination_audit:
+        return audit
+    if n_alive > cap:
         # MinHash in Python costs about 0.4 ms a row: a million rows would add minutes to every build.
         audit["skipped"] = (
-            f"{int(alive.sum())} rows > build.contamination_max_rows ({cap}); raise it to audit (about 0.4 ms a row)"
+            f"{n_alive} rows > build.contamination_max_rows ({cap}); raise it to audit (about 0.4 ms a row)"
         )
         log.warning("contamination audit skipped: %s", audit["skipped"])
-    elif settings.get("contamination_audit", True):
-        train_idx = np.flatnonzero(split == "train")
-        for name in ("validation", "test"):
-            held_idx = np.flatnonzero(split == name)
-            found = contamination(table.take(train_idx), table.take(held_idx), audit["threshold"])
-            pairs = sorted((int(held_idx[i]), int(train_idx[j])) for i, j in found.items())
-            audit[name] = {
-                "rows": len(held_idx),
-                "near_duplicates_of_train": len(pairs),
-                "examples": [
-                    {"held_out": a, "train": b}
-                    for a, b in zip(_where(table, [i for i, _ in pairs[:5]]), _where(table, [j for _, j in pairs[:5]]))
-                ],
-            }
-            if settings.get("decontaminate"):
-                audit["decontaminated"] = True
-                for (i, _), where in zip(pairs, _where(table, [j for _, j in pairs])):
-                    reasons[i] = ("contaminated", f"{name} row nearly the same as train {where}")
-                    split[i] = ""
-                    alive[i] = False
+        return audit
+    train_idx = np.flatnonzero(rows.split == "train")
+    for name in ("validation", "test"):
+        held_idx = np.flatnonzero(rows.split == name)
+        found = contamination(rows.table.take(train_idx), rows.table.take(held_idx), audit["threshold"])
+        pairs = sorted((int(held_idx[i]), int(train_idx[j])) for i, j in found.items())
+        examples = zip(rows.where(i for i, _ in pairs[:5]), rows.where(j for _, j in pairs[:5]))
+        audit[name] = {
+            "rows": len(held_idx),
+            "near_duplicates_of_train": len(pairs),
+            "examples": [{"held_out": a, "train": b} for a, b in examples],
+        }
+        if settings.decontaminate:
+            audit["decontaminated"] = True
+            rows.reject_pairs(pairs, "contaminated", lambda where, n=name: f"{n} row nearly the same as train {where}")
+    return audit
 
-    # Source weights: copies of each train row (0 copies: a reject with its reason).
-    train_idx = np.flatnonzero(split == "train")
-    copies = weight_copies(sources[train_idx], ids[train_idx], {n: m["weight"] for n, m in mix_stats.items()}, seed)
+
+def _weigh_train(rows: _Fates, mix: dict[str, dict], seed: int) -> np.ndarray:
+    """Copies of each train row under its source's weight (0 copies: a reject with its reason);
+    returns the train rows' indices, repeated."""
+    train_idx = np.flatnonzero(rows.split == "train")
+    sources = rows.sources[train_idx]
+    copies = weight_copies(sources, rows.ids[train_idx], {n: m["weight"] for n, m in mix.items()}, seed)
     for i in train_idx[copies == 0].tolist():
-        reasons[i] = ("weight", f"source {sources[i]} weight {mix_stats[sources[i]]['weight']:g}: not drawn into train")
+        weight = mix[rows.sources[i]]["weight"]
+        rows.reasons[i] = ("weight", f"source {rows.sources[i]} weight {weight:g}: not drawn into train")
     train_rows = np.repeat(train_idx, copies)
     before, after = len(train_idx), max(1, len(train_rows))
-    for n, m in mix_stats.items():
-        in_train = sources[train_idx] == n
+    for n, m in mix.items():
+        in_train = sources == n
         m["train_before_weight"] = int(in_train.sum())
         m["train_after_weight"] = int(copies[in_train].sum())
         m["share_before"] = round(m["train_before_weight"] / max(1, before), 4)
         m["share_after"] = round(m["train_after_weight"] / after, 4)
+    return train_rows
 
-    rej_idx = sorted(reasons)
-    rejected = pa.table(
+
+def _rejected_table(rows: _Fates) -> pa.Table:
+    idx = sorted(rows.reasons)
+    return pa.table(
         {
-            **{c: table.column(c).take(pa.array(rej_idx, pa.int64())) for c in ("kiln_id", "source", "file", "row")},
-            "stage": pa.array(["build"] * len(rej_idx), pa.string()),
-            "reason": [reasons[i][0] for i in rej_idx],
-            "detail": [reasons[i][1] for i in rej_idx],
+            **{c: rows.table.column(c).take(pa.array(idx, pa.int64())) for c in ("kiln_id", "source", "file", "row")},
+            "stage": pa.array(["build"] * len(idx), pa.string()),
+            "reason": [rows.reasons[i][0] for i in idx],
+            "detail": [rows.reasons[i][1] for i in idx],
         },
         schema=REJECTED_SCHEMA,
     )
-    dd = {}
-    stats = {"rows_in": table.num_rows, "rows_rejected": rejected.num_rows, "splits": {}}
+
+
+def _splits(rows: _Fates, train_rows: np.ndarray) -> tuple[dict, dict]:
+    """The `datasets` splits and their stats (rows, content fingerprint)."""
+    import datasets
+
+    dd, stats = {}, {}
     for name in SPLITS:
-        rows = train_rows if name == "train" else np.flatnonzero(split == name)
-        part = table.take(pa.array(rows, pa.int64()))
+        idx = train_rows if name == "train" else np.flatnonzero(rows.split == name)
+        part = rows.table.take(pa.array(idx, pa.int64()))
         content = fingerprint(part)
         # Our content fingerprint doubles as the `datasets` one (else it pickles the whole table to make one).
         dd[name] = datasets.Dataset(part, fingerprint=content)
-        stats["splits"][name] = {"rows": part.num_rows, "fingerprint": content}
-    counts = Counter(reason for reason, _ in reasons.values())
-    stats["rejected_by_reason"] = dict(sorted(counts.items()))
-    stats["mixture"] = mix_stats
-    stats["contamination"] = audit
-    stats["orphaned_shards"] = orphaned_shards(data_dir, clean_paths) if data_dir else []
-    if stats["orphaned_shards"]:
-        log.warning(
-            "%d shard(s) no current source file makes (not read): %s",
-            len(stats["orphaned_shards"]),
-            stats["orphaned_shards"][:5],
-        )
+        stats[name] = {"rows": part.num_rows, "fingerprint": content}
+    return dd, stats
+
+
+def build_dataset(
+    clean_paths: list[str],
+    out_dir: str | Path,
+    rejected_path: str | Path,
+    stats_path: str | Path,
+    settings: BuildSettings,
+    mixture: dict[str, dict] | None = None,
+    data_dir: str | Path | None = None,
+) -> dict:
+    """`mixture`: source name -> its `weight` and `max_rows` (absent: 1.0 and no cap). `data_dir`:
+    the dataset's folder, searched for orphaned shards."""
+    rows = _Fates(_read_clean(clean_paths))
+    _drop_duplicates(rows, settings)
+    mix = _cap_sources(rows, mixture or {}, settings.seed)
+    alive = rows.alive
+    rows.split[alive] = split_by_hash(rows.ids[alive], settings.seed, settings.validation, settings.test)
+    audit = _audit_contamination(rows, settings)
+    train_rows = _weigh_train(rows, mix, settings.seed)
+    rejected = _rejected_table(rows)
+    dd, split_stats = _splits(rows, train_rows)
+    orphans = orphaned_shards(data_dir, clean_paths) if data_dir else []
+    if orphans:
+        log.warning("%d shard(s) no current source file makes (not read): %s", len(orphans), orphans[:5])
+    stats = {
+        "rows_in": rows.table.num_rows,
+        "rows_rejected": rejected.num_rows,
+        "splits": split_stats,
+        "rejected_by_reason": dict(sorted(Counter(reason for reason, _ in rows.reasons.values()).items())),
+        "mixture": mix,
+        "contamination": audit,
+        "orphaned_shards": orphans,
+    }
     save_splits(dd, out_dir)
     Path(rejected_path).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(rejected, rejected_path)

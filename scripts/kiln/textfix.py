@@ -170,6 +170,88 @@ def normalize_layout_text(text: str) -> str:
     return text
 
 
+def _find_suspects(content: pa.Array, check_unicode: bool) -> np.ndarray:
+    """The turns any operation could change, in one vectorised pass. The find reads every byte;
+    Arrow kernels release the GIL, so two halves run on two cores."""
+
+    def find(part: pa.Array) -> np.ndarray:
+        hits = pc.fill_null(pc.match_substring_regex(part, ANY_FIX), False).to_numpy(zero_copy_only=False)
+        if check_unicode:
+            hits |= ~pc.fill_null(pc.string_is_ascii(part), True).to_numpy(zero_copy_only=False)
+        return hits
+
+    half = len(content) // 2
+    with ThreadPoolExecutor(2) as pool:
+        return np.concatenate(list(pool.map(find, [content.slice(0, half), content.slice(half)])))
+
+
+class _Fixes:
+    """The suspect turns being fixed, step by step: which turns each step changed, and its first
+    two changes as examples."""
+
+    def __init__(self, work: pa.Array, examples: dict | None):
+        self.work, self.examples = work, examples
+        self.flags: dict[str, np.ndarray] = {}
+
+    def has(self, pattern: str, regex: bool = True) -> np.ndarray:
+        found = (pc.match_substring_regex if regex else pc.match_substring)(self.work, pattern)
+        return pc.fill_null(found, False).to_numpy(zero_copy_only=False)
+
+    def step(self, name: str, needs: np.ndarray, fix) -> None:
+        """Run ``fix`` (a pandas string Series -> Series) on the turns ``needs`` marks."""
+        hit = np.zeros(len(self.work), dtype=bool)
+        where = np.flatnonzero(needs)
+        if len(where):
+            before = self.work.take(where)
+            after = pa.array(fix(pd.Series(before, dtype=STRING)).array).cast(pa.string())
+            diff = pc.fill_null(pc.not_equal(after, before), False).to_numpy(zero_copy_only=False)
+            self.work = pc.replace_with_mask(self.work, pa.array(needs), after)
+            hit[where[diff]] = True
+            self._keep_examples(name, before, after, diff)
+        self.flags[name] = hit
+
+    def _keep_examples(self, name: str, before: pa.Array, after: pa.Array, diff: np.ndarray) -> None:
+        if self.examples is None or not diff.any():
+            return
+        shown = self.examples.setdefault(name, [])
+        for k in np.flatnonzero(diff)[: max(0, 2 - len(shown))]:
+            shown.append(
+                {"before": before[int(k)].as_py()[:EXAMPLE_CHARS], "after": after[int(k)].as_py()[:EXAMPLE_CHARS]}
+            )
+
+
+def _fix_inner_whitespace(s: pd.Series) -> pd.Series:
+    # Match only runs that change (a tab, a no-break space, or 2+ blanks), not every space.
+    s = s.str.replace(r"[\t\xa0][ \t\xa0]*| [ \t\xa0]+", " ", regex=True)
+    s = s.str.replace(r"(?m) +$|^ +", "", regex=True)
+    return s.str.replace(r"\n{3,}", "\n\n", regex=True).str.strip()
+
+
+def _fix_whitespace(fixes: _Fixes, code: np.ndarray) -> None:
+    """Runs inside the text need three regex rewrites; blank edges (far more common, and often on
+    long texts) need only a strip, so the two are found and fixed apart."""
+    keep_layout = code | fixes.has(JSON_LIKE) | fixes.has(QUOTED_RUN) | fixes.has(YAML_LIKE)
+    fixes.step("whitespace", fixes.has(INNER_WHITESPACE) & ~keep_layout, _fix_inner_whitespace)
+    inner_hit = fixes.flags["whitespace"]
+    fixes.step(
+        "whitespace",
+        keep_layout & fixes.has(r"[ \t\xa0]\n|\n{3}|\A\s|\s\z"),
+        lambda s: s.map(normalize_layout_text).astype(STRING),
+    )
+    inner_hit |= fixes.flags["whitespace"]
+    work = fixes.work
+    trimmed = pc.utf8_trim_whitespace(work)
+    edges = pc.fill_null(pc.not_equal(pc.binary_length(trimmed), pc.binary_length(work)), False)
+    edges = edges.to_numpy(zero_copy_only=False) & ~code  # a code block's first indent stays
+    if edges.any():
+        fixes.work = pc.if_else(pa.array(edges), trimmed, work)
+    fixes.flags["whitespace"] = inner_hit | edges
+
+
+def _strip_control(s: pd.Series) -> pd.Series:
+    return s.str.replace("\r\n", "\n", regex=False).str.replace(CONTROL, "", regex=True)
+
+
 def clean_text(
     content: pa.Array, settings: CleanSettings, examples: dict | None = None
 ) -> tuple[pa.Array, dict[str, np.ndarray]]:
@@ -188,91 +270,25 @@ def clean_text(
     """
     opt = settings
     content = content.cast(pa.string())
-    n = len(content)
     check_unicode = opt.unicode_form != "none"
-
-    def find(part: pa.Array) -> np.ndarray:
-        hits = pc.fill_null(pc.match_substring_regex(part, ANY_FIX), False).to_numpy(zero_copy_only=False)
-        if check_unicode:
-            hits |= ~pc.fill_null(pc.string_is_ascii(part), True).to_numpy(zero_copy_only=False)
-        return hits
-
-    # The find reads every byte; Arrow kernels release the GIL, so two halves run on two cores.
-    half = n // 2
-    with ThreadPoolExecutor(2) as pool:
-        suspects = np.concatenate(list(pool.map(find, [content.slice(0, half), content.slice(half)])))
+    suspects = _find_suspects(content, check_unicode)
     idx = np.flatnonzero(suspects)
-    work = content.take(idx)
-    flags: dict[str, np.ndarray] = {}
-
-    def step(name: str, needs: np.ndarray, fix) -> None:
-        nonlocal work
-        hit = np.zeros(len(work), dtype=bool)
-        where = np.flatnonzero(needs)
-        if len(where):
-            before = work.take(where)
-            after = pa.array(fix(pd.Series(before, dtype=STRING)).array).cast(pa.string())
-            diff = pc.fill_null(pc.not_equal(after, before), False).to_numpy(zero_copy_only=False)
-            work = pc.replace_with_mask(work, pa.array(needs), after)
-            hit[where[diff]] = True
-            if examples is not None and diff.any():
-                shown = examples.setdefault(name, [])
-                for k in np.flatnonzero(diff)[: max(0, 2 - len(shown))]:
-                    shown.append(
-                        {
-                            "before": before[int(k)].as_py()[:EXAMPLE_CHARS],
-                            "after": after[int(k)].as_py()[:EXAMPLE_CHARS],
-                        }
-                    )
-        flags[name] = hit
-
-    def has(pattern: str, regex: bool = True) -> np.ndarray:
-        found = (pc.match_substring_regex if regex else pc.match_substring)(work, pattern)
-        return pc.fill_null(found, False).to_numpy(zero_copy_only=False)
-
+    fixes = _Fixes(content.take(idx), examples)
     if check_unicode:
-        non_ascii = ~pc.fill_null(pc.string_is_ascii(work), True).to_numpy(zero_copy_only=False)
-        step("unicode", non_ascii, lambda s: s.str.normalize(opt.unicode_form))
-    code = has(CODE_BEARING)
+        non_ascii = ~pc.fill_null(pc.string_is_ascii(fixes.work), True).to_numpy(zero_copy_only=False)
+        fixes.step("unicode", non_ascii, lambda s: s.str.normalize(opt.unicode_form))
+    code = fixes.has(CODE_BEARING)
     if opt.html_unescape:
-        step("html", has("&", regex=False) & ~code, lambda s: s.map(html.unescape).astype(STRING))
+        fixes.step("html", fixes.has("&", regex=False) & ~code, lambda s: s.map(html.unescape).astype(STRING))
     if opt.strip_control:
-        step(
-            "control",
-            has(CONTROL + r"|\r"),
-            lambda s: s.str.replace("\r\n", "\n", regex=False).str.replace(CONTROL, "", regex=True),
-        )
+        fixes.step("control", fixes.has(CONTROL + r"|\r"), _strip_control)
     if opt.normalize_whitespace:
-        # Runs inside the text need three regex rewrites; blank edges (far more common, and often
-        # on long texts) need only a strip, so the two are found and fixed apart.
-        keep_layout = code | has(JSON_LIKE) | has(QUOTED_RUN) | has(YAML_LIKE)
-        inner = has(INNER_WHITESPACE) & ~keep_layout
-
-        def fix_inner(s):
-            # Match only runs that change (a tab, a no-break space, or 2+ blanks), not every space.
-            s = s.str.replace(r"[\t\xa0][ \t\xa0]*| [ \t\xa0]+", " ", regex=True)
-            s = s.str.replace(r"(?m) +$|^ +", "", regex=True)
-            return s.str.replace(r"\n{3,}", "\n\n", regex=True).str.strip()
-
-        step("whitespace", inner, fix_inner)
-        inner_hit = flags["whitespace"]
-        step(
-            "whitespace",
-            keep_layout & has(r"[ \t\xa0]\n|\n{3}|\A\s|\s\z"),
-            lambda s: s.map(normalize_layout_text).astype(STRING),
-        )
-        inner_hit |= flags["whitespace"]
-        trimmed = pc.utf8_trim_whitespace(work)
-        edges = pc.fill_null(pc.not_equal(pc.binary_length(trimmed), pc.binary_length(work)), False)
-        edges = edges.to_numpy(zero_copy_only=False) & ~code  # a code block's first indent stays
-        if edges.any():
-            work = pc.if_else(pa.array(edges), trimmed, work)
-        flags["whitespace"] = inner_hit | edges
+        _fix_whitespace(fixes, code)
     changed = {}
-    for name, hit in flags.items():
-        full = np.zeros(n, dtype=bool)
+    for name, hit in fixes.flags.items():
+        full = np.zeros(len(content), dtype=bool)
         full[idx[hit]] = True
         changed[name] = full
-    if any(hit.any() for hit in flags.values()):
-        content = pc.replace_with_mask(content, pa.array(suspects), work)
+    if any(hit.any() for hit in fixes.flags.values()):
+        content = pc.replace_with_mask(content, pa.array(suspects), fixes.work)
     return content, changed
