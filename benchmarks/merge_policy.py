@@ -38,7 +38,7 @@ def main() -> None:
 
     from kiln.evaluate import EvaluationInputs, evaluate
     from kiln.merge import merge_adapter
-    from kiln.spec import EvaluateSettings
+    from kiln.spec import EvaluateSettings, MergeSettings
 
     results = Path(args.run) / "results"
     exp_dir = results / args.experiment
@@ -56,7 +56,7 @@ def main() -> None:
             out = Path(tmp) / f"{onto}-{dtype}"
             t0 = time.perf_counter()
             report = merge_adapter(
-                str(exp_dir / "adapter"), str(out), str(out) + ".report.json", str(dataset), onto, dtype
+                str(exp_dir / "adapter"), str(out), str(out) + ".report.json", str(dataset), MergeSettings(onto, dtype)
             )
             merge_s = time.perf_counter() - t0
             t0 = time.perf_counter()

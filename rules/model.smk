@@ -76,8 +76,7 @@ rule merge:
         runtime=60,
         gpu=lambda w: gpus(w.experiment, single=True),
     params:
-        onto=lambda w: config["experiments"][w.experiment]["merge"]["onto"],
-        dtype=lambda w: config["experiments"][w.experiment]["merge"]["dtype"],
+        settings=lambda w: config["experiments"][w.experiment]["merge"],
     script:
         "../scripts/merge.py"
 

@@ -2,6 +2,7 @@
 
 from kiln.merge import merge_adapter
 from kiln.smk import setup_log, use_cores
+from kiln.spec import MergeSettings
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm)
@@ -11,7 +12,6 @@ merge_adapter(
     sm.output.merged,
     sm.output.report,
     sm.input.dataset,
-    onto=sm.params.onto,
-    dtype=sm.params.dtype,
+    MergeSettings.coerce(sm.params.settings),
     log_path=sm.log[0],
 )

@@ -28,6 +28,7 @@ def small_adapter(tiny_run, folder):
 
 def test_the_merge_check_blames_the_rounding_when_rounding_is_the_cause(tiny_run, tmp_path):
     from kiln.merge import merge_adapter
+    from kiln.spec import MergeSettings
 
     adapter = small_adapter(tiny_run, tmp_path)
     dataset = str(tiny_run.path("data/orders/dataset"))
@@ -36,7 +37,12 @@ def test_the_merge_check_blames_the_rounding_when_rounding_is_the_cause(tiny_run
         RuntimeError, match=r"the merge itself is within .* in float32: rounding the merged weights"
     ) as e:
         merge_adapter(
-            str(adapter), str(tmp_path / "bf16"), str(tmp_path / "r.json"), dataset, dtype="bfloat16", log_path=str(log)
+            str(adapter),
+            str(tmp_path / "bf16"),
+            str(tmp_path / "r.json"),
+            dataset,
+            MergeSettings(dtype="bfloat16"),
+            log_path=str(log),
         )
     assert "merge.dtype: float32" in str(e.value) and str(log.with_suffix(".json")) in str(e.value)
     kept = json.loads(log.with_suffix(".json").read_text())  # beside the log: Snakemake keeps it
@@ -44,7 +50,9 @@ def test_the_merge_check_blames_the_rounding_when_rounding_is_the_cause(tiny_run
         kept["merge_error_ratio_float32"] <= 0.05 < kept["rounding_error_ratio"] and kept["saved_dtype"] == "bfloat16"
     )
     # auto (the default) saves float32 where rounding alone would exceed the limit, and says why
-    report = merge_adapter(str(adapter), str(tmp_path / "auto"), str(tmp_path / "a.json"), dataset, dtype="auto")
+    report = merge_adapter(
+        str(adapter), str(tmp_path / "auto"), str(tmp_path / "a.json"), dataset, MergeSettings(dtype="auto")
+    )
     assert report["saved_dtype"] == "float32" and report["saved_dtype_reason"].startswith("auto: rounding to bfloat16")
     assert report["merge_error_ratio"] <= 0.05
     # the tiny run's own adapter: auto keeps the base model's bfloat16

@@ -83,9 +83,9 @@ def _settings(**over) -> dict:
 
 @pytest.mark.skipif(not __import__("importlib").util.find_spec("liger_kernel"), reason="needs liger-kernel")
 def test_liger_sum_loss_is_torchs_cross_entropy():
-    """kiln.trainer.liger_sum_loss on the card: the summed NLL and the gradients of torch's own
+    """kiln.losses.liger_sum_loss on the card: the summed NLL and the gradients of torch's own
     LM head + cross-entropy (bf16 inputs, as the lean step gives them)."""
-    from kiln.trainer import liger_sum_loss
+    from kiln.losses import liger_sum_loss
 
     torch.manual_seed(0)
     w = (torch.randn(4096, 256, device="cuda") * 0.05).to(torch.bfloat16)  # the frozen (tied) head

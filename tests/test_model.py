@@ -12,7 +12,7 @@ from kiln.base_model import ModelSourceError, load_source, prepare_base_model
 from kiln.config import training_settings
 from kiln.merge import merge_adapter
 from kiln.scoring import score
-from kiln.spec import TokenizeSettings
+from kiln.spec import MergeSettings, TokenizeSettings
 
 
 def test_hub_model_offline_fails_at_once_with_a_clear_message(monkeypatch):
@@ -116,8 +116,7 @@ def test_merge_onto_original_weights_is_recorded_and_checked(tiny_run, tmp_path)
         str(tmp_path / "merged"),
         str(tmp_path / "r.json"),
         str(tiny_run.path("data/orders/dataset")),
-        onto="original",
-        dtype="float32",
+        MergeSettings(onto="original", dtype="float32"),
     )
     assert report["merge_onto"] == "original" and report["merge_error_ratio"] < 0.05
     assert report["saved_dtype"] == "float32"
@@ -144,7 +143,7 @@ def test_merge_reads_how_the_adapter_was_trained_from_beside_it(tiny_run, tmp_pa
         str(tmp_path / "merged"),
         str(tmp_path / "r.json"),
         str(tiny_run.path("data/orders/dataset")),
-        onto="dequantized",
+        MergeSettings(onto="dequantized"),
     )
     assert report["merge_onto"] == "original" and report["merge_onto_requested"] == "dequantized"
     assert report["trained_quantization"] == "none" and report["merge_error_ratio"] < 0.05
@@ -249,9 +248,9 @@ def _same_loss_and_grads_as_the_models(model, inputs: dict, items, loss_fn):
 
 
 def test_loss_on_labelled_positions_only_is_the_models_own_loss(tiny_run):
-    """kiln.trainer.labelled_positions_loss: the LM head only where a label is; the same loss and
+    """kiln.losses.labelled_positions_loss: the LM head only where a label is; the same loss and
     the same gradients as the model's own causal-LM loss, with and without num_items_in_batch."""
-    from kiln.trainer import labelled_positions_loss
+    from kiln.losses import labelled_positions_loss
 
     model, _ = _tiny_merged(tiny_run)
     inputs = _answer_only_batch()
@@ -285,13 +284,13 @@ class _HiddenStatesUnderUnslothVariable(torch.nn.Module):
 
 
 def test_fused_head_loss_from_hidden_states_is_the_models_own_loss(tiny_run, monkeypatch):
-    """kiln.trainer.hidden_states_then_head_loss (the GPU lean step's path with Liger's fused
+    """kiln.losses.hidden_states_then_head_loss (the GPU lean step's path with Liger's fused
     linear cross-entropy): hidden states at the labelled positions only, the head + summed NLL
     from a function of Liger's contract (here plain PyTorch: Liger needs a GPU); the same loss and
     gradients as the model's own, with and without num_items_in_batch; the variable restored."""
     import os
 
-    from kiln.trainer import hidden_states_then_head_loss
+    from kiln.losses import hidden_states_then_head_loss
 
     model, _ = _tiny_merged(tiny_run)
     wrapped = _HiddenStatesUnderUnslothVariable(model)
@@ -319,7 +318,7 @@ def test_fused_head_loss_from_hidden_states_is_the_models_own_loss(tiny_run, mon
 def test_lm_head_loss_resolves_with_its_reason():
     """training.lm_head_loss: auto falls back to the model's own loss, saying why; liger asked for
     where it can't run is refused with every reason; model is taken as said."""
-    from kiln.trainer import liger_head_loss_available, resolve_head_loss
+    from kiln.losses import liger_head_loss_available, resolve_head_loss
 
     assert resolve_head_loss("model", "unsloth", True) == ("model", "training.lm_head_loss: model")
     name, why = resolve_head_loss("auto", "hf", False)

@@ -37,7 +37,7 @@ def masked_loss(model, tokenized_test, pad_id: int, batch_size: int = 16) -> dic
     """Mean negative log-likelihood of the trainable (assistant) tokens, and its perplexity."""
     import torch
 
-    from kiln.trainer import summed_nll, takes_logits_to_keep
+    from kiln.losses import summed_nll, takes_logits_to_keep
 
     selective = takes_logits_to_keep(model)
     total, count = 0.0, 0
@@ -53,7 +53,7 @@ def masked_loss(model, tokenized_test, pad_id: int, batch_size: int = 16) -> dic
             labels[j, : len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), -100)
         shift = labels[:, 1:]
         # Only the positions whose next token is scored go through the LM head (the union over the
-        # batch's rows): the answer tokens, not the prompt (see kiln.trainer.labelled_positions_loss).
+        # batch's rows): the answer tokens, not the prompt (see kiln.losses.labelled_positions_loss).
         keep = (shift != -100).any(dim=0).nonzero().squeeze(1) if selective else None
         if keep is not None and keep.numel() == 0:
             continue
@@ -106,7 +106,7 @@ def loss_and_generate(
     (sliding windows, linear attention) prefill the prompts again."""
     import torch
 
-    from kiln.trainer import summed_nll, takes_logits_to_keep
+    from kiln.losses import summed_nll, takes_logits_to_keep
 
     selective = takes_logits_to_keep(model)
     pad = tokenizer.pad_token_id

@@ -33,12 +33,13 @@ from pathlib import Path
 from kiln.backends import load_for_training, resolve_backend, resolve_dtype
 from kiln.checkpoints import prepare_checkpoints, run_key
 from kiln.codedeps import code_files
+from kiln.losses import liger_sum_loss, resolve_head_loss
 from kiln.microbatch import auto_micro_batch, split_batch
 from kiln.packing import PackedCollator, check_isolation, plan_attention, varlen_calls
 from kiln.spec import ADAPTER_SPEC, TokenizeSettings, TrainingSettings
 from kiln.steplog import STEP_LOG, plot_loss, step_logger
 from kiln.tracking import mlflow_setup
-from kiln.trainer import liger_sum_loss, resolve_head_loss, sft_args, sft_trainer_class
+from kiln.trainer import sft_args, sft_trainer_class
 
 log = logging.getLogger(__name__)
 # The code a checkpoint was made by (this module and what it runs): another version starts again.

@@ -7,10 +7,10 @@ complete before older ones are rotated away (kiln.checkpoints).
 from __future__ import annotations
 
 import functools
-import inspect
 from pathlib import Path
 
 from kiln.checkpoints import mark_complete
+from kiln.losses import hidden_states_then_head_loss, labelled_positions_loss, takes_logits_to_keep
 
 
 def _fused_loss_available() -> bool:
@@ -51,142 +51,76 @@ def _readable_progress():
     return ReadableProgress()
 
 
-def takes_logits_to_keep(model) -> bool:
-    """Whether the model (or, under PEFT, the model it wraps) takes Transformers' ``logits_to_keep``."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+def _deterministic_target_modules(model) -> None:
+    """PEFT resolves `all-linear` into a set of module names and saves it as list(set): hash order,
+    so two identical runs wrote different adapter_config.json bytes (the kill campaign's
+    content-hash comparison found it). A sorted list means the same modules."""
+    for config in getattr(model, "peft_config", {}).values():
+        if isinstance(getattr(config, "target_modules", None), set):
+            config.target_modules = sorted(config.target_modules)
 
 
-def summed_nll(logits, target):
-    """The summed negative log-likelihood of the labelled targets (-100: not scored), from float32
-    logits, and how many were scored: (tensor, tensor)."""
-    import torch
-
-    nll = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return nll, (target != -100).sum()
-
-
-def _per_token(total, scored, num_items_in_batch=None):
-    """A summed loss over ``num_items_in_batch`` (the whole accumulated batch's count) where given,
-    else over the tokens this batch scored."""
-    import torch
-
-    count = num_items_in_batch if num_items_in_batch is not None else scored
-    return total / (count.to(total.device) if torch.is_tensor(count) else count)
+def _one_cpu_kernel(model) -> None:
+    """bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel the first time the layer
+    runs in eval mode without grad (the evaluation at eval_steps), and the training forwards after
+    it use that kernel: different rounding (losses 2.5e-6 apart). A run resumed from the checkpoint
+    saved at that evaluation then trained on the unpacked kernel, so its adapter differed from the
+    uninterrupted run's (the kill campaign found it). Training keeps one kernel throughout; a
+    resume is then bit-identical."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
-def labelled_positions_loss(model, inputs: dict, num_items_in_batch=None):
-    """The causal-LM loss with the LM head applied only at positions whose next token is labelled.
-
-    Kiln trains on the answer tokens (assistant_only_loss): 59 of 139 tokens a row on the default
-    task. The model's own loss projects every position onto the vocabulary (49,152 wide for
-    SmolLM2, 151,936 for Qwen) and takes a log-softmax over all of them; on the 2-core CPU that
-    was a sixth of a training step (the LM head's matmuls and the log-softmax backward, measured
-    with torch.profiler). Transformers' ``logits_to_keep`` (positions, one set for the batch: the
-    union over its rows) keeps the rest from being computed; the loss is the same quantity (sum of
-    the labelled tokens' negative log-likelihoods over ``num_items_in_batch``, or their mean).
-    Liger's fused linear cross-entropy does this chunked, but in Triton (GPU only).
-
-    Returns (None, None) when nearly every position is labelled: the plain path is as fast."""
-
-    labels = inputs.get("labels")
-    if labels is None:
-        return None, None
-    shift = labels[:, 1:]
-    keep = (shift != -100).any(dim=0).nonzero().squeeze(1)
-    if keep.numel() == 0 or keep.numel() > 0.9 * shift.shape[1]:
-        return None, None
-    outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=keep)
-    total, scored = summed_nll(outputs.logits, shift[:, keep].to(outputs.logits.device))
-    return _per_token(total, scored, num_items_in_batch), outputs
+def _cast_adapters(model, dtype) -> None:
+    """TRL casts QLoRA adapter weights to bfloat16 whatever the compute dtype: back to ``dtype``."""
+    if dtype is None:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
-def liger_head_loss_available() -> tuple[bool, str]:
-    """Whether Liger's fused linear cross-entropy can run here: (yes/no, why)."""
-    import importlib.util
+def _save_recorded_then_rotate(trainer, save, model, trial) -> None:
+    """Transformers' save (``save``), then Kiln's completion record, then rotation of old
+    checkpoints. Rotation waits until the new checkpoint is recorded complete, so a kill at any
+    moment leaves at least one complete checkpoint behind (kiln.checkpoints)."""
+    import torch.distributed as dist
+    from transformers.trainer_utils import rotate_checkpoints
 
-    import torch
-
-    if not torch.cuda.is_available():
-        return False, "no CUDA device (Liger's kernels are Triton, GPU only)"
-    if importlib.util.find_spec("liger_kernel") is None:
-        return False, "liger-kernel is not installed (pip install -e '.[gpu]')"
-    return True, "CUDA device and liger-kernel installed"
-
-
-def hidden_states_then_head_loss(model, inputs: dict, num_items_in_batch=None, head_loss=None):
-    """The causal-LM loss from the final hidden states at labelled positions, the LM head and the
-    cross-entropy fused: the 151,936-wide logits of a Qwen batch never exist whole.
-
-    Unsloth returns its final-norm hidden states in place of logits under
-    ``UNSLOTH_RETURN_HIDDEN_STATES=1`` (read at each forward; set only around this call). Only the
-    positions whose next token is labelled are kept (prompt tokens and, in packed batches, the
-    sequence boundaries TRL's collator masks cost no LM-head work); ``head_loss(weight, hidden,
-    target)`` returns the summed negative log-likelihood: Liger's fused linear cross-entropy on the
-    GPU (1.03x the tokens/s of Unsloth's own fused loss in Kiln's stage at Qwen2.5-0.5B shape, loss
-    curves within 2e-6 relative, H200: benchmarks/results/train_gpu_levers_h200), or any function
-    of the same contract (the tests pass a plain PyTorch one). Same quantity as the model's loss:
-    the sum over labelled tokens over ``num_items_in_batch`` (the count over the whole accumulated
-    batch), or their mean."""
-    import os
-
-    labels = inputs["labels"]
-    before = os.environ.get("UNSLOTH_RETURN_HIDDEN_STATES")
-    os.environ["UNSLOTH_RETURN_HIDDEN_STATES"] = "1"
+    limit = trainer.args.save_total_limit
+    trainer.args.save_total_limit = None
     try:
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        save(model, trial)
     finally:
-        if before is None:
-            os.environ.pop("UNSLOTH_RETURN_HIDDEN_STATES", None)
-        else:
-            os.environ["UNSLOTH_RETURN_HIDDEN_STATES"] = before
-    hidden = outputs.logits  # (batch, seq, hidden) under that variable
-    shift = labels[:, 1:].to(hidden.device)
-    keep = shift != -100
-    weight = model.get_output_embeddings().weight
-    # In the weight's dtype: under bf16 mixed precision accelerate returns every output in float32
-    # (convert_outputs_to_fp32), and the head then ran as a float32 matmul: Kiln's stage at 0.43x
-    # the plain loop on an H200 (benchmarks/results/train_gpu_levers_h200). The values came from
-    # bf16, so the cast back is exact.
-    h = hidden[:, :-1, :][keep].to(weight.dtype)
-    return _per_token(head_loss(weight, h, shift[keep]), keep.sum(), num_items_in_batch), outputs
+        trainer.args.save_total_limit = limit
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every process has written its files (its RNG state)
+    if trainer.args.should_save:
+        run_dir = Path(trainer._get_output_dir(trial=trial))
+        mark_complete(run_dir / f"checkpoint-{trainer.state.global_step}", trainer.state.global_step)
+        rotate_checkpoints(str(run_dir), limit, trainer.state.best_model_checkpoint, use_mtime=True)
 
 
-def resolve_head_loss(choice: str, backend: str, lean: bool) -> tuple[str, str]:
-    """training.lm_head_loss resolved for this run: ("liger" or "model", why)."""
-    if choice == "model":
-        return "model", "training.lm_head_loss: model"
-    where = []
-    if backend != "unsloth":
-        where.append(f"the backend is {backend} (the hidden states come from Unsloth's forward)")
-    if not lean:
-        where.append("step_metrics is true (TRL computes its loss with its per-step metrics)")
-    ok, why = liger_head_loss_available()
-    if not ok:
-        where.append(why)
-    if not where:
-        return "liger", "Unsloth on a CUDA card, lean step, liger-kernel installed"
-    if choice == "liger":
-        raise ValueError(
-            "training.lm_head_loss: liger can't run here: " + "; ".join(where) + " (set it to auto or model)"
-        )
-    return "model", "the model's own loss: " + "; ".join(where)
-
-
-@functools.cache
-def liger_sum_loss():
-    """Liger's fused linear cross-entropy, summed (Kiln divides by the token count itself)."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    return LigerFusedLinearCrossEntropyLoss(reduction="sum")
+def _kiln_loss(trainer, model, inputs: dict, n):
+    """Kiln's own loss for this step, or (None, None) where the trainer's is used. Normalised as
+    Trainer.compute_loss normalises: by ``n`` (num_items_in_batch) only where the model takes loss
+    kwargs (otherwise Trainer divides by the accumulation steps itself and expects a mean per
+    micro-batch)."""
+    if trainer.kiln_lean and trainer.kiln_head_loss is not None and "labels" in inputs:
+        return hidden_states_then_head_loss(model, inputs, n, trainer.kiln_head_loss)
+    if trainer.kiln_lean or _fused_loss_available():
+        return None, None
+    if trainer.kiln_answer_positions and trainer.compute_loss_func is None and trainer.label_smoother is None:
+        return labelled_positions_loss(model, inputs, n)
+    return None, None
 
 
 @functools.cache
 def sft_trainer_class():
     """TRL's SFTTrainer, with a loss that also runs where TRL's fused LM-head kernel can't."""
     from transformers import Trainer
+    from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
 
     class KilnSFTTrainer(SFTTrainer):
@@ -208,36 +142,18 @@ def sft_trainer_class():
                 self.data_collator = kwargs["data_collator"]
             self.kiln_lean = lean
             # training.lm_head_loss resolved: a (weight, hidden, target) -> summed NLL function for
-            # the lean step (kiln.trainer.hidden_states_then_head_loss), or None: the model's own
+            # the lean step (kiln.losses.hidden_states_then_head_loss), or None: the model's own
             self.kiln_head_loss = head_loss
-            # PEFT resolves `all-linear` into a set of module names and saves it as list(set): hash
-            # order, so two identical runs wrote different adapter_config.json bytes (the kill
-            # campaign's content-hash comparison found it). A sorted list means the same modules.
-            for config in getattr(self.model, "peft_config", {}).values():
-                if isinstance(getattr(config, "target_modules", None), set):
-                    config.target_modules = sorted(config.target_modules)
-            # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel the first time the
-            # layer runs in eval mode without grad (the evaluation at eval_steps), and the training
-            # forwards after it use that kernel: different rounding (losses 2.5e-6 apart). A run
-            # resumed from the checkpoint saved at that evaluation then trained on the unpacked
-            # kernel, so its adapter differed from the uninterrupted run's (the kill campaign found
-            # it). Training keeps one kernel throughout; a resume is then bit-identical.
-            for module in self.model.modules():
-                if getattr(module, "support_avx512bf16_for_cpu", False):
-                    module.support_avx512bf16_for_cpu = False
+            _deterministic_target_modules(self.model)
+            _one_cpu_kernel(self.model)
             # Transformers' progress bar prints each log as a dict of strings ({'loss': '0.1096',
             # ...}); Kiln's prints one readable line with numbers (the step log keeps them all).
-            from transformers.trainer_callback import ProgressCallback
-
             if self.pop_callback(ProgressCallback) is not None:
                 self.add_callback(_readable_progress())
-            # The LM head only where a label is (kiln.trainer.labelled_positions_loss), where the
+            # The LM head only where a label is (kiln.losses.labelled_positions_loss), where the
             # model takes `logits_to_keep` (Unsloth's path has its own fused loss).
             self.kiln_answer_positions = takes_logits_to_keep(self.accelerator.unwrap_model(self.model))
-            if adapter_dtype is not None:
-                for param in self.model.parameters():
-                    if param.requires_grad and param.dtype != adapter_dtype:
-                        param.data = param.data.to(adapter_dtype)
+            _cast_adapters(self.model, adapter_dtype)
 
         def create_model_card(self, *args, **kwargs):
             """Not written. TRL writes README.md into the checkpoint folder before every save: a card
@@ -247,47 +163,19 @@ def sft_trainer_class():
             Kiln's own card."""
 
         def _save_checkpoint(self, model, trial):
-            """Transformers' save, then Kiln's completion record, then rotation of old checkpoints.
-
-            Rotation waits until the new checkpoint is recorded complete, so a kill at any moment
-            leaves at least one complete checkpoint behind (kiln.checkpoints).
-            """
-            import torch.distributed as dist
-            from transformers.trainer_utils import rotate_checkpoints
-
-            limit = self.args.save_total_limit
-            self.args.save_total_limit = None
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.save_total_limit = limit
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()  # every process has written its files (its RNG state)
-            if self.args.should_save:
-                run_dir = Path(self._get_output_dir(trial=trial))
-                mark_complete(run_dir / f"checkpoint-{self.state.global_step}", self.state.global_step)
-                rotate_checkpoints(str(run_dir), limit, self.state.best_model_checkpoint, use_mtime=True)
+            _save_recorded_then_rotate(self, super()._save_checkpoint, model, trial)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # Kiln's own losses (below) are normalised as Trainer.compute_loss normalises: by
-            # num_items_in_batch only where the model takes loss kwargs (otherwise Trainer divides
-            # by the accumulation steps itself and expects a mean per micro-batch).
             n = num_items_in_batch if self.model_accepts_loss_kwargs else None
             # No cache in training: with one, transformers skips the packed-sequence detection that
             # keeps padding-free documents apart (a packed row's logits moved by 3.5 on a CPU).
             inputs = {**inputs, "use_cache": False}
-            loss = None
-            if self.kiln_lean and self.kiln_head_loss is not None and "labels" in inputs:
-                loss, outputs = hidden_states_then_head_loss(model, inputs, n, self.kiln_head_loss)
-            elif self.kiln_lean:
-                # The model's own loss (Unsloth's fused cross-entropy on its path), without TRL's
-                # per-step entropy / token-accuracy metrics and their host syncs.
-                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-            elif _fused_loss_available():
+            if not self.kiln_lean and _fused_loss_available():  # TRL's own fused LM-head loss
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            elif self.kiln_answer_positions and self.compute_loss_func is None and self.label_smoother is None:
-                loss, outputs = labelled_positions_loss(model, inputs, n)
+            loss, outputs = _kiln_loss(self, model, inputs, n)
             if loss is None:
+                # The model's own loss (on the lean step: Unsloth's fused cross-entropy, without
+                # TRL's per-step entropy / token-accuracy metrics and their host syncs).
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and n is not None:
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss scales it
