@@ -26,7 +26,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kiln.clean import _check_answer, clean_shard, clean_table
+from kiln.answers import check_answer
+from kiln.clean import clean_shard, clean_table
 from kiln.dataset import build_dataset, split_by_hash
 from kiln.sources import canonical_rows, write_raw
 from kiln.spec import BuildSettings, CleanSettings, TokenizeSettings
@@ -92,7 +93,7 @@ def naive_clean(rows: list[dict]) -> tuple[list[dict], list[dict]]:
             reason = "empty_answer"
         elif not 10 <= n_chars <= 4000:
             reason = "length"
-        elif problem := _check_answer(turns[-1]["content"], SCHEMA):
+        elif problem := check_answer(turns[-1]["content"], SCHEMA):
             reason = problem.split("|")[0]
         else:
             digest = hashlib.sha256(json.dumps(turns).encode()).hexdigest()

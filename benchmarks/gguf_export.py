@@ -94,7 +94,8 @@ def main() -> None:
     import datasets
     from transformers import AutoTokenizer
 
-    from kiln.export import answer_json_schema, export_gguf
+    from kiln.answers import answer_json_schema
+    from kiln.export import export_gguf
     from kiln.prompts import prompts_and_references
     from kiln.spec import EvaluateSettings, ExportSettings
 

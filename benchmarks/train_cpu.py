@@ -74,19 +74,22 @@ def bare_loop(base: str, rows: list[list[int]], masks: list[list[int]], steps: i
 
 
 def kiln_stage(base: str, tokenized: str, steps: int, warmup: int, max_seq_len: int) -> float:
-    from kiln.train import train
+    from kiln.spec import TokenizeSettings, TrainingSettings
+    from kiln.train import TrainingPaths, train
 
     tmp = Path(tempfile.mkdtemp(prefix="kiln-train-bench-"))
     train(
-        tokenized,
-        base,
-        str(tmp / "adapter"),
-        str(tmp / "steps.jsonl"),
-        str(tmp / "loss.png"),
-        str(tmp / "summary.json"),
-        str(tmp / "ckpt"),
-        {**SETTINGS, "max_steps": steps},
-        {"max_seq_len": max_seq_len, "assistant_only_loss": True, "packing": False},
+        TrainingPaths(
+            tokenized,
+            base,
+            str(tmp / "adapter"),
+            str(tmp / "steps.jsonl"),
+            str(tmp / "loss.png"),
+            str(tmp / "summary.json"),
+            str(tmp / "ckpt"),
+        ),
+        TrainingSettings.from_dict({**SETTINGS, "max_steps": steps}),
+        TokenizeSettings(max_seq_len=max_seq_len, assistant_only_loss=True, packing=False),
         {"bench": "x"},
         "bench",
         threads=torch.get_num_threads(),

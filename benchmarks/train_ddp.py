@@ -63,12 +63,13 @@ def settings(steps: int, batch: int) -> dict:
 
 def run(name: str, gpus: int, shape: str, tokenized: Path, cfg: dict, seq: int, warmup: int, out: Path) -> dict:
     from kiln.launch import launch
-    from kiln.train import train
+    from kiln.spec import TokenizeSettings, TrainingSettings
+    from kiln.train import TrainingPaths, train
 
     work = WORK / "ddp" / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    spec = dict(
+    paths = TrainingPaths(
         tokenized_dir=str(tokenized),
         base_dir=str(WORK / "models" / shape),
         adapter_dir=str(work / "adapter"),
@@ -76,8 +77,11 @@ def run(name: str, gpus: int, shape: str, tokenized: Path, cfg: dict, seq: int, 
         loss_png=str(work / "loss.png"),
         summary_path=str(work / "summary.json"),
         ckpt_dir=str(work / "ckpt"),
-        settings={**cfg, "num_gpus": gpus},
-        tokenize={"max_seq_len": seq, "assistant_only_loss": True, "packing": False},
+    )
+    spec = dict(
+        paths=paths,
+        settings=TrainingSettings.from_dict({**cfg, "num_gpus": gpus}),
+        tokenize=TokenizeSettings(max_seq_len=seq, assistant_only_loss=True, packing=False),
         data_fingerprints={},
         experiment=name,
     )

@@ -518,7 +518,8 @@ def cmd_kiln(args) -> None:
         )
     else:
         tokenized = orders_tokenized(args.rows, args.packing, seq)
-    from kiln.train import train
+    from kiln.spec import TokenizeSettings, TrainingSettings
+    from kiln.train import TrainingPaths, train
 
     run = WORK / "runs" / args.name
     if run.exists():
@@ -526,8 +527,8 @@ def cmd_kiln(args) -> None:
 
         shutil.rmtree(run)
     run.mkdir(parents=True)
-    tokenize = {"max_seq_len": seq, "assistant_only_loss": True, "packing": bool(args.packing)}
-    summary = train(
+    tokenize = TokenizeSettings(max_seq_len=seq, assistant_only_loss=True, packing=bool(args.packing))
+    paths = TrainingPaths(
         str(tokenized),
         str(WORK / "models" / args.shape),
         str(run / "adapter"),
@@ -535,7 +536,10 @@ def cmd_kiln(args) -> None:
         str(run / "loss.png"),
         str(run / "summary.json"),
         str(run / "ckpt"),
-        settings,
+    )
+    summary = train(
+        paths,
+        TrainingSettings.from_dict(settings),
         tokenize,
         data_fingerprints={},
         experiment=args.name,

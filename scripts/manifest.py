@@ -2,7 +2,7 @@
 
 import json
 
-from kiln.manifest import build_manifest, write_manifest
+from kiln.manifest import ManifestInputs, build_manifest, write_manifest
 from kiln.pages import manifest_page, samples_page
 from kiln.smk import setup_log
 
@@ -12,20 +12,10 @@ experiment = sm.wildcards.experiment
 manifest = build_manifest(
     experiment,
     dict(sm.params.settings),
-    sm.input.dataset_stats,
-    sm.input.tokenize_stats,
-    sm.input.base,
-    sm.input.adapter,
-    sm.input.merged,
-    sm.input.metrics,
-    sm.input.summary,
-    sm.input.merge_report,
+    ManifestInputs.from_rule(sm.input),
     benchmarks=dict(sm.params.benchmarks),
     code=dict(sm.params.code_version),
     packages=dict(sm.params.packages),
-    shard_stats=list(sm.input.shard_stats),
-    samples=sm.input.samples,
-    gguf_reports=list(sm.input.gguf_reports),
 )
 write_manifest(sm.output.manifest, json.loads(json.dumps(manifest)))
 with open(sm.output.html, "w") as f:

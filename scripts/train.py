@@ -8,12 +8,13 @@ import json
 
 from kiln.launch import launch
 from kiln.smk import setup_log, use_cores
-from kiln.train import train
+from kiln.spec import TokenizeSettings, TrainingSettings
+from kiln.train import TrainingPaths, train
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm, console=True)  # keep the progress bar (with ETA) on the console
 splits = json.loads(open(sm.input.data_stats).read())["splits"]
-spec = dict(
+paths = TrainingPaths(
     tokenized_dir=sm.input.tokenized,
     base_dir=sm.input.base,
     adapter_dir=sm.output.adapter,
@@ -21,8 +22,11 @@ spec = dict(
     loss_png=sm.output.loss_png,
     summary_path=sm.output.summary,
     ckpt_dir=sm.params.checkpoints,
-    settings=sm.params.spec["training"],
-    tokenize=sm.params.spec["tokenize"],
+)
+spec = dict(
+    paths=paths,
+    settings=TrainingSettings.coerce(sm.params.spec["training"]),
+    tokenize=TokenizeSettings.coerce(sm.params.spec["tokenize"]),
     spec=sm.params.spec,
     data_fingerprints={name: s["fingerprint"] for name, s in splits.items()},
     experiment=sm.wildcards.experiment,

@@ -147,31 +147,34 @@ def tiny_run(tmp_path_factory):
     return wf
 
 
-def train_outputs(folder: Path) -> dict:
-    """The output paths of kiln.train.train, all under ``folder`` (keyword arguments)."""
-    return {
-        "adapter_dir": str(folder / "adapter"),
-        "step_log_out": str(folder / "s.jsonl"),
-        "loss_png": str(folder / "l.png"),
-        "summary_path": str(folder / "sum.json"),
-        "ckpt_dir": str(folder / "ckpt"),
-    }
+def train_paths(tokenized, base, folder: Path):
+    """kiln.train.TrainingPaths: reading ``tokenized`` and ``base``, every output under ``folder``."""
+    from kiln.train import TrainingPaths
+
+    return TrainingPaths(
+        tokenized_dir=str(tokenized),
+        base_dir=str(base),
+        adapter_dir=str(folder / "adapter"),
+        step_log_out=str(folder / "s.jsonl"),
+        loss_png=str(folder / "l.png"),
+        summary_path=str(folder / "sum.json"),
+        ckpt_dir=str(folder / "ckpt"),
+    )
 
 
 def train_tiny(tiny_run, folder: Path, **overrides) -> dict:
     """kiln.train.train on the tiny run's tokenized data and base model, outputs under ``folder``;
     the tiny experiment's training settings with ``overrides``. The summary."""
     from kiln.config import training_settings
+    from kiln.spec import TokenizeSettings, TrainingSettings
     from kiln.train import train
 
     settings = {**training_settings(), **tiny_run.config["experiments"]["tiny"]["training"], **overrides}
     tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
     return train(
-        str(tokenized),
-        str(tiny_run.path("base/tiny")),
-        **train_outputs(folder),
-        settings=settings,
-        tokenize={"max_seq_len": 192},
+        train_paths(tokenized, tiny_run.path("base/tiny"), folder),
+        settings=TrainingSettings.from_dict(settings),
+        tokenize=TokenizeSettings(max_seq_len=192),
         data_fingerprints={"train": "x"},
         experiment="t",
     )

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import train_outputs
+from conftest import train_paths
 
 
 def packed_job(base_dir: Path, dataset_dir: Path, folder: Path, max_seq_len: int = 512, **training):
     """kiln.train's TrainingJob on packed tokens of ``dataset_dir``, set up and with its trainer built."""
     from kiln.config import training_settings
-    from kiln.spec import TokenizeSettings
+    from kiln.spec import TokenizeSettings, TrainingSettings
     from kiln.tokenize import tokenize_dataset
     from kiln.train import TrainingJob
 
-    tokenize = {"max_seq_len": max_seq_len, "assistant_only_loss": True, "packing": True}
-    tokenize_dataset(
-        dataset_dir, base_dir, folder / "packed", folder / "packed.json", TokenizeSettings.from_dict(tokenize)
-    )
+    tokenize = TokenizeSettings(max_seq_len=max_seq_len, assistant_only_loss=True, packing=True)
+    tokenize_dataset(dataset_dir, base_dir, folder / "packed", folder / "packed.json", tokenize)
     settings = {
         "max_steps": 2,
         "eval_steps": 0,
@@ -32,10 +30,8 @@ def packed_job(base_dir: Path, dataset_dir: Path, folder: Path, max_seq_len: int
         **training,
     }
     job = TrainingJob(
-        str(folder / "packed"),
-        str(base_dir),
-        **train_outputs(folder),
-        settings=training_settings(settings),
+        train_paths(folder / "packed", base_dir, folder),
+        settings=TrainingSettings.from_dict(training_settings(settings)),
         tokenize=tokenize,
         data_fingerprints={"train": "x"},
         experiment="packcheck",

@@ -13,14 +13,9 @@ import architecture  # noqa: E402
 
 # Over the limits as of 2026-12-03 (lines, or parameters): each may shrink or go, none may grow.
 LONG_MODULES = {"config": 433}
-LONG_FUNCTIONS = {
-    "merge.merge_adapter": 116,
-    "trainer.sft_trainer_class": 110,
-    "manifest.build_manifest": 93,
-    "export.export_gguf": 85,
-}
+LONG_FUNCTIONS: dict[str, int] = {}
 # unsloth_varlen's signature is torch's varlen_attn's, which it stands in for.
-WIDE_FUNCTIONS = {"manifest.build_manifest": 16, "train.__init__": 14, "packing.unsloth_varlen": 10}
+WIDE_FUNCTIONS = {"packing.unsloth_varlen": 10}
 
 
 def _names(found: dict) -> dict:

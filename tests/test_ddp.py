@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config, train_outputs
+from conftest import tiny_config, train_paths
 from safetensors.torch import load_file
 
 from kiln.backends import resolve_backend
 from kiln.config import ConfigError, training_settings, validate
 from kiln.launch import launch
 from kiln.microbatch import split_batch
+from kiln.spec import TokenizeSettings, TrainingSettings
 from kiln.train import train
 
 
@@ -53,7 +54,7 @@ def test_uneven_batches_and_unsloth_on_several_gpus_are_refused():
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="checks the message a job without enough GPUs gets")
 def test_too_few_gpus_fails_before_launching(tmp_path):
     with pytest.raises(RuntimeError, match=r"training.num_gpus is 2 but this job sees \d CUDA device"):
-        launch({"summary_path": str(tmp_path / "s.json")}, 2)
+        launch({"paths": train_paths(tmp_path, tmp_path, tmp_path)}, 2)
 
 
 def test_the_workflow_asks_the_cluster_for_the_gpus(workflow_factory):
@@ -103,11 +104,9 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
     for n in (1, 2):
         d = tmp_path / f"p{n}"
         spec = dict(
-            tokenized_dir=str(tokenized),
-            base_dir=str(tiny_run.path("base/tiny")),
-            **train_outputs(d),
-            settings={**settings, "num_gpus": n},
-            tokenize={"max_seq_len": 192},
+            paths=train_paths(tokenized, tiny_run.path("base/tiny"), d),
+            settings=TrainingSettings.from_dict({**settings, "num_gpus": n}),
+            tokenize=TokenizeSettings(max_seq_len=192),
             data_fingerprints={"train": "x"},
             experiment=f"p{n}",
             threads=1,
@@ -118,7 +117,7 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
         else:
             summary = launch(spec, n, log_file=str(d / "train.log"), allow_cpu=True)
             assert "[rank 0]" in (d / "train.log").read_text()
-        steps = [json.loads(x) for x in Path(spec["step_log_out"]).read_text().splitlines()]
+        steps = [json.loads(x) for x in Path(spec["paths"].step_log_out).read_text().splitlines()]
         runs[n] = summary, steps, load_file(d / "adapter" / "adapter_model.safetensors")
         specs[n] = spec
 
@@ -155,7 +154,7 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
     shutil.rmtree(d / "adapter")
     resumed = launch(specs[2], 2, log_file=str(d / "train.log"), allow_cpu=True)
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
-    again = [json.loads(x) for x in Path(specs[2]["step_log_out"]).read_text().splitlines()]
+    again = [json.loads(x) for x in Path(specs[2]["paths"].step_log_out).read_text().splitlines()]
     assert [r["step"] for r in again if "loss" in r] == [1, 2, 3, 4]
     # Exactly equal: the resumed steps differed by 2.35e-5 relative while bitsandbytes switched the
     # CPU kernel after the first evaluation (kiln.trainer keeps one kernel now).
@@ -165,10 +164,9 @@ def test_two_processes_train_like_one(tiny_run, tmp_path):
 def test_packed_rows_on_two_processes_train_like_one(tiny_run, tmp_path):
     """Packed rows under DDP (2 CPU processes, gloo): Kiln's padding-free collator and the isolation
     check run in every process, and the losses are one process's (same packed rows a step)."""
-    from kiln.spec import TokenizeSettings
     from kiln.tokenize import tokenize_dataset
 
-    tokenize = {"max_seq_len": 512, "assistant_only_loss": True, "packing": True}
+    tokenize = TokenizeSettings(max_seq_len=512, assistant_only_loss=True, packing=True)
     packed = tmp_path / "packed"
     base = tiny_run.path("base/tiny")
     tokenize_dataset(
@@ -176,7 +174,7 @@ def test_packed_rows_on_two_processes_train_like_one(tiny_run, tmp_path):
         base,
         packed,
         tmp_path / "packed.json",
-        TokenizeSettings.from_dict(tokenize),
+        tokenize,
     )
     settings = {
         **training_settings(),
@@ -193,17 +191,15 @@ def test_packed_rows_on_two_processes_train_like_one(tiny_run, tmp_path):
         d = tmp_path / f"p{n}"
         d.mkdir()
         spec = dict(
-            tokenized_dir=str(packed),
-            base_dir=str(base),
-            **train_outputs(d),
-            settings={**settings, "num_gpus": n},
+            paths=train_paths(packed, base, d),
+            settings=TrainingSettings.from_dict({**settings, "num_gpus": n}),
             tokenize=tokenize,
             data_fingerprints={"train": "x"},
             experiment=f"packed{n}",
             threads=1,
         )
         summaries[n] = train(**spec) if n == 1 else launch(spec, n, log_file=str(d / "train.log"), allow_cpu=True)
-        steps = [json.loads(x) for x in Path(spec["step_log_out"]).read_text().splitlines()]
+        steps = [json.loads(x) for x in Path(spec["paths"].step_log_out).read_text().splitlines()]
         losses[n] = [r["loss"] for r in steps if "loss" in r]
     assert summaries[2]["processes"] == 2 and summaries[2]["effective_batch"] == summaries[1]["effective_batch"] == 4
     for s in summaries.values():

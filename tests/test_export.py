@@ -15,8 +15,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from kiln.answers import answer_json_schema
 from kiln.export import (
-    answer_json_schema,
     convert,
     expected_metadata,
     find_converter,

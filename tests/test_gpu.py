@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config, train_outputs
+from conftest import tiny_config, train_paths
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -32,16 +32,15 @@ def test_tiny_pipeline_on_cuda(workflow_factory, backend):
 
 def test_auto_micro_batch_keeps_the_effective_batch(tiny_run_or_base, tmp_path):
     """On the card: the probe picks the largest micro-batch that fits and the effective batch stays."""
+    from kiln.spec import TokenizeSettings, TrainingSettings
     from kiln.train import train
 
     base_dir, tokenized = tiny_run_or_base
     settings = _settings(per_device_batch_size=4, gradient_accumulation_steps=2, auto_micro_batch=True, backend="hf")
     summary = train(
-        str(tokenized),
-        str(base_dir),
-        **train_outputs(tmp_path),
-        settings=settings,
-        tokenize={"max_seq_len": 192, "assistant_only_loss": True, "packing": False},
+        train_paths(tokenized, base_dir, tmp_path),
+        settings=TrainingSettings.from_dict(settings),
+        tokenize=TokenizeSettings(max_seq_len=192, assistant_only_loss=True, packing=False),
         data_fingerprints={"train": "x"},
         experiment="gpu-auto",
     )

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import train_outputs, train_tiny
+from conftest import train_paths, train_tiny
 from safetensors.torch import load_file
 
 from kiln.backends import resolve_backend, resolve_dtype
@@ -12,7 +12,7 @@ from kiln.base_model import ModelSourceError, load_source, prepare_base_model
 from kiln.config import training_settings
 from kiln.merge import merge_adapter
 from kiln.scoring import score
-from kiln.spec import MergeSettings, TokenizeSettings
+from kiln.spec import MergeSettings, TokenizeSettings, TrainingSettings
 
 
 def test_hub_model_offline_fails_at_once_with_a_clear_message(monkeypatch):
@@ -58,11 +58,9 @@ def test_plain_lora_trains_the_adapter_and_leaves_base_weights_alone(tiny_run, t
     settings = {**training_settings(), **cfg["training"], "quantization": "none", "max_steps": 6, "eval_steps": 0}
     tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
     summary = train(
-        str(tokenized),
-        base_dir,
-        **train_outputs(tmp_path),
-        settings=settings,
-        tokenize={"max_seq_len": 192},
+        train_paths(tokenized, base_dir, tmp_path),
+        settings=TrainingSettings.from_dict(settings),
+        tokenize=TokenizeSettings(max_seq_len=192),
         data_fingerprints={"train": "x"},
         experiment="t",
     )
@@ -96,11 +94,9 @@ def test_early_stopping_needs_aligned_steps(tiny_run, tmp_path):
     tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
     with pytest.raises(ValueError, match="save_steps to be a multiple of eval_steps"):
         train(
-            str(tokenized),
-            str(tiny_run.path("base/tiny")),
-            **train_outputs(tmp_path),
-            settings=settings,
-            tokenize={"max_seq_len": 192},
+            train_paths(tokenized, tiny_run.path("base/tiny"), tmp_path),
+            settings=TrainingSettings.from_dict(settings),
+            tokenize=TokenizeSettings(max_seq_len=192),
             data_fingerprints={},
             experiment="t",
         )
@@ -201,10 +197,8 @@ def test_packed_rows_train_with_the_lean_step(tiny_run, tmp_path):
         "auto_micro_batch": True,  # CUDA only: on a CPU the configured batch stays
     }
     summary = train(
-        str(packed),
-        str(tiny_run.path("base/tiny")),
-        **train_outputs(tmp_path),
-        settings=settings,
+        train_paths(packed, tiny_run.path("base/tiny"), tmp_path),
+        settings=TrainingSettings.from_dict(settings),
         tokenize=TokenizeSettings(max_seq_len=512, assistant_only_loss=True, packing=True),
         data_fingerprints={"train": "x"},
         experiment="packed",

@@ -271,22 +271,50 @@ def common_system_prompt(dataset_dir: str) -> str | None:
     return text if count * 2 > len(train) else None
 
 
-# ---- JSON Schema for schema-bound serving ---------------------------------------------------------
-def answer_json_schema(schema: dict | None) -> dict | None:
-    """The dataset's answer schema as a JSON Schema (the shorthand {field: type} expanded)."""
-    from kiln.spec import is_type_map
+def _parity(out_path: str, merged_dir: str, tokenizer, dataset_dir: str, qtype: str, settings: tuple, phases):
+    """The GGUF in llama.cpp against the merged model in transformers: the token ids of the
+    evaluation's prompts, and the next-token probabilities on validation prompts."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    if not schema:
-        return None
-    if not is_type_map(schema):
-        return schema
-    types = {"date": {"type": "string", "format": "date"}}
-    return {
-        "type": "object",
-        "properties": {k: types.get(t, {"type": t}) for k, t in schema.items()},
-        "required": list(schema),
-        "additionalProperties": False,
-    }
+    from kiln.prompts import evaluation_prompts, validation_prompts
+
+    export, evaluate = settings
+    datasets.disable_caching()
+    prompts = evaluation_prompts(datasets.load_from_disk(dataset_dir)["test"], tokenizer, evaluate)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    with LlamaCpp(out_path, n_ctx=4096) as server:
+        with phases.step("token ids"):
+            tokens = token_parity(server, tokenizer, prompts)
+        with phases.step("log-probs"):
+            validation = validation_prompts(dataset_dir, tokenizer, export.verify_prompts)
+            logprobs = logprob_parity(server, model, tokenizer, validation, qtype)
+    return tokens, logprobs
+
+
+def _parity_problems(tokens: dict, logprobs: dict) -> list[str]:
+    problems = []
+    if tokens["identical"] != tokens["prompts"]:
+        problems.append(f"token ids: {tokens['prompts'] - tokens['identical']} of {tokens['prompts']} prompts differ")
+    if not logprobs["ok"]:
+        problems.append(
+            f"next-token probabilities: max |diff| {logprobs['max_abs_prob_diff']:.3g} (tolerance "
+            f"{logprobs['tolerance']}), greedy token the same on {logprobs['greedy_token_same']} of "
+            f"{logprobs['prompts']}"
+        )
+    return problems
+
+
+def _first_difference(tokens: dict) -> str:
+    """The first prompt whose token ids differ, and where: for the error's message."""
+    if not tokens["differences"]:
+        return ""
+    d = tokens["differences"][0]
+    return (
+        f"\n  first differing prompt ({d['prompt']}): {d['text'][:120]!r}\n  at token "
+        f"{d['first_difference_at']}: Hugging Face {d['hf_tokens']} vs llama.cpp {d['llama_cpp_tokens']}"
+    )
 
 
 # ---- the rule's job ----------------------------------------------------------------------------
@@ -304,12 +332,9 @@ def export_gguf(
     job fails (the GGUF and the report removed by Snakemake) when a check does not hold: then a copy
     of the report stays beside ``log_path`` (kiln.evidence) and the error names it and the first
     differing prompt's tokens."""
-    import datasets
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from kiln.progress import Phases
-    from kiln.prompts import evaluation_prompts, validation_prompts
 
     s = export
     phases = Phases(f"export {Path(merged_dir).parent.name} {qtype}", ["convert", "metadata", "token ids", "log-probs"])
@@ -321,26 +346,10 @@ def export_gguf(
     with phases.step("metadata"):
         meta = read_metadata(out_path)
         problems = metadata_problems(meta, expected_metadata(merged_dir))
-    datasets.disable_caching()
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    prompts = evaluation_prompts(datasets.load_from_disk(dataset_dir)["test"], tokenizer, evaluate)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    with LlamaCpp(out_path, n_ctx=4096) as server:
-        with phases.step("token ids"):
-            tokens = token_parity(server, tokenizer, prompts)
-        with phases.step("log-probs"):
-            logprobs = logprob_parity(
-                server, model, tokenizer, validation_prompts(dataset_dir, tokenizer, s.verify_prompts), qtype
-            )
+    tokens, logprobs = _parity(out_path, merged_dir, tokenizer, dataset_dir, qtype, (s, evaluate), phases)
     phases.close()
-    if tokens["identical"] != tokens["prompts"]:
-        problems.append(f"token ids: {tokens['prompts'] - tokens['identical']} of {tokens['prompts']} prompts differ")
-    if not logprobs["ok"]:
-        problems.append(
-            f"next-token probabilities: max |diff| {logprobs['max_abs_prob_diff']:.3g} (tolerance "
-            f"{logprobs['tolerance']}), greedy token the same on {logprobs['greedy_token_same']} of "
-            f"{logprobs['prompts']}"
-        )
+    problems += _parity_problems(tokens, logprobs)
     report = {
         "gguf": Path(out_path).name,
         "type": qtype,
@@ -358,16 +367,8 @@ def export_gguf(
     }
     kept = write_report(report, report_path, log_path, failed=bool(problems))
     if problems:
-        first = ""
-        if tokens["differences"]:
-            d = tokens["differences"][0]
-            first = (
-                f"\n  first differing prompt ({d['prompt']}): {d['text'][:120]!r}\n  at token "
-                f"{d['first_difference_at']}: Hugging Face {d['hf_tokens']} vs llama.cpp {d['llama_cpp_tokens']}"
-            )
-        raise ExportError(
-            f"{out_path} is not the merged model:\n- " + "\n- ".join(problems) + first + f"\n  every check: {kept}"
-        )
+        listed = "\n- ".join(problems) + _first_difference(tokens)
+        raise ExportError(f"{out_path} is not the merged model:\n- {listed}\n  every check: {kept}")
     log.info(
         "%s: verified (%d prompts' token ids, probabilities within %.3g)",
         out_path,

@@ -27,8 +27,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(spec: dict, processes: int, log_file: str | None = None, allow_cpu: bool = False) -> dict:
-    """``train(**spec)`` in ``processes`` DDP processes through ``accelerate launch``; the summary.
+def _to_json(job: dict) -> dict:
+    """``train``'s keyword arguments as JSON for the worker processes (the typed ones as dicts)."""
+    from dataclasses import asdict
+
+    return {
+        **job,
+        "paths": asdict(job["paths"]),
+        "settings": job["settings"].to_dict(),
+        "tokenize": job["tokenize"].to_dict(),
+    }
+
+
+def _from_json(job: dict) -> dict:
+    """The inverse of ``_to_json``, in a worker: the same typed values the launching process held."""
+    from kiln.spec import TokenizeSettings, TrainingSettings
+    from kiln.train import TrainingPaths
+
+    return {
+        **job,
+        "paths": TrainingPaths(**job["paths"]),
+        "settings": TrainingSettings.from_dict(job["settings"]),
+        "tokenize": TokenizeSettings.from_dict(job["tokenize"]),
+    }
+
+
+def launch(job: dict, processes: int, log_file: str | None = None, allow_cpu: bool = False) -> dict:
+    """``train(**job)`` in ``processes`` DDP processes through ``accelerate launch``; the summary.
 
     One process per GPU of this job (CUDA_VISIBLE_DEVICES, as SLURM sets it). ``allow_cpu``: run
     the processes on CPU with gloo where there is no CUDA (what the tests do: the same code path).
@@ -44,7 +69,7 @@ def launch(spec: dict, processes: int, log_file: str | None = None, allow_cpu: b
         )
     work = Path(tempfile.mkdtemp(prefix="kiln-launch-"))
     spec_file = work / "train.json"
-    spec_file.write_text(json.dumps({"train": spec, "log_file": log_file}))
+    spec_file.write_text(json.dumps({"train": _to_json(job), "log_file": log_file}))
     cmd = [
         sys.executable,
         "-m",
@@ -71,7 +96,7 @@ def launch(spec: dict, processes: int, log_file: str | None = None, allow_cpu: b
             f"accelerate launch of {processes} training processes exited with status {rc}; "
             f"each process's error is printed above{f' and in {log_file}' if log_file else ''}"
         )
-    return json.loads(Path(spec["summary_path"]).read_text())
+    return json.loads(Path(job["paths"].summary_path).read_text())
 
 
 def run_worker(spec_file: str) -> None:
@@ -89,7 +114,7 @@ def run_worker(spec_file: str) -> None:
     )
     from kiln.train import train
 
-    train(**spec["train"])
+    train(**_from_json(spec["train"]))
     # Leave without tearing torch.distributed down: freeing a gloo process group can deadlock (its
     # destructor joins its worker threads holding the GIL that a worker needs to free a tensor),
     # seen here as a rank that never exited. Everything this process wrote is closed by now.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from kiln.base_model import sha256_file  # noqa: F401 (also this module's, for callers)
@@ -65,23 +66,76 @@ def stage_benchmarks(paths: dict[str, list[str]]) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class ManifestInputs:
+    """The files of one experiment the manifest reads (the manifest rule's inputs, by name)."""
+
+    dataset_stats: str | Path
+    tokenize_stats: str | Path
+    base: str | Path  # the prepared base model's folder
+    adapter: str | Path
+    merged: str | Path
+    metrics: str | Path
+    summary: str | Path  # train_summary.json
+    merge_report: str | Path
+    shard_stats: tuple = ()
+    samples: str | Path | None = None
+    gguf_reports: tuple = ()
+
+    @classmethod
+    def from_rule(cls, inputs) -> ManifestInputs:
+        """From a rule's named inputs (Snakemake's ``input``; lists become tuples)."""
+        values = {f.name: getattr(inputs, f.name) for f in fields(cls) if hasattr(inputs, f.name)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _read(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _prompt_example(samples: str | Path | None) -> dict | None:
+    """The first test conversation, as the model saw it."""
+    if not samples or not Path(samples).exists():
+        return None
+    for line in Path(samples).read_text().splitlines():
+        sample = json.loads(line)
+        if sample.get("messages"):
+            return {"messages": sample["messages"], "reference": sample["reference"]}
+    return None
+
+
+def _data_section(files: ManifestInputs) -> dict:
+    data, tok = _read(files.dataset_stats), _read(files.tokenize_stats)
+    return {
+        "splits": data["splits"],
+        "rows_in": data["rows_in"],
+        "rejected_in_build": data["rows_rejected"],
+        # url shards: the final URL after redirects, the byte count and the sha256 of what came
+        "downloads": [d for d in (_read(p).get("download") for p in files.shard_stats) if d],
+        "tokenized": {
+            split: {k: s[k] for k in ("rows_kept", "tokens", "trainable_tokens", "truncated") if k in s}
+            for split, s in tok["splits"].items()
+        },
+    }
+
+
+def _training_section(training: dict, summary: dict) -> dict:
+    return {
+        "backend": training["backend"],
+        "backend_reason": training["backend_reason"],
+        "compute_dtype": training["compute_dtype"],
+        **{k: summary[k] for k in ("steps", "tokens_trained", "first_loss", "final_loss", "device")},
+        "hardware": summary.get("hardware"),
+    }
+
+
 def build_manifest(
     experiment: str,
     stage_settings: dict,
-    dataset_stats: str | Path,
-    tokenize_stats: str | Path,
-    base_dir: str | Path,
-    adapter_dir: str | Path,
-    merged_dir: str | Path,
-    metrics: str | Path,
-    train_summary: str | Path,
-    merge_report: str | Path,
+    files: ManifestInputs,
     benchmarks: dict[str, list[str]],
     code: dict,
     packages: dict,
-    shard_stats: list[str | Path] = (),
-    samples: str | Path | None = None,
-    gguf_reports: list[str | Path] = (),
 ) -> dict:
     """Everything about one experiment in one JSON-able dict.
 
@@ -89,7 +143,7 @@ def build_manifest(
     comes from the experiment.json beside it; ``stage_settings`` holds the merge and evaluate
     settings (the rule's parameter).
     """
-    training = read_adapter_spec(adapter_dir)
+    training = read_adapter_spec(files.adapter)
     dataset, model = training["dataset"], training["model"]
     stage_settings = dict(stage_settings)
     # Each evaluate.regression entry and the dataset it names (kiln repro rebuilds them too).
@@ -101,49 +155,19 @@ def build_manifest(
         "training": training["training"],
         **stage_settings,
     }
-    data = json.loads(Path(dataset_stats).read_text())
-    tok = json.loads(Path(tokenize_stats).read_text())
-    summary = json.loads(Path(train_summary).read_text())
-    scores = json.loads(Path(metrics).read_text())
-    prompt_example = None
-    if samples and Path(samples).exists():  # the first test conversation, as the model saw it
-        for line in Path(samples).read_text().splitlines():
-            sample = json.loads(line)
-            if sample.get("messages"):
-                prompt_example = {"messages": sample["messages"], "reference": sample["reference"]}
-                break
+    summary = _read(files.summary)
     return {
         "kiln_manifest": 1,
         "experiment": experiment,
-        "prompt_example": prompt_example,
+        "prompt_example": _prompt_example(files.samples),
         "config": {"experiment": exp, "dataset": dataset, "model": model, "regression_datasets": regression},
-        "data": {
-            "splits": data["splits"],
-            "rows_in": data["rows_in"],
-            "rejected_in_build": data["rows_rejected"],
-            # url shards: the final URL after redirects, the byte count and the sha256 of what came
-            "downloads": [d for d in (json.loads(Path(p).read_text()).get("download") for p in shard_stats) if d],
-            "tokenized": {
-                split: {k: s[k] for k in ("rows_kept", "tokens", "trainable_tokens", "truncated") if k in s}
-                for split, s in tok["splits"].items()
-            },
-        },
-        "base_model": json.loads((Path(base_dir) / "identity.json").read_text()),
-        "adapter": {"files": tree_hashes(adapter_dir)},
-        "merged": {"files": tree_hashes(merged_dir), "report": json.loads(Path(merge_report).read_text())},
+        "data": _data_section(files),
+        "base_model": _read(Path(files.base) / "identity.json"),
+        "adapter": {"files": tree_hashes(files.adapter)},
+        "merged": {"files": tree_hashes(files.merged), "report": _read(files.merge_report)},
         # each exported GGUF: file, sha256, converter and version, what its verification found
-        "gguf": {r["type"]: r for r in (json.loads(Path(p).read_text()) for p in gguf_reports)},
-        "training": {
-            "backend": training["backend"],
-            "backend_reason": training["backend_reason"],
-            "compute_dtype": training["compute_dtype"],
-            "steps": summary["steps"],
-            "tokens_trained": summary["tokens_trained"],
-            "first_loss": summary["first_loss"],
-            "final_loss": summary["final_loss"],
-            "device": summary["device"],
-            "hardware": summary.get("hardware"),
-        },
+        "gguf": {r["type"]: r for r in (_read(p) for p in files.gguf_reports)},
+        "training": _training_section(training, summary),
         "seeds": {
             "data_split": dataset["build"]["seed"],
             "training": exp["training"]["seed"],
@@ -156,7 +180,7 @@ def build_manifest(
         "workflow_packages": packages,
         "hardware": hardware(),
         "stages": stage_benchmarks(benchmarks),
-        "metrics": scores,
+        "metrics": _read(files.metrics),
     }
 
 

@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import os
 import platform
+import resource
 import subprocess
 from pathlib import Path
 
@@ -95,4 +96,14 @@ def hardware() -> dict:
             out["gpu"] = None
     except ImportError:
         out["gpu"] = None
+    return out
+
+
+def peak_memory_mb() -> dict:
+    """This process's peak memory so far: resident set, and allocated on the GPU where there is one."""
+    import torch
+
+    out = {"cpu_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["gpu_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out

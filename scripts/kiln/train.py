@@ -25,9 +25,9 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.backends import load_for_training, resolve_backend, resolve_dtype
@@ -36,6 +36,7 @@ from kiln.codedeps import code_files
 from kiln.losses import liger_sum_loss, resolve_head_loss
 from kiln.microbatch import auto_micro_batch, split_batch
 from kiln.packing import PackedCollator, check_isolation, plan_attention, varlen_calls
+from kiln.provenance import peak_memory_mb
 from kiln.spec import ADAPTER_SPEC, TokenizeSettings, TrainingSettings
 from kiln.steplog import STEP_LOG, plot_loss, step_logger
 from kiln.tracking import mlflow_setup
@@ -46,33 +47,31 @@ log = logging.getLogger(__name__)
 TRAINING_CODE = code_files(__file__)
 
 
-def _peak_memory_mb() -> dict:
-    import torch
+@dataclass(frozen=True)
+class TrainingPaths:
+    """Where a training job reads (tokenized data, base model) and writes (the rest)."""
 
-    out = {"cpu_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if torch.cuda.is_available():
-        out["gpu_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
+    tokenized_dir: str
+    base_dir: str
+    adapter_dir: str
+    step_log_out: str
+    loss_png: str
+    summary_path: str
+    ckpt_dir: str  # checkpoints: a folder Snakemake does not own (resume survives a failed job)
 
 
 class TrainingJob:
-    """One training run, in the phases a reader can name: setup -> build_trainer -> fit -> save -> summarize.
+    """One QLoRA training run, as phases: setup -> build_trainer -> fit -> save -> summarize.
 
-    Holds the paths and the typed settings (kiln.spec.TrainingSettings); each phase is short and
-    leaves what the next one needs on the job.
+    Holds the paths and the typed settings (kiln.spec.TrainingSettings, typed at the script's
+    door); each phase is short and leaves what the next one needs on the job.
     """
 
     def __init__(
         self,
-        tokenized_dir: str,
-        base_dir: str,
-        adapter_dir: str,
-        step_log_out: str,
-        loss_png: str,
-        summary_path: str,
-        ckpt_dir: str,
-        settings: dict,
-        tokenize: dict,
+        paths: TrainingPaths,
+        settings: TrainingSettings,
+        tokenize: TokenizeSettings,
         data_fingerprints: dict,
         experiment: str = "",
         threads: int | None = None,
@@ -80,13 +79,14 @@ class TrainingJob:
         spec: dict | None = None,
     ):
         self.t_start = time.perf_counter()
-        self.s = TrainingSettings.from_dict(settings)
+        self.s = settings
         self.s.check()  # rules between settings fail here, before anything loads
         self.settings = self.s.to_dict()  # what the run key and experiment.json record
-        self.tokenize = TokenizeSettings.from_dict(tokenize)
-        self.tokenized_dir, self.base_dir, self.adapter_dir = tokenized_dir, base_dir, adapter_dir
-        self.step_log_out, self.loss_png, self.summary_path = step_log_out, loss_png, summary_path
-        self.ckpt = Path(ckpt_dir)
+        self.tokenize = tokenize
+        self.paths = paths
+        self.tokenized_dir, self.base_dir, self.adapter_dir = paths.tokenized_dir, paths.base_dir, paths.adapter_dir
+        self.step_log_out, self.loss_png, self.summary_path = paths.step_log_out, paths.loss_png, paths.summary_path
+        self.ckpt = Path(paths.ckpt_dir)
         self.data_fingerprints, self.experiment = data_fingerprints, experiment
         self.threads, self.tracking = threads, tracking or {}
         self.spec = spec or {}  # what made this adapter (kiln.spec.adapter_spec); saved beside it
@@ -254,7 +254,7 @@ class TrainingJob:
             self.result = self._finished_at_checkpoint()
         else:
             self.result = self.trainer.train(resume_from_checkpoint=self.resume)
-        self.peaks = [_peak_memory_mb()]
+        self.peaks = [peak_memory_mb()]
         if self.state is not None:
             from accelerate.utils import gather_object
 
