@@ -12,16 +12,18 @@ from kiln.locks import release_stale_lock  # noqa: E402
 from kiln.spec import adapter_spec as adapter_spec_of  # noqa: E402
 from kiln.config import (  # noqa: E402
     ConfigError,
-    check_local_paths,
-    dataset_shards,
     extend_default,
-    source_config,
     tokenization_key,
     tokenization_settings,
     tokenizer_source,
-    local_files,
     regression_datasets,
     validate,
+)
+from kiln.shards import (  # noqa: E402
+    check_local_paths,
+    dataset_shards,
+    local_files,
+    source_config,
 )
 
 # A --configfile extends the embedded default the Kiln way (kiln.config.extend_default): datasets

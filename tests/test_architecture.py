@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import architecture  # noqa: E402
 
 # Over the limits as of 2026-12-03 (lines, or parameters): each may shrink or go, none may grow.
-LONG_MODULES = {"config": 433}
+LONG_MODULES: dict[str, int] = {}
 LONG_FUNCTIONS: dict[str, int] = {}
 # unsloth_varlen's signature is torch's varlen_attn's, which it stands in for.
 WIDE_FUNCTIONS = {"packing.unsloth_varlen": 10}

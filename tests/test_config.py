@@ -7,7 +7,8 @@ import pytest
 import yaml
 from conftest import REPO, SNAKEMAKE, tiny_config
 
-from kiln.config import ConfigError, dataset_shards, tokenization_key, validate
+from kiln.config import ConfigError, tokenization_key, validate
+from kiln.shards import dataset_shards
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
@@ -168,7 +169,7 @@ def test_inheritance_loop_is_reported():
 
 
 def test_a_local_model_folder_is_checked_when_the_workflow_is_parsed(tmp_path, monkeypatch):
-    from kiln.config import check_local_paths
+    from kiln.shards import check_local_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = validate(
@@ -198,7 +199,7 @@ def test_a_missing_local_model_stops_the_parse_with_one_line(workflow_factory, t
 
 
 def test_csv_columns_are_checked_when_the_workflow_is_parsed(tmp_path, monkeypatch):
-    from kiln.config import check_local_paths
+    from kiln.shards import check_local_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "faq.csv").write_bytes(b"\xef\xbb\xbfquestion,answer\nq,a\n")  # a BOM, as Excel writes it
@@ -233,7 +234,7 @@ def test_parquet_columns_are_checked_when_the_workflow_is_parsed(tmp_path, monke
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kiln.config import check_local_paths
+    from kiln.shards import check_local_paths
 
     monkeypatch.chdir(tmp_path)
     pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), tmp_path / "faq.parquet")

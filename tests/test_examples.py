@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kiln.config import check_local_paths, extend_default, validate
+from kiln.config import extend_default, validate
 from kiln.examples import label_rows, summary_rows
+from kiln.shards import check_local_paths
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "config" / "examples"

@@ -20,9 +20,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kiln.config import local_files, url_shards
 from kiln.folders import bom_encoding
 from kiln.records import RecordError, stable_id, to_canonical
+from kiln.shards import local_files, url_shards
 from kiln.tables import DOWNLOAD_KEY, RAW_SCHEMA, SKIPPED_KEY
 
 log = logging.getLogger(__name__)

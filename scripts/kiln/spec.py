@@ -19,6 +19,10 @@ class SpecError(ValueError):
     """A settings problem, as one line naming the key (kiln.config turns it into ConfigError)."""
 
 
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line a user can act on (kiln.config, kiln.shards)."""
+
+
 def _f(default: Any, help: str, choices: tuple | None = None):
     meta = {"help": help, **({"choices": choices} if choices else {})}
     if isinstance(default, (list, dict)):
