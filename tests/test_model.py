@@ -1,6 +1,7 @@
 """Model-stage functions called directly (no Snakemake): sources, backends, training, merge, scoring."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +127,31 @@ def test_merge_onto_original_weights_is_recorded_and_checked(tiny_run, tmp_path)
     delta = adapter[f"base_model.model.{key}.lora_B.weight"] @ adapter[f"base_model.model.{key}.lora_A.weight"]
     expected = base[f"{key}.weight"].float() + cfg["lora_alpha"] / cfg["r"] * delta
     assert torch.allclose(merged[f"{key}.weight"], expected, atol=1e-5)
+
+
+def test_the_trained_adapter_record_reads_back_as_the_file_it_wrote(tiny_run, tmp_path):
+    """experiment.json as a type (kiln.trained.TrainedAdapter): read back, its to_dict() is the file
+    byte for byte; its settings are typed; a record this Kiln can't read says which and what to do."""
+    import shutil
+
+    from kiln.trained import TrainedAdapter
+
+    adapter = tiny_run.path("tiny/adapter")
+    text = (adapter / "experiment.json").read_text()
+    trained = TrainedAdapter.read(adapter)
+    assert json.dumps(trained.to_dict(), indent=2) == text
+    assert isinstance(trained.training, TrainingSettings) and isinstance(trained.tokenize, TokenizeSettings)
+    assert trained.quantized and trained.training.max_steps == json.loads(text)["training"]["max_steps"]
+    assert (Path(trained.base_dir(adapter)) / "identity.json").is_file()
+    old = tmp_path / "old"
+    shutil.copytree(adapter, old)
+    record = json.loads(text)
+    record["training"]["warmup"] = 3  # a key no TrainingSettings has (another Kiln's file)
+    (old / "experiment.json").write_text(json.dumps(record))
+    with pytest.raises(
+        ValueError, match=r"old/experiment.json: not an experiment.json this Kiln reads .*warmup.*retrain"
+    ):
+        TrainedAdapter.read(old)
 
 
 def test_merge_reads_how_the_adapter_was_trained_from_beside_it(tiny_run, tmp_path):

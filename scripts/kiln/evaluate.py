@@ -30,7 +30,8 @@ from kiln.metrics import (
 from kiln.passes import generate, loss_and_generate, masked_loss, shared_prompt_rows
 from kiln.prompts import continuation_prompts, prompts_and_references
 from kiln.scoring import score
-from kiln.spec import EvaluateSettings, read_adapter_spec
+from kiln.spec import EvaluateSettings
+from kiln.trained import TrainedAdapter
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def load_model(kind: str, inputs: EvaluationInputs):
 
     from kiln.backends import bnb_config
 
-    quantized = read_adapter_spec(inputs.adapter)["quantization"] == "nf4"
+    quantized = TrainedAdapter.read(inputs.adapter).quantized
     extra = {"quantization_config": bnb_config(dtype)} if quantized else {}
     base = AutoModelForCausalLM.from_pretrained(inputs.base, dtype=dtype, device_map={"": device}, **extra)
     if kind == "base_4bit":
@@ -248,7 +249,7 @@ def evaluate(
     scored by loss and perplexity on (at most max_samples of) its rows, test split first."""
     metrics: dict = {"experiment": experiment}
     run = _prepare(inputs, settings, metrics)
-    if read_adapter_spec(inputs.adapter)["quantization"] != "nf4":  # no 4-bit base: base_4bit is the base
+    if not TrainedAdapter.read(inputs.adapter).quantized:  # no 4-bit base: base_4bit is the base
         models = tuple(k for k in models if k != "base_4bit")
     for kind in models:
         _score_model(run, kind, inputs, metrics)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kiln.base_model import sha256_file  # noqa: F401 (also this module's, for callers)
 from kiln.provenance import hardware
-from kiln.spec import read_adapter_spec
+from kiln.trained import TrainedAdapter
 
 STAGES = ("collect", "clean", "build_dataset", "tokenize", "base_model", "train", "merge", "export_gguf", "evaluate")
 
@@ -119,11 +119,11 @@ def _data_section(files: ManifestInputs) -> dict:
     }
 
 
-def _training_section(training: dict, summary: dict) -> dict:
+def _training_section(trained: TrainedAdapter, summary: dict) -> dict:
     return {
-        "backend": training["backend"],
-        "backend_reason": training["backend_reason"],
-        "compute_dtype": training["compute_dtype"],
+        "backend": trained.backend,
+        "backend_reason": trained.backend_reason,
+        "compute_dtype": trained.compute_dtype,
         **{k: summary[k] for k in ("steps", "tokens_trained", "first_loss", "final_loss", "device")},
         "hardware": summary.get("hardware"),
     }
@@ -143,16 +143,16 @@ def build_manifest(
     comes from the experiment.json beside it; ``stage_settings`` holds the merge and evaluate
     settings (the rule's parameter).
     """
-    training = read_adapter_spec(files.adapter)
-    dataset, model = training["dataset"], training["model"]
+    trained = TrainedAdapter.read(files.adapter)
+    dataset, model = trained.dataset, trained.model
     stage_settings = dict(stage_settings)
     # Each evaluate.regression entry and the dataset it names (kiln repro rebuilds them too).
     regression = stage_settings.pop("regression_datasets", [])
     exp = {
         "dataset": dataset["name"],
         "model": model["name"],
-        "tokenize": training["tokenize"],
-        "training": training["training"],
+        "tokenize": trained.tokenize.to_dict(),
+        "training": trained.training.to_dict(),
         **stage_settings,
     }
     summary = _read(files.summary)
@@ -167,7 +167,7 @@ def build_manifest(
         "merged": {"files": tree_hashes(files.merged), "report": _read(files.merge_report)},
         # each exported GGUF: file, sha256, converter and version, what its verification found
         "gguf": {r["type"]: r for r in (_read(p) for p in files.gguf_reports)},
-        "training": _training_section(training, summary),
+        "training": _training_section(trained, summary),
         "seeds": {
             "data_split": dataset["build"]["seed"],
             "training": exp["training"]["seed"],

@@ -16,7 +16,8 @@ from pathlib import Path
 from kiln.evidence import write_report
 from kiln.progress import Phases
 from kiln.prompts import check_prompt, validation_prompts
-from kiln.spec import MergeSettings, read_adapter_spec
+from kiln.spec import MergeSettings
+from kiln.trained import TrainedAdapter
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,9 @@ def _saving_dtype(merged, batch, mask, reference, effect: float, requested: str,
     return resolved, why, rounded
 
 
-def _merge_onto(trained: dict, settings: MergeSettings) -> str:
+def _merge_onto(trained: TrainedAdapter, settings: MergeSettings) -> str:
     """The weights to merge onto: a plain-LoRA adapter (no 4-bit base) has only the original ones."""
-    if settings.onto == "dequantized" and trained["quantization"] != "nf4":
+    if settings.onto == "dequantized" and not trained.quantized:
         log.info("adapter trained without quantization: merging onto the original weights it was trained against")
         return "original"
     return settings.onto
@@ -162,8 +163,8 @@ def merge_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = settings or MergeSettings()
-    trained = read_adapter_spec(adapter_dir)
-    base_dir = str(Path(adapter_dir) / trained["base_model_relpath"])
+    trained = TrainedAdapter.read(adapter_dir)
+    base_dir = trained.base_dir(adapter_dir)
     onto = _merge_onto(trained, settings)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
@@ -197,8 +198,8 @@ def merge_adapter(
         "base_model_dir": base_dir,
         "merge_onto": onto,
         "merge_onto_requested": settings.onto,
-        "trained_quantization": trained["quantization"],
-        "trained_compute_dtype": trained["compute_dtype"],
+        "trained_quantization": trained.quantization,
+        "trained_compute_dtype": trained.compute_dtype,
         "saved_dtype": str(save_dtype).removeprefix("torch."),
         "saved_dtype_reason": why,
         "merge_error_ratio_float32": own,

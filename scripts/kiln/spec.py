@@ -9,9 +9,7 @@ rules between fields, lives in ``check()`` here and runs when the workflow is pa
 
 from __future__ import annotations
 
-import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 
@@ -319,13 +317,10 @@ def moved_key_error(experiment: str, exp: dict) -> str | None:
     return None
 
 
-ADAPTER_SPEC = "experiment.json"  # beside the adapter: what made it (see adapter_spec)
-
-
 def adapter_spec(cfg: dict, name: str) -> dict:
     """What made one experiment's adapter, as plain data: its name, the dataset and model (with their
-    config), and the tokenize and training settings. Training saves it beside the adapter
-    (``experiment.json``, with what it resolved: backend, dtype, base model); merge, evaluate, the
+    config), and the tokenize and training settings. Training saves it beside the adapter, with
+    what it resolved (kiln.trained.TrainedAdapter: ``experiment.json``); merge, evaluate, the
     manifest and repro read it there instead of re-assembling the config."""
     exp = cfg["experiments"][name]
     return {
@@ -335,17 +330,6 @@ def adapter_spec(cfg: dict, name: str) -> dict:
         "tokenize": exp["tokenize"],
         "training": exp["training"],
     }
-
-
-def read_adapter_spec(adapter_dir: str | Path) -> dict:
-    """The experiment.json training saved beside an adapter, with a message a user can act on."""
-    path = Path(adapter_dir) / ADAPTER_SPEC
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing: {adapter_dir} was not written by Kiln's train stage (or by an older Kiln); "
-            "retrain it (snakemake reruns train when its outputs are incomplete)"
-        )
-    return json.loads(path.read_text())
 
 
 @dataclass(frozen=True)

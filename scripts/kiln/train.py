@@ -37,9 +37,10 @@ from kiln.losses import liger_sum_loss, resolve_head_loss
 from kiln.microbatch import auto_micro_batch, split_batch
 from kiln.packing import PackedCollator, check_isolation, plan_attention, varlen_calls
 from kiln.provenance import peak_memory_mb
-from kiln.spec import ADAPTER_SPEC, TokenizeSettings, TrainingSettings
+from kiln.spec import TokenizeSettings, TrainingSettings
 from kiln.steplog import STEP_LOG, plot_loss, step_logger
 from kiln.tracking import mlflow_setup
+from kiln.trained import TrainedAdapter
 from kiln.trainer import sft_args, sft_trainer_class
 
 log = logging.getLogger(__name__)
@@ -298,26 +299,24 @@ class TrainingJob:
             peft_config.base_model_name_or_path = str(Path(self.base_dir).resolve())
         self.trainer.model.save_pretrained(adapter, safe_serialization=True)
         self.tokenizer.save_pretrained(adapter)
-        self.resolved = {
-            "kiln_experiment": 1,
-            "experiment": self.experiment,
-            "dataset": self.spec.get("dataset"),
-            "model": self.spec.get("model"),
-            "base_model_dir": str(Path(self.base_dir)),
-            # Relative to this adapter folder: found again wherever the results tree is read from.
-            "base_model_relpath": os.path.relpath(self.base_dir, self.adapter_dir),
-            "base_identity": self.base_identity,
-            "backend": self.backend,
-            "backend_reason": self.reason,
-            "compute_dtype": str(self.dtype).removeprefix("torch."),
-            "quantization": self.s.quantization,
-            "training": self.settings,
-            "tokenize": self.tokenize.to_dict(),
-            "data_fingerprints": self.data_fingerprints,
-        }
-        (adapter / ADAPTER_SPEC).write_text(json.dumps(self.resolved, indent=2))
+        self.trained = TrainedAdapter(
+            experiment=self.experiment,
+            dataset=self.spec.get("dataset"),
+            model=self.spec.get("model"),
+            base_model_dir=str(Path(self.base_dir)),
+            base_model_relpath=os.path.relpath(self.base_dir, self.adapter_dir),
+            base_identity=self.base_identity,
+            backend=self.backend,
+            backend_reason=self.reason,
+            compute_dtype=str(self.dtype).removeprefix("torch."),
+            quantization=self.s.quantization,
+            training=self.s,
+            tokenize=self.tokenize,
+            data_fingerprints=self.data_fingerprints,
+        )
+        self.trained.write(adapter)
         shutil.copyfile(self.ckpt / STEP_LOG, self.step_log_out)
-        title = f"{self.experiment or 'training'}: {self.backend}, {self.resolved['compute_dtype']}"
+        title = f"{self.experiment or 'training'}: {self.backend}, {self.trained.compute_dtype}"
         plot_loss(Path(self.step_log_out), Path(self.loss_png), title)
 
     # ---- summarize: what the run did, for the manifest and the comparison ----------------------
@@ -332,7 +331,7 @@ class TrainingJob:
         summary = {
             "backend": self.backend,
             "backend_reason": self.reason,
-            "compute_dtype": self.resolved["compute_dtype"],
+            "compute_dtype": self.trained.compute_dtype,
             "steps": trainer.state.global_step,
             "resumed_from_step": self.start_step,
             "tokens_trained": int(trainer.state.num_input_tokens_seen)
