@@ -271,7 +271,16 @@ def common_system_prompt(dataset_dir: str) -> str | None:
     return text if count * 2 > len(train) else None
 
 
-def _parity(out_path: str, merged_dir: str, tokenizer, dataset_dir: str, qtype: str, settings: tuple, phases):
+def _parity(
+    out_path: str,
+    merged_dir: str,
+    tokenizer,
+    dataset_dir: str,
+    qtype: str,
+    export: ExportSettings,
+    evaluate: EvaluateSettings,
+    phases,
+):
     """The GGUF in llama.cpp against the merged model in transformers: the token ids of the
     evaluation's prompts, and the next-token probabilities on validation prompts."""
     import datasets
@@ -280,7 +289,6 @@ def _parity(out_path: str, merged_dir: str, tokenizer, dataset_dir: str, qtype: 
 
     from kiln.prompts import evaluation_prompts, validation_prompts
 
-    export, evaluate = settings
     datasets.disable_caching()
     prompts = evaluation_prompts(datasets.load_from_disk(dataset_dir)["test"], tokenizer, evaluate)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
@@ -347,7 +355,7 @@ def export_gguf(
         meta = read_metadata(out_path)
         problems = metadata_problems(meta, expected_metadata(merged_dir))
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    tokens, logprobs = _parity(out_path, merged_dir, tokenizer, dataset_dir, qtype, (s, evaluate), phases)
+    tokens, logprobs = _parity(out_path, merged_dir, tokenizer, dataset_dir, qtype, s, evaluate, phases)
     phases.close()
     problems += _parity_problems(tokens, logprobs)
     report = {

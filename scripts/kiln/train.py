@@ -85,8 +85,6 @@ class TrainingJob:
         self.settings = self.s.to_dict()  # what the run key and experiment.json record
         self.tokenize = tokenize
         self.paths = paths
-        self.tokenized_dir, self.base_dir, self.adapter_dir = paths.tokenized_dir, paths.base_dir, paths.adapter_dir
-        self.step_log_out, self.loss_png, self.summary_path = paths.step_log_out, paths.loss_png, paths.summary_path
         self.ckpt = Path(paths.ckpt_dir)
         self.data_fingerprints, self.experiment = data_fingerprints, experiment
         self.threads, self.tracking = threads, tracking or {}
@@ -105,7 +103,7 @@ class TrainingJob:
         if self.backend == "unsloth":
             import unsloth  # noqa: F401  (patches transformers and TRL: must come before them, this process only)
         self.dtype = resolve_dtype(self.s.compute_dtype)
-        self.base_identity = json.loads((Path(self.base_dir) / "identity.json").read_text())
+        self.base_identity = json.loads((Path(self.paths.base_dir) / "identity.json").read_text())
 
         import datasets
 
@@ -125,16 +123,16 @@ class TrainingJob:
         if self.attention is not None:
             log.info("packed rows: attention %s (%s)", self.attention.kernel, self.attention.reason)
         transformers.set_seed(self.s.seed)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.paths.base_dir)
         self.model, self.peft_config = load_for_training(
             self.backend,
-            self.base_dir,
+            self.paths.base_dir,
             self.s,
             self.dtype,
             self.tokenize.max_seq_len,
             self.attention.attn_implementation if self.attention else None,
         )
-        self._load_data(datasets.load_from_disk(self.tokenized_dir))
+        self._load_data(datasets.load_from_disk(self.paths.tokenized_dir))
         self._size_batches()
 
     def _join_processes(self) -> None:
@@ -179,7 +177,7 @@ class TrainingJob:
         self.packed = "seq_lengths" in columns
         if self.packed and self.attention is None:
             raise ValueError(
-                f"{self.tokenized_dir} holds packed rows (seq_lengths) but tokenize.packing is false for this run"
+                f"{self.paths.tokenized_dir} holds packed rows (seq_lengths) but tokenize.packing is false for this run"
             )
         self.early = self.s.early_stopping_patience > 0 and self.eval_ds is not None
 
@@ -290,21 +288,21 @@ class TrainingJob:
 
     # ---- save: adapter, resolved settings beside it, step log, loss plot (main process) --------
     def save(self) -> None:
-        adapter = Path(self.adapter_dir)
+        adapter = Path(self.paths.adapter_dir)
         # PEFT records the base path it was given (here relative to the run's folder), and
         # `AutoPeftModelForCausalLM.from_pretrained(adapter)` resolves it against the caller's
         # working directory: from anywhere else it failed with "Repo id must be in the form ...".
         # The absolute path loads from any directory (Kiln itself uses `base_model_relpath`).
         for peft_config in getattr(self.trainer.model, "peft_config", {}).values():
-            peft_config.base_model_name_or_path = str(Path(self.base_dir).resolve())
+            peft_config.base_model_name_or_path = str(Path(self.paths.base_dir).resolve())
         self.trainer.model.save_pretrained(adapter, safe_serialization=True)
         self.tokenizer.save_pretrained(adapter)
         self.trained = TrainedAdapter(
             experiment=self.experiment,
             dataset=self.spec.get("dataset"),
             model=self.spec.get("model"),
-            base_model_dir=str(Path(self.base_dir)),
-            base_model_relpath=os.path.relpath(self.base_dir, self.adapter_dir),
+            base_model_dir=str(Path(self.paths.base_dir)),
+            base_model_relpath=os.path.relpath(self.paths.base_dir, self.paths.adapter_dir),
             base_identity=self.base_identity,
             backend=self.backend,
             backend_reason=self.reason,
@@ -315,9 +313,9 @@ class TrainingJob:
             data_fingerprints=self.data_fingerprints,
         )
         self.trained.write(adapter)
-        shutil.copyfile(self.ckpt / STEP_LOG, self.step_log_out)
+        shutil.copyfile(self.ckpt / STEP_LOG, self.paths.step_log_out)
         title = f"{self.experiment or 'training'}: {self.backend}, {self.trained.compute_dtype}"
-        plot_loss(Path(self.step_log_out), Path(self.loss_png), title)
+        plot_loss(Path(self.paths.step_log_out), Path(self.paths.loss_png), title)
 
     # ---- summarize: what the run did, for the manifest and the comparison ----------------------
     def summarize(self) -> dict:
@@ -326,7 +324,7 @@ class TrainingJob:
         from kiln.provenance import hardware, package_versions
 
         trainer, lean, world = self.trainer, self.lean, self.world
-        history = [json.loads(ln) for ln in Path(self.step_log_out).read_text().splitlines()]
+        history = [json.loads(ln) for ln in Path(self.paths.step_log_out).read_text().splitlines()]
         losses = [r["loss"] for r in history if "loss" in r]
         summary = {
             "backend": self.backend,
@@ -363,7 +361,7 @@ class TrainingJob:
         }
         if not losses or not all(math.isfinite(x) for x in losses):
             raise RuntimeError(f"training loss is missing or not finite: {losses[-5:]}")
-        Path(self.summary_path).write_text(json.dumps(summary, indent=2))
+        Path(self.paths.summary_path).write_text(json.dumps(summary, indent=2))
         log.info(
             "trained %s steps, loss %.4f -> %.4f, %s tokens in %.0f s",
             summary["steps"],
