@@ -3,6 +3,7 @@
 import json
 
 from kiln.manifest import ManifestInputs, build_manifest, write_manifest
+from kiln.manifest_record import Manifest
 from kiln.pages import manifest_page, samples_page
 from kiln.smk import setup_log
 
@@ -18,7 +19,8 @@ manifest = build_manifest(
     packages=dict(sm.params.packages),
 )
 write_manifest(sm.output.manifest, json.loads(json.dumps(manifest)))
+record = Manifest.read(sm.output.manifest)  # the pages read what was written, as a type
 with open(sm.output.html, "w") as f:
-    f.write(manifest_page(manifest))
+    f.write(manifest_page(record))
 with open(sm.output.samples_html, "w") as f:
-    f.write(samples_page(sm.input.samples, experiment, task=manifest["metrics"].get("task", "")))
+    f.write(samples_page(sm.input.samples, experiment, task=record.metrics.task))

@@ -39,6 +39,20 @@ def test_no_room_or_door_over_the_limits_beyond_the_known_ones():
         assert all(found[k] <= known[k] for k in found), {k: (found[k], known[k]) for k in found if found[k] > known[k]}
 
 
+def test_the_audit_reads_records_as_types():
+    """The pages, card, comparison, repro check and manifest read the run's records as kiln.reports
+    types: under 60 `x["key"]` / `x.get("key")` lookups in all (375 before the types, 2026-12-03)."""
+    result = architecture.measure()
+    assert result["audit_lookups_total"] < architecture.LIMITS["audit_lookups"], result["audit_lookups"]
+
+
+def test_the_lookup_count_counts_subscripts_and_gets():
+    import ast
+
+    tree = ast.parse('m["a"]["b"]; m.get("c"); m[k]; m.get(k); m.value("d")')
+    assert architecture.string_lookups(tree) == 3
+
+
 def test_the_measure_finds_a_circle():
     """The checks can fail: a circle between two modules is found."""
     assert architecture.circles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]

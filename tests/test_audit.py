@@ -211,8 +211,8 @@ def test_training_metrics_reach_a_local_mlflow_store(workflow_factory, tmp_path)
 # ---- reproducibility -----------------------------------------------------------------------------
 def test_reproducibility_check_rebuilds_data_and_retrains(tiny_run, tmp_path):
     result = reproduce(tiny_run.path("tiny/manifest.json"), tmp_path / "repro", train=True, base_dir=tiny_run.workdir)
-    assert result["ok"], result["checks"]
-    names = {c["check"] for c in result["checks"]}
+    assert result.ok, result.checks
+    names = {c.check for c in result.checks}
     assert {"data.train.fingerprint", "data.test.fingerprint", "base_model.weights", "metrics.tuned.loss"} <= names
 
 
@@ -301,7 +301,8 @@ def test_repro_removes_its_temporary_rebuild_when_it_passes(tmp_path, monkeypatc
     def fake(manifest, workdir, train=True, cores=2):
         (Path(workdir) / "results").mkdir()
         made.append(Path(workdir))
-        return {"experiment": "e", "workdir": str(workdir), "ok": ok, "checks": []}
+        failed = [] if ok else [kiln.repro.Check("data.train.fingerprint", "a", "b", False)]
+        return kiln.repro.ReproResult(experiment="e", workdir=str(workdir), checks=failed)
 
     monkeypatch.setattr(kiln.repro, "reproduce", fake)
     (tmp_path / "e").mkdir()

@@ -103,27 +103,19 @@ def test_a_payload_in_the_config_fails_when_the_workflow_is_parsed(tmp_path):
         validate(cfg)
 
 
-def test_repro_refuses_a_manifest_whose_config_would_be_code(tmp_path):
+def test_repro_refuses_a_manifest_whose_config_would_be_code(tiny_run, tmp_path):
     """A manifest someone sends you: a query payload, or YTE templating (Snakemake would run it)."""
-    config = validate(DEFAULT)
-    exp = config["experiments"]["default"]
-    base = {
-        "experiment": "default",
-        "config": {
-            "experiment": exp,
-            "dataset": {"name": "orders", **config["datasets"]["orders"]},
-            "model": {"name": "smollm2-135m", **config["models"]["smollm2-135m"]},
-        },
-    }
+    base = json.loads(tiny_run.path("tiny/manifest.json").read_text())
     marker = tmp_path / "pwned"
     bad_query = copy.deepcopy(base)
-    bad_query["config"]["dataset"]["clean"]["query"] = payloads(marker)[0]
+    bad_query["config"]["dataset"].setdefault("clean", {})["query"] = payloads(marker)[0]
     yte = copy.deepcopy(base)
-    yte["config"]["dataset"]["clean"]["__use_yte__"] = True
+    yte["config"]["dataset"].setdefault("clean", {})["__use_yte__"] = True
     yte["config"]["experiment"]["training"]["?if True"] = {"seed": f"?__import__('os').system('touch {marker}')"}
-    for i, manifest in enumerate((bad_query, yte)):
+    for i, (manifest, why) in enumerate(((bad_query, "clean.query"), (yte, "templating at manifest.config"))):
         path = tmp_path / f"m{i}.json"
         path.write_text(json.dumps(manifest))
-        with pytest.raises(ValueError, match="refused"):
+        with pytest.raises(ValueError, match="refused") as err:
             reproduce(path, tmp_path / f"w{i}", train=False)
+        assert why in str(err.value), err.value
         assert not (tmp_path / f"w{i}" / "results").exists() and not marker.exists()

@@ -96,14 +96,14 @@ def test_a_revision_that_is_not_a_commit_is_refused(revision):
 
 
 def test_a_commit_or_an_explicit_allow_unpinned_is_accepted_and_the_card_says_so():
-    from kiln.pages import unpinned_inputs
+    from kiln.manifest_record import DatasetRecord, ModelRecord, unpinned_inputs
 
     validate(_hub_model(revision=HUB_COMMIT))
     validate(_hf_source(revision=HUB_COMMIT))
     cfg = validate(_hub_model(revision="main", allow_unpinned=True))
     assert cfg["models"]["qwen"]["allow_unpinned"] is True
     dataset = validate(_hf_source(revision="main", allow_unpinned=True))["datasets"]["orders"]
-    manifest = {"config": {"model": cfg["models"]["qwen"], "dataset": dataset}}
-    lines = unpinned_inputs(manifest)
+    model = ModelRecord.from_dict({"name": "qwen", **cfg["models"]["qwen"]})
+    lines = unpinned_inputs(model, DatasetRecord.from_dict({"name": "orders", **dataset}))
     assert lines[0] == "base model Qwen/Qwen2.5-0.5B-Instruct at revision 'main' (allow_unpinned)"
     assert lines[1] == "data source hub (org/data) at revision 'main' (allow_unpinned)"

@@ -11,6 +11,7 @@ from conftest import Workflow, tiny_config
 
 from kiln.metrics import detect_task, label_scores
 from kiln.pages import label_tables
+from kiln.reports import Score
 
 WORDS = ["quick", "late", "broken", "lovely", "slow", "perfect", "cold", "fresh", "noisy", "bright", "rude", "kind"]
 
@@ -32,8 +33,9 @@ def test_label_scores():
     assert s["confusion"] == {"neg": {"neg": 1, "pos": 1, "maybe": 1}, "pos": {"pos": 1}}
     assert s["per_label"]["neg"] == {"reference": 3, "predicted": 1, "correct": 1, "f1": 0.5}
     assert s["other_predictions"] == 1
-    html = label_tables(s)
-    assert "<h3>Confusion matrix" in html and "maybe" in html and label_tables({"accuracy": 1.0}) == ""
+    html = label_tables(Score.from_dict(s))
+    assert "<h3>Confusion matrix" in html and "maybe" in html
+    assert label_tables(Score.from_dict({"accuracy": 1.0})) == ""
 
 
 def _repro_checks(wf: Workflow, experiment: str) -> dict:
@@ -41,12 +43,14 @@ def _repro_checks(wf: Workflow, experiment: str) -> dict:
     experiment's own manifest and metrics (the full retrain in an empty folder is the same code for
     every task, and runs end to end in tests/test_free_text.py; retraining here too would add two
     minutes to CI for no other code path)."""
+    from kiln.manifest_record import Manifest
+    from kiln.reports import Metrics
     from kiln.repro import compare_metrics
 
-    manifest = json.loads(wf.path(f"{experiment}/manifest.json").read_text())
-    metrics = json.loads(wf.path(f"{experiment}/metrics.json").read_text())
-    checks = {c["check"]: c for c in compare_metrics(manifest, metrics)}
-    assert all(c["ok"] for c in checks.values()), checks
+    manifest = Manifest.read(wf.path(f"{experiment}/manifest.json"))
+    metrics = Metrics.read(wf.path(f"{experiment}/metrics.json"))
+    checks = {c.check: c for c in compare_metrics(manifest, metrics)}
+    assert all(c.ok for c in checks.values()), checks
     return checks
 
 
@@ -124,15 +128,15 @@ def test_a_label_task_is_scored_by_accuracy_macro_f1_and_a_confusion_matrix(tmp_
     # The rebuild's config carries the regression sets: each entry becomes the dataset it named,
     # local paths made absolute, and it passes the parse-time checks from another folder.
     from kiln.config import regression_dataset_name, validate
+    from kiln.manifest_record import Manifest
     from kiln.repro import repro_config
 
-    manifest = json.loads(wf.path("reviews/manifest.json").read_text())
-    again = repro_config(manifest, "results", base_dir=wf.workdir)
+    again = repro_config(Manifest.read(wf.path("reviews/manifest.json")), "results", base_dir=wf.workdir)
     general = regression_dataset_name("general.txt")
     assert again["experiments"]["reviews"]["evaluate"]["regression"] == ["orders", general]
     assert again["datasets"][general]["sources"][0]["path"] == str(tmp_path / "general.txt")
     assert set(validate(again)["datasets"]) == {"reviews", "orders", general}
-    assert checks["metrics.tuned.macro_f1"]["ok"] and checks["metrics.tuned.accuracy"]["ok"]
+    assert checks["metrics.tuned.macro_f1"].ok and checks["metrics.tuned.accuracy"].ok
     assert "metrics.tuned.valid_json" not in checks and "metrics.tuned.chrf" not in checks
 
 
@@ -178,9 +182,7 @@ def test_a_plain_text_dataset_is_scored_by_perplexity(tmp_path):
     assert report.stat().st_size > 10_000
     checks = _repro_checks(wf, "notes")
     # Perplexity follows the loss (no fixed scale): the loss check holds it; no generation metric.
-    assert checks["metrics.tuned.loss"]["ok"] and not [
-        c for c in checks if c.startswith("metrics.") and "loss" not in c
-    ]
+    assert checks["metrics.tuned.loss"].ok and not [c for c in checks if c.startswith("metrics.") and "loss" not in c]
 
 
 def test_the_run_summary_names_each_experiments_main_metric():

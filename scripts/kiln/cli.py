@@ -6,6 +6,7 @@ Installed as a console script (pyproject.toml [project.scripts]); `python -m kil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -88,11 +89,11 @@ def repro_main(argv=None) -> int:
         return 2
     # A rebuild is a whole run (about a GB for SmolLM2): a temporary one goes once every check
     # passed; a failed one stays for inspection, and the report says where.
-    if not args.workdir and result["ok"] and not args.keep:
+    if not args.workdir and result.ok and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
-        result["workdir_removed"] = True
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
-    return 0 if result["ok"] else 1
+        result = dataclasses.replace(result, workdir_removed=True)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_report(result))
+    return 0 if result.ok else 1
 
 
 def url_hash_main(argv=None) -> int:

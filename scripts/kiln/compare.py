@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from kiln.metrics import gguf_models, label, main_metric, scale, task_metrics
+from kiln.manifest_record import Manifest
+from kiln.metrics import label, scale
+from kiln.reports import Metrics
 
 SETTINGS = [  # after the metrics: the settings that tell runs apart
     "main_metric",
@@ -29,56 +31,55 @@ SETTINGS = [  # after the metrics: the settings that tell runs apart
 ]
 
 
-def metric_columns(metrics: dict) -> dict:
+def _difference(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+def metric_columns(metrics: Metrics) -> dict:
     """Metric cells of one experiment: its main metric for every model and the delta, the tuned
     model's other task metrics, then the losses. Names come from the metrics file (any task)."""
-    main = main_metric(metrics)
-    tuned, base = metrics.get("tuned") or {}, metrics.get("base") or {}
+    main, value = metrics.main, metrics.value
     row = {
-        f"base_{main}": base.get(main),
-        f"tuned_{main}": tuned.get(main),
-        f"delta_{main}": tuned[main] - base[main] if main in tuned and main in base else None,
-        f"adapter_4bit_{main}": (metrics.get("adapter_4bit") or {}).get(main),
-        f"base_4bit_{main}": (metrics.get("base_4bit") or {}).get(main),
-        **{f"{k}_{main}": metrics[k].get(main) for k in gguf_models(metrics)},
+        f"base_{main}": value("base", main),
+        f"tuned_{main}": value("tuned", main),
+        f"delta_{main}": _difference(value("tuned", main), value("base", main)),
+        f"adapter_4bit_{main}": value("adapter_4bit", main),
+        f"base_4bit_{main}": value("base_4bit", main),
+        **{f"{k}_{main}": s.value(main) for k, s in metrics.ggufs().items()},
+        **{f"tuned_{name}": value("tuned", name) for name in metrics.task_metric_names if name != main},
+        "base_loss": value("base", "loss"),
+        "tuned_loss": value("tuned", "loss"),
+        "delta_loss": _difference(value("tuned", "loss"), value("base", "loss")),
     }
-    for name in task_metrics(metrics):
-        if name != main:
-            row[f"tuned_{name}"] = tuned.get(name)
-    row["base_loss"], row["tuned_loss"] = base.get("loss"), tuned.get("loss")
-    row["delta_loss"] = tuned["loss"] - base["loss"] if "loss" in tuned and "loss" in base else None
-    for name, block in (metrics.get("regression") or {}).items():  # forgetting, next to the gain
-        row[f"regression_{name}_delta_loss"] = block.get("tuned_minus_base_loss")
+    for name, block in metrics.regression.items():  # forgetting, next to the gain
+        row[f"regression_{name}_delta_loss"] = block.tuned_minus_base_loss
     return row
 
 
-def experiment_row(manifest: dict) -> dict:
+def experiment_row(manifest: Manifest) -> dict:
     """The comparison row of one experiment, from its manifest."""
-    exp = manifest["config"]["experiment"]
-    stages = manifest.get("stages") or {}
-    train_stage = stages.get("train") or {}
-    commit = manifest["code"].get("commit")
+    exp, run, train_stage = manifest.config.experiment, manifest.training, manifest.stages.get("train")
     return {
-        "experiment": manifest["experiment"],
-        **metric_columns(manifest["metrics"]),
-        "main_metric": main_metric(manifest["metrics"]),
-        "dataset": exp["dataset"],
-        "model": exp["model"],
-        "backend": manifest["training"]["backend"],
-        "learning_rate": exp["training"]["learning_rate"],
-        "lora_r": exp["training"]["lora_r"],
-        "max_steps": exp["training"]["max_steps"],
-        "max_seq_len": exp["tokenize"]["max_seq_len"],
-        "packing": exp["tokenize"]["packing"],
-        "train_rows": manifest["data"]["splits"]["train"]["rows"],
-        "tokens_trained": manifest["training"]["tokens_trained"],
-        "final_train_loss": manifest["training"]["final_loss"],
-        "train_wall_s": train_stage.get("wall_s"),
-        "code_commit": (commit[:10] + ("+dirty" if manifest["code"].get("dirty") else "")) if commit else None,
+        "experiment": manifest.experiment,
+        **metric_columns(manifest.metrics),
+        "main_metric": manifest.metrics.main,
+        "dataset": exp.dataset,
+        "model": exp.model,
+        "backend": run.backend,
+        "learning_rate": exp.training.learning_rate,
+        "lora_r": exp.training.lora_r,
+        "max_steps": exp.training.max_steps,
+        "max_seq_len": exp.tokenize.max_seq_len,
+        "packing": exp.tokenize.packing,
+        "train_rows": manifest.data.splits.get("train").rows,
+        "tokens_trained": run.tokens_trained,
+        "final_train_loss": run.final_loss,
+        "train_wall_s": train_stage.wall_s if train_stage else None,
+        "code_commit": manifest.code.short(),
     }
 
 
-def comparison_table(manifests: list[dict]) -> pd.DataFrame:
+def comparison_table(manifests: list[Manifest]) -> pd.DataFrame:
     """One row per experiment; metric columns are the union over experiments (tasks may differ)."""
     rows = [experiment_row(m) for m in manifests]
     columns: dict[str, None] = {"experiment": None}
@@ -152,7 +153,7 @@ def plot_loss_curves(logs: dict[str, str | Path], out: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_metric(manifests: list[dict], out: str | Path) -> None:
+def plot_metric(manifests: list[Manifest], out: str | Path) -> None:
     """Bars of each experiment's main metric: base model, tuned (merged), adapter on the 4-bit base."""
     import matplotlib
 
@@ -160,16 +161,16 @@ def plot_metric(manifests: list[dict], out: str | Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = [m["experiment"] for m in manifests]
-    mains = [main_metric(m["metrics"]) for m in manifests]
+    names = [m.experiment for m in manifests]
+    mains = [m.metrics.main for m in manifests]
     x = np.arange(len(names))
     kinds = [("base", "base model"), ("base_4bit", "4-bit base"), ("tuned", "tuned (merged)")]
     kinds += [("adapter_4bit", "adapter on 4-bit base")]
-    kinds = [k for k in kinds if any(k[0] in m["metrics"] for m in manifests)]  # no empty bars
+    kinds = [k for k in kinds if any(k[0] in m.metrics.scores() for m in manifests)]  # no empty bars
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 4), dpi=110)
     width = 0.8 / len(kinds)
     for j, (kind, text) in enumerate(kinds):
-        values = [float((m["metrics"].get(kind) or {}).get(main) or 0.0) for m, main in zip(manifests, mains)]
+        values = [float(m.metrics.value(kind, main) or 0.0) for m, main in zip(manifests, mains)]
         bars = ax.bar(x + (j - (len(kinds) - 1) / 2) * width, values, width, label=text)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ticks = [f"{n}\n({label(mm)})" if len(set(mains)) > 1 else n for n, mm in zip(names, mains)]
@@ -195,7 +196,7 @@ def write_comparison(
     loss_png: str | Path,
     metric_png: str | Path,
 ) -> pd.DataFrame:
-    manifests = [json.loads(Path(p).read_text()) for p in manifest_paths]
+    manifests = [Manifest.read(p) for p in manifest_paths]
     df = comparison_table(manifests)
     df.to_csv(csv_path, index=False)
     Path(md_path).write_text(to_markdown(df))

@@ -12,7 +12,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from kiln.base_model import sha256_file  # noqa: F401 (also this module's, for callers)
+from kiln.manifest_record import DatasetRecord
 from kiln.provenance import hardware
+from kiln.reports import DatasetStats, GgufReport, ShardStats, TokenizeStats, TrainSummary
 from kiln.trained import TrainedAdapter
 
 STAGES = ("collect", "clean", "build_dataset", "tokenize", "base_model", "train", "merge", "export_gguf", "evaluate")
@@ -105,28 +107,43 @@ def _prompt_example(samples: str | Path | None) -> dict | None:
 
 
 def _data_section(files: ManifestInputs) -> dict:
-    data, tok = _read(files.dataset_stats), _read(files.tokenize_stats)
+    data, tok = DatasetStats.read(files.dataset_stats), TokenizeStats.read(files.tokenize_stats)
     return {
-        "splits": data["splits"],
-        "rows_in": data["rows_in"],
-        "rejected_in_build": data["rows_rejected"],
+        "splits": {k: v.to_dict() for k, v in data.splits.items()},
+        "rows_in": data.rows_in,
+        "rejected_in_build": data.rows_rejected,
         # url shards: the final URL after redirects, the byte count and the sha256 of what came
-        "downloads": [d for d in (_read(p).get("download") for p in files.shard_stats) if d],
-        "tokenized": {
-            split: {k: s[k] for k in ("rows_kept", "tokens", "trainable_tokens", "truncated") if k in s}
-            for split, s in tok["splits"].items()
-        },
+        "downloads": [s.download for s in map(ShardStats.read, files.shard_stats) if s.download],
+        "tokenized": {split: s.counts() for split, s in tok.splits.items()},
     }
 
 
-def _training_section(trained: TrainedAdapter, summary: dict) -> dict:
+def _training_section(trained: TrainedAdapter, summary: TrainSummary) -> dict:
     return {
         "backend": trained.backend,
         "backend_reason": trained.backend_reason,
         "compute_dtype": trained.compute_dtype,
-        **{k: summary[k] for k in ("steps", "tokens_trained", "first_loss", "final_loss", "device")},
-        "hardware": summary.get("hardware"),
+        "steps": summary.steps,
+        "tokens_trained": summary.tokens_trained,
+        "first_loss": summary.first_loss,
+        "final_loss": summary.final_loss,
+        "device": summary.device,
+        "hardware": summary.hardware,
     }
+
+
+def _seeds(dataset: DatasetRecord, trained: TrainedAdapter) -> dict:
+    return {
+        "data_split": dataset.build.get("seed"),
+        "training": trained.training.seed,
+        "sources": {s.name: s.seed for s in dataset.sources if "seed" in s.model_fields_set},
+    }
+
+
+def _gguf_reports(paths) -> dict:
+    """Each exported GGUF's report as written (file, sha256, converter, verification), by type."""
+    reports = [(GgufReport.read(p), _read(p)) for p in paths]  # read typed to check it; kept as written
+    return {typed.type: raw for typed, raw in reports}
 
 
 def build_manifest(
@@ -137,46 +154,42 @@ def build_manifest(
     code: dict,
     packages: dict,
 ) -> dict:
-    """Everything about one experiment in one JSON-able dict.
+    """Everything about one experiment in one JSON-able dict (read back as kiln.reports.Manifest).
 
     What made the adapter (dataset, model, tokenize and training settings, what training resolved)
     comes from the experiment.json beside it; ``stage_settings`` holds the merge and evaluate
     settings (the rule's parameter).
     """
     trained = TrainedAdapter.read(files.adapter)
-    dataset, model = trained.dataset, trained.model
+    dataset = DatasetRecord.from_dict(trained.dataset, f"{files.adapter}/experiment.json: dataset")
     stage_settings = dict(stage_settings)
     # Each evaluate.regression entry and the dataset it names (kiln repro rebuilds them too).
     regression = stage_settings.pop("regression_datasets", [])
     exp = {
-        "dataset": dataset["name"],
-        "model": model["name"],
+        "dataset": dataset.name,
+        "model": trained.model["name"],
         "tokenize": trained.tokenize.to_dict(),
         "training": trained.training.to_dict(),
         **stage_settings,
     }
-    summary = _read(files.summary)
+    summary = TrainSummary.read(files.summary)
+    config = {"experiment": exp, "dataset": trained.dataset, "model": trained.model, "regression_datasets": regression}
     return {
         "kiln_manifest": 1,
         "experiment": experiment,
         "prompt_example": _prompt_example(files.samples),
-        "config": {"experiment": exp, "dataset": dataset, "model": model, "regression_datasets": regression},
+        "config": config,
         "data": _data_section(files),
         "base_model": _read(Path(files.base) / "identity.json"),
         "adapter": {"files": tree_hashes(files.adapter)},
         "merged": {"files": tree_hashes(files.merged), "report": _read(files.merge_report)},
-        # each exported GGUF: file, sha256, converter and version, what its verification found
-        "gguf": {r["type"]: r for r in (_read(p) for p in files.gguf_reports)},
+        "gguf": _gguf_reports(files.gguf_reports),
         "training": _training_section(trained, summary),
-        "seeds": {
-            "data_split": dataset["build"]["seed"],
-            "training": exp["training"]["seed"],
-            "sources": {s["name"]: s["seed"] for s in dataset["sources"] if "seed" in s},
-        },
+        "seeds": _seeds(dataset, trained),
         "code": code,
         # Versions in the training job's environment (with --sdm conda, envs/model.yaml), and in
         # the environment Snakemake itself ran in (a parameter: a change reruns the manifest).
-        "packages": summary.get("packages") or packages,
+        "packages": summary.packages or packages,
         "workflow_packages": packages,
         "hardware": hardware(),
         "stages": stage_benchmarks(benchmarks),

@@ -7,64 +7,73 @@ weight hashes); retraining on the CPU with the same seed must reproduce the metr
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import subprocess
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from kiln.metrics import scale, task_metrics
+from kiln.manifest_record import BaseIdentity, Manifest
+from kiln.metrics import scale
+from kiln.reports import DatasetStats, Metrics
 
 REPO = Path(__file__).resolve().parents[2]
-# Stated tolerances for a CPU retrain with the same seed. Training on one machine with the same
-# thread count is deterministic in practice; these leave room for another CPU's float rounding
-# (one test row of 64 flipping is 0.016 exact match).
-# Loss within 2% relative; each task metric within 5% of its scale (0.05 of a rate, 5 chrF points).
-TOLERANCE = {"loss_rel": 0.02, "score_abs": 0.05}
 
 
-def repro_config(manifest: dict, results: str, base_dir: str | Path = ".") -> dict:
-    """A Kiln config with only this experiment, its dataset and model, outputs under ``results``.
+@dataclass(frozen=True)
+class Tolerance:
+    """Stated tolerances for a CPU retrain with the same seed. Training on one machine with the same
+    thread count is deterministic in practice; these leave room for another CPU's float rounding
+    (one test row of 64 flipping is 0.016 exact match)."""
 
-    Relative paths of local sources and tokenizer folders are made absolute against ``base_dir``
-    (the working directory of the original run), so the rebuild reads the same raw files.
-    """
-    cfg = manifest["config"]
-    exp, dataset, model = copy.deepcopy(cfg["experiment"]), copy.deepcopy(cfg["dataset"]), copy.deepcopy(cfg["model"])
-    ds_name, model_name = dataset.pop("name"), model.pop("name")
-    for src in dataset["sources"]:
-        if src["kind"] == "local" and not os.path.isabs(src["path"]):
-            src["path"] = str(Path(base_dir, src["path"]).resolve())
-    if (
-        model.get("kind") == "random"
-        and model.get("tokenizer_from")
-        and os.path.isdir(Path(base_dir, model["tokenizer_from"]))
-    ):
-        model["tokenizer_from"] = str(Path(base_dir, model["tokenizer_from"]).resolve())
-    if model.get("kind") == "local" and not os.path.isabs(model.get("path", "/")):
-        model["path"] = str(Path(base_dir, model["path"]).resolve())
-    harness = exp.get("evaluate", {}).get("lm_eval") or {}
-    if harness.get("include_path") and not os.path.isabs(harness["include_path"]):
-        harness["include_path"] = str(Path(base_dir, harness["include_path"]).resolve())
-    datasets = {ds_name: dataset}
-    if cfg.get("regression_datasets"):  # each entry becomes the dataset it named, paths made absolute
-        names = []
-        for item in cfg["regression_datasets"]:
-            extra = copy.deepcopy(item["dataset"])
-            name = extra.pop("name")
-            for src in extra["sources"]:
-                if src["kind"] == "local" and not os.path.isabs(src["path"]):
-                    src["path"] = str(Path(base_dir, src["path"]).resolve())
-            datasets[name] = extra
-            names.append(name)
-        exp["evaluate"]["regression"] = names
-    return {
-        "results": results,
-        "datasets": datasets,
-        "models": {model_name: model},
-        "experiments": {manifest["experiment"]: exp},
-    }
+    loss_rel: float = 0.02  # the loss within 2% relative
+    score_abs: float = 0.05  # each task metric within 5% of its scale (0.05 of a rate, 5 chrF points)
+
+
+TOLERANCE = Tolerance()
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison of the rebuild with the manifest, the two values side by side."""
+
+    check: str
+    manifest: Any
+    rebuilt: Any
+    ok: bool
+    difference: str | None = None
+
+    def line(self) -> str:
+        extra = f"  [{self.difference}]" if self.difference else ""
+        return (
+            f"  {'ok  ' if self.ok else 'FAIL'} {self.check}: manifest {self.manifest} / rebuilt {self.rebuilt}{extra}"
+        )
+
+
+@dataclass(frozen=True)
+class ReproResult:
+    experiment: str
+    workdir: str
+    checks: list[Check]
+    tolerance: Tolerance = TOLERANCE
+    workdir_removed: bool = False  # a temporary rebuild, removed once every check passed
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict:
+        """What ``kiln repro --json`` prints."""
+        checks = [{k: v for k, v in asdict(c).items() if v is not None or k != "difference"} for c in self.checks]
+        out = {"experiment": self.experiment, "workdir": self.workdir, "tolerance": asdict(self.tolerance)}
+        return {**out, "checks": checks, "ok": self.ok, **({"workdir_removed": True} if self.workdir_removed else {})}
+
+
+def repro_config(manifest: Manifest, results: str, base_dir: str | Path = ".") -> dict:
+    """A Kiln config with only this experiment, its dataset and model, outputs under ``results``
+    (the manifest's own config: kiln.reports.ManifestConfig.to_config)."""
+    return manifest.config.to_config(manifest.experiment, results, base_dir)
 
 
 def _templating(value, where: str = "config") -> str | None:
@@ -100,59 +109,52 @@ def refuse_code(cfg: dict) -> None:
         raise ValueError(f"repro: refused: the manifest's config is not a valid Kiln config: {exc}") from None
 
 
-def compare_data(manifest: dict, dataset_stats: dict) -> list[dict]:
+def _read_manifest(path: str | Path) -> Manifest:
+    """The manifest as a type, refused when any of it would be code (templating) or it is not a
+    manifest this Kiln reads."""
+    raw = json.loads(Path(path).read_text())
+    where = _templating(raw, "manifest")
+    if where:
+        raise ValueError(f"repro: refused: {path} has templating at {where} (YTE runs code)")
+    try:
+        return Manifest.from_dict(raw, str(path))
+    except ValueError as exc:
+        raise ValueError(f"repro: refused: {exc}") from None
+
+
+def compare_data(manifest: Manifest, rebuilt: DatasetStats) -> list[Check]:
     """One check per split: the rebuilt fingerprint and row count must equal the manifest's."""
     checks = []
-    for split, want in manifest["data"]["splits"].items():
-        got = dataset_stats["splits"].get(split, {})
-        checks.append(
-            {
-                "check": f"data.{split}.fingerprint",
-                "manifest": want["fingerprint"],
-                "rebuilt": got.get("fingerprint"),
-                "ok": got.get("fingerprint") == want["fingerprint"] and got.get("rows") == want["rows"],
-            }
-        )
+    for split, want in manifest.data.splits.items():
+        got = rebuilt.splits.get(split)
+        same = got is not None and (got.fingerprint, got.rows) == (want.fingerprint, want.rows)
+        checks.append(Check(f"data.{split}.fingerprint", want.fingerprint, got and got.fingerprint, same))
     return checks
 
 
-def compare_base(manifest: dict, identity: dict) -> list[dict]:
-    want, got = manifest["base_model"].get("weights"), identity.get("weights")
-    return [{"check": "base_model.weights", "manifest": want, "rebuilt": got, "ok": want == got}]
+def compare_base(manifest: Manifest, identity: BaseIdentity) -> list[Check]:
+    want, got = manifest.base_model.weights, identity.weights
+    return [Check("base_model.weights", want, got, want == got)]
 
 
-def compare_metrics(manifest: dict, metrics: dict, tolerance: dict = TOLERANCE) -> list[dict]:
+def compare_metrics(manifest: Manifest, metrics: Metrics, tolerance: Tolerance = TOLERANCE) -> list[Check]:
     """The tuned model's test metrics against the manifest's, within the stated tolerances.
 
     Every task metric the manifest recorded is checked (whatever the task: metrics are data), each
     within ``score_abs`` of its scale (0.05 of a rate, 5 chrF points); the loss within ``loss_rel``.
     """
-    want, got = manifest["metrics"]["tuned"], metrics["tuned"]
-    checks = []
-    rel = abs(got["loss"] - want["loss"]) / max(abs(want["loss"]), 1e-12)
-    checks.append(
-        {
-            "check": "metrics.tuned.loss",
-            "manifest": want["loss"],
-            "rebuilt": got["loss"],
-            "difference": f"{rel:.2%} relative (tolerance {tolerance['loss_rel']:.0%})",
-            "ok": rel <= tolerance["loss_rel"],
-        }
-    )
-    for key in task_metrics(manifest["metrics"]):
-        if key not in want or scale(key) is None:
+    want, got = manifest.metrics.tuned, metrics.tuned
+    rel = abs(got.loss - want.loss) / max(abs(want.loss), 1e-12)
+    difference = f"{rel:.2%} relative (tolerance {tolerance.loss_rel:.0%})"
+    checks = [Check("metrics.tuned.loss", want.loss, got.loss, rel <= tolerance.loss_rel, difference)]
+    for key in manifest.metrics.task_metric_names:
+        if want.value(key) is None or scale(key) is None:
             continue  # a metric without a fixed scale (perplexity) follows the loss, checked above
-        allowed = tolerance["score_abs"] * (scale(key) or 1.0)
-        diff = abs(got[key] - want[key]) if key in got else None
-        checks.append(
-            {
-                "check": f"metrics.tuned.{key}",
-                "manifest": want[key],
-                "rebuilt": got.get(key),
-                "difference": "missing in the rebuild" if diff is None else f"{diff:.4f} (tolerance {allowed:g})",
-                "ok": diff is not None and diff <= allowed,
-            }
-        )
+        allowed = tolerance.score_abs * (scale(key) or 1.0)
+        a, b = want.value(key), got.value(key)
+        diff = None if b is None else abs(b - a)
+        difference = "missing in the rebuild" if diff is None else f"{diff:.4f} (tolerance {allowed:g})"
+        checks.append(Check(f"metrics.tuned.{key}", a, b, diff is not None and diff <= allowed, difference))
     return checks
 
 
@@ -185,9 +187,9 @@ def snakemake(workdir: Path, config_path: Path, targets: list[str], cores: int) 
 
 def reproduce(
     manifest_path: str | Path, workdir: str | Path, train: bool = True, cores: int = 2, base_dir: str | Path = "."
-) -> dict:
-    """Rebuild from nothing in ``workdir``; return every check and whether all passed."""
-    manifest = json.loads(Path(manifest_path).read_text())
+) -> ReproResult:
+    """Rebuild from nothing in ``workdir``; return every check (``.ok``: all passed)."""
+    manifest = _read_manifest(manifest_path)
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     if any((work / "results").iterdir() if (work / "results").exists() else []):
@@ -197,30 +199,19 @@ def reproduce(
     # JSON, not YAML: Snakemake reads a JSON config as plain data (YAML may go through YTE templating).
     config_path = work / "config.json"
     config_path.write_text(json.dumps(cfg, indent=1))
-    name = manifest["experiment"]
-    exp = cfg["experiments"][name]
-    data_target = f"results/data/{exp['dataset']}/dataset_stats.json"
-    snakemake(work, config_path, [data_target, f"results/base/{exp['model']}"], cores)
-    checks = compare_data(manifest, json.loads((work / data_target).read_text()))
-    checks += compare_base(manifest, json.loads((work / "results/base" / exp["model"] / "identity.json").read_text()))
+    name, exp = manifest.experiment, manifest.config.experiment
+    data_target, base_target = f"results/data/{exp.dataset}/dataset_stats.json", f"results/base/{exp.model}"
+    snakemake(work, config_path, [data_target, base_target], cores)
+    checks = compare_data(manifest, DatasetStats.read(work / data_target))
+    checks += compare_base(manifest, BaseIdentity.read(work / base_target / "identity.json"))
     if train:
         snakemake(work, config_path, [f"results/{name}/metrics.json"], cores)
-        checks += compare_metrics(manifest, json.loads((work / f"results/{name}/metrics.json").read_text()))
-    return {
-        "experiment": name,
-        "workdir": str(work),
-        "tolerance": TOLERANCE,
-        "checks": checks,
-        "ok": all(c["ok"] for c in checks),
-    }
+        checks += compare_metrics(manifest, Metrics.read(work / f"results/{name}/metrics.json"))
+    return ReproResult(experiment=name, workdir=str(work), checks=checks)
 
 
-def format_report(result: dict) -> str:
-    where = result["workdir"] + (", removed: every check passed" if result.get("workdir_removed") else "")
-    lines = [f"reproducibility of '{result['experiment']}' (rebuilt in {where})"]
-    for c in result["checks"]:
-        mark = "ok  " if c["ok"] else "FAIL"
-        extra = f"  [{c['difference']}]" if "difference" in c else ""
-        lines.append(f"  {mark} {c['check']}: manifest {c['manifest']} / rebuilt {c['rebuilt']}{extra}")
-    lines.append("REPRODUCED" if result["ok"] else "NOT REPRODUCED")
+def format_report(result: ReproResult) -> str:
+    where = result.workdir + (", removed: every check passed" if result.workdir_removed else "")
+    lines = [f"reproducibility of '{result.experiment}' (rebuilt in {where})", *(c.line() for c in result.checks)]
+    lines.append("REPRODUCED" if result.ok else "NOT REPRODUCED")
     return "\n".join(lines)
