@@ -13,36 +13,36 @@ localrules:
 rule manifest:
     """Everything that made one experiment and how it scored, in one JSON (plus HTML views)."""
     input:
-        dataset_stats=lambda w: f"{R}/data/{dataset_of(w.experiment)}/dataset_stats.json",
+        dataset_stats=lambda w: L.dataset_stats(dataset_of(w.experiment)),
         tokenize_stats=lambda w: tokenize_stats_of(w.experiment),
-        base=lambda w: f"{R}/base/{config['experiments'][w.experiment]['model']}",
-        adapter=f"{R}/{{experiment}}/adapter",
-        merged=f"{R}/{{experiment}}/merged",
-        metrics=f"{R}/{{experiment}}/metrics.json",
-        samples=f"{R}/{{experiment}}/samples.jsonl",
-        summary=f"{R}/{{experiment}}/train_summary.json",
-        merge_report=f"{R}/{{experiment}}/merge_report.json",
+        base=lambda w: L.base(model_of(w.experiment)),
+        adapter=rules.train.output.adapter,
+        merged=rules.merge.output.merged,
+        metrics=rules.evaluate.output.metrics,
+        samples=rules.evaluate.output.samples,
+        summary=rules.train.output.summary,
+        merge_report=rules.merge.output.report,
         shard_stats=lambda w: shard_stats_of_dataset(dataset_of(w.experiment)),
-        gguf_reports=lambda w: gguf_inputs(w)["gguf_reports"],
+        gguf_reports=lambda w: gguf_reports(w.experiment),
         code=code("manifest"),
     output:
-        manifest=f"{R}/{{experiment}}/manifest.json",
+        manifest=L.manifest("{experiment}"),
         html=report(
-            f"{R}/{{experiment}}/manifest.html",
+            L.experiment("{experiment}", "manifest.html"),
             caption="../report/manifest.rst",
             category="Experiments",
             subcategory="{experiment}",
             labels={"experiment": "{experiment}", "view": "manifest"},
         ),
         samples_html=report(
-            f"{R}/{{experiment}}/samples.html",
+            L.experiment("{experiment}", "samples.html"),
             caption="../report/samples.rst",
             category="Experiments",
             subcategory="{experiment}",
             labels={"experiment": "{experiment}", "view": "sample generations"},
         ),
     log:
-        f"{R}/logs/manifest/{{experiment}}.log",
+        L.log("manifest", "{experiment}"),
     conda:
         "../envs/model.yaml"
     params:
@@ -57,13 +57,13 @@ rule manifest:
 rule publish:
     """The shippable model: merged weights (hard links), a model card, the manifest."""
     input:
-        merged=f"{R}/{{experiment}}/merged",
-        manifest=f"{R}/{{experiment}}/manifest.json",
+        merged=rules.merge.output.merged,
+        manifest=rules.manifest.output.manifest,
         code=code("publish"),
     output:
-        model=directory(f"{R}/{{experiment}}/model"),
+        model=directory(L.experiment("{experiment}", "model")),
     log:
-        f"{R}/logs/publish/{{experiment}}.log",
+        L.log("publish", "{experiment}"),
     conda:
         "../envs/data.yaml"
     script:
@@ -74,35 +74,33 @@ rule compare:
     """All experiments side by side: CSV, markdown and HTML tables, loss curves, metric bars."""
     input:
         manifests=expand(
-            f"{R}/{{experiment}}/manifest.json", experiment=config["experiments"]
+            rules.manifest.output.manifest, experiment=config["experiments"]
         ),
-        logs=expand(
-            f"{R}/{{experiment}}/train_log.jsonl", experiment=config["experiments"]
-        ),
+        logs=expand(rules.train.output.steps, experiment=config["experiments"]),
         code=code("compare"),
     output:
-        csv=f"{R}/experiments.csv",
-        md=f"{R}/experiments.md",
+        csv=L.run_file("experiments.csv"),
+        md=L.run_file("experiments.md"),
         html=report(
-            f"{R}/experiments.html",
+            L.run_file("experiments.html"),
             caption="../report/experiments.rst",
             category="Comparison",
             labels={"view": "metrics table"},
         ),
         loss=report(
-            f"{R}/plots/loss_curves.png",
+            L.run_file("plots/loss_curves.png"),
             caption="../report/loss_curves.rst",
             category="Comparison",
             labels={"view": "loss curves"},
         ),
         metric=report(
-            f"{R}/plots/main_metric.png",
+            L.run_file("plots/main_metric.png"),
             caption="../report/main_metric.rst",
             category="Comparison",
             labels={"view": "main metric"},
         ),
     log:
-        f"{R}/logs/compare.log",
+        L.run_file("logs/compare.log"),
     conda:
         "../envs/data.yaml"
     params:
@@ -115,26 +113,26 @@ rule data_report:
     """Rows per stage, rejected rows by reason, token lengths: one dataset's data stages."""
     input:
         shard_stats=shard_stats,
-        dataset_stats=f"{R}/data/{{dataset}}/dataset_stats.json",
+        dataset_stats=rules.build_dataset.output.stats,
         tokenize_stats=dataset_tokenize_stats,
         code=code("data_report"),
     output:
         html=report(
-            f"{R}/data/{{dataset}}/report/data_stats.html",
+            L.data_report("{dataset}", "data_stats.html"),
             caption="../report/data_stats.rst",
             category="Data",
             subcategory="{dataset}",
             labels={"dataset": "{dataset}", "view": "rows and rejects"},
         ),
         lengths=report(
-            f"{R}/data/{{dataset}}/report/token_lengths.png",
+            L.data_report("{dataset}", "token_lengths.png"),
             caption="../report/token_lengths.rst",
             category="Data",
             subcategory="{dataset}",
             labels={"dataset": "{dataset}", "view": "token lengths"},
         ),
     log:
-        f"{R}/logs/data_report/{{dataset}}.log",
+        L.log("data_report", "{dataset}"),
     conda:
         "../envs/data.yaml"
     script:

@@ -8,6 +8,7 @@ import sys
 sys.path.append(os.path.join(workflow.basedir, "scripts"))
 
 from kiln.codedeps import code_files  # noqa: E402
+from kiln.layout import Layout  # noqa: E402
 from kiln.locks import release_stale_lock  # noqa: E402
 from kiln.spec import adapter_spec as adapter_spec_of  # noqa: E402
 from kiln.config import (  # noqa: E402
@@ -52,7 +53,8 @@ except ConfigError as exc:
 config.clear()
 config.update(resolved)
 
-R = config["results"]
+# Where each output lies (kiln.layout): the rules build their paths from it.
+L = Layout(config["results"])
 
 
 def _names(table):
@@ -84,7 +86,7 @@ def collect_input(wildcards):
 
 def clean_shards(wildcards):
     return [
-        f"{R}/data/{wildcards.dataset}/clean/{source}/{shard}.parquet"
+        L.shard(wildcards.dataset, "clean", source, shard)
         for source, shard in shards(wildcards.dataset)
     ]
 
@@ -102,7 +104,7 @@ def base_model_inputs(wildcards):
     if source is None:
         return {}
     if source in config["models"]:
-        return {"tokenizer": f"{R}/base/{source}"}
+        return {"tokenizer": L.base(source)}
     return {"tokenizer": source}
 
 
@@ -113,15 +115,14 @@ def gpus(experiment, single=False):
 
 
 def tokenized_dir(experiment):
-    exp = config["experiments"][experiment]
-    return f"{R}/data/{exp['dataset']}/tokenized/{tokenization_key(config, experiment)}"
+    return L.tokenized(dataset_of(experiment), tokenization_key(config, experiment))
 
 
 def regression_dirs(wildcards):
     """The tokenized regression sets of an experiment (its model and tokenize settings)."""
     key = tokenization_key(config, wildcards.experiment)
     return [
-        f"{R}/data/{name}/tokenized/{key}"
+        L.tokenized(name, key)
         for name in regression_datasets(config, wildcards.experiment)
     ]
 
@@ -141,12 +142,19 @@ def lm_eval_task_files(wildcards):
     )
 
 
-def gguf_files(experiment, prefix="model", suffix="gguf"):
-    """The experiment's GGUF exports (export.gguf), in the configured order; [] when off. With
-    prefix="verify", suffix="json": their verification reports."""
+def gguf_files(experiment):
+    """The experiment's GGUF exports (export.gguf), in the configured order; [] when off."""
     return [
-        f"{R}/{experiment}/gguf/{prefix}-{qtype}.{suffix}"
-        for qtype in config["experiments"][experiment]["export"]["gguf"]
+        L.gguf(experiment, q)
+        for q in config["experiments"][experiment]["export"]["gguf"]
+    ]
+
+
+def gguf_reports(experiment):
+    """Each GGUF export's verification report, in the same order."""
+    return [
+        L.gguf_report(experiment, q)
+        for q in config["experiments"][experiment]["export"]["gguf"]
     ]
 
 
@@ -160,7 +168,7 @@ def gguf_inputs(wildcards):
     """Evaluate's GGUF inputs: each file and its verification report."""
     return {
         "gguf": gguf_files(wildcards.experiment),
-        "gguf_reports": gguf_files(wildcards.experiment, "verify", "json"),
+        "gguf_reports": gguf_reports(wildcards.experiment),
     }
 
 
@@ -170,10 +178,10 @@ def experiment_outputs(experiment):
         and config["experiments"][experiment]["export"]["ollama"] is not False
     )
     return [
-        f"{R}/{experiment}/metrics.json",
-        f"{R}/{experiment}/merge_report.json",
-        f"{R}/{experiment}/loss.png",
-        *([f"{R}/{experiment}/gguf/Modelfile"] if modelfile else []),
+        L.metrics(experiment),
+        L.experiment(experiment, "merge_report.json"),
+        L.experiment(experiment, "loss.png"),
+        *([L.experiment(experiment, "gguf/Modelfile")] if modelfile else []),
     ]
 
 
@@ -206,16 +214,16 @@ def finished_run_summary():
 
     found, notes = {}, {}
     for name in config["experiments"]:
-        path = f"{R}/{name}/metrics.json"
+        path = L.metrics(name)
         if os.path.exists(path):
             with open(path) as fh:
                 found[name] = json.load(fh)
         # what the export found to say (the first GGUF's verify report)
-        reports = [p for p in gguf_files(name, "verify", "json") if os.path.exists(p)]
+        reports = [p for p in gguf_reports(name) if os.path.exists(p)]
         if reports:
             with open(reports[0]) as fh:
                 notes[name] = (json.load(fh).get("ollama") or {}).get("note")
-    return run_summary(found, R, notes)
+    return run_summary(found, L.root, notes)
 
 
 def all_targets():
@@ -261,6 +269,10 @@ def dataset_of(experiment):
     return config["experiments"][experiment]["dataset"]
 
 
+def model_of(experiment):
+    return config["experiments"][experiment]["model"]
+
+
 def tokenize_stats_of(experiment):
     return tokenized_dir(experiment) + ".json"
 
@@ -268,22 +280,22 @@ def tokenize_stats_of(experiment):
 def stage_benchmarks(wildcards):
     """Snakemake benchmark records of every job behind an experiment, by stage."""
     exp = config["experiments"][wildcards.experiment]
-    ds, tok = exp["dataset"], tokenized_dir(wildcards.experiment)
-    parts = shards(ds)
-    b = f"{R}/benchmarks"
+    name, ds, tok = (
+        wildcards.experiment,
+        exp["dataset"],
+        tokenized_dir(wildcards.experiment),
+    )
+    parts, b = shards(ds), L.benchmark
     return {
-        "collect": [f"{b}/collect/{ds}/{s}/{sh}.tsv" for s, sh in parts],
-        "clean": [f"{b}/clean/{ds}/{s}/{sh}.tsv" for s, sh in parts],
-        "build_dataset": [f"{b}/build_dataset/{ds}.tsv"],
-        "tokenize": [f"{b}/tokenize/{ds}/{os.path.basename(tok)}.tsv"],
-        "base_model": [f"{b}/base_model/{exp['model']}.tsv"],
-        "train": [f"{b}/train/{wildcards.experiment}.tsv"],
-        "merge": [f"{b}/merge/{wildcards.experiment}.tsv"],
-        "export_gguf": [
-            f"{b}/export_gguf/{wildcards.experiment}-{q}.tsv"
-            for q in exp["export"]["gguf"]
-        ],
-        "evaluate": [f"{b}/evaluate/{wildcards.experiment}.tsv"],
+        "collect": [b("collect", f"{ds}/{s}/{sh}") for s, sh in parts],
+        "clean": [b("clean", f"{ds}/{s}/{sh}") for s, sh in parts],
+        "build_dataset": [b("build_dataset", ds)],
+        "tokenize": [b("tokenize", f"{ds}/{os.path.basename(tok)}")],
+        "base_model": [b("base_model", exp["model"])],
+        "train": [b("train", name)],
+        "merge": [b("merge", name)],
+        "export_gguf": [b("export_gguf", f"{name}-{q}") for q in exp["export"]["gguf"]],
+        "evaluate": [b("evaluate", name)],
     }
 
 
@@ -304,21 +316,22 @@ def shard_stats(wildcards):
 
 def shard_stats_of_dataset(dataset):
     return [
-        f"{R}/data/{dataset}/stats/{source}/{shard}.json"
+        L.shard(dataset, "stats", source, shard, "json")
         for source, shard in shards(dataset)
     ]
 
 
 def report_targets():
     """Everything the report shows (also built by the default target)."""
-    targets = [
-        f"{R}/experiments.csv",
-        f"{R}/experiments.md",
-        f"{R}/plots/loss_curves.png",
-        f"{R}/plots/main_metric.png",
+    files = [
+        "experiments.csv",
+        "experiments.md",
+        "plots/loss_curves.png",
+        "plots/main_metric.png",
     ]
+    targets = [L.run_file(f) for f in files]
     for name in config["experiments"]:
-        targets += [f"{R}/{name}/manifest.json", f"{R}/{name}/model"]
+        targets += [L.manifest(name), L.experiment(name, "model")]
     for ds in sorted({exp["dataset"] for exp in config["experiments"].values()}):
-        targets += [f"{R}/data/{ds}/report/data_stats.html"]
+        targets += [L.data_report(ds, "data_stats.html")]
     return targets

@@ -1,4 +1,5 @@
 # Data stages: collect (one job per source file) -> clean (one job per shard) -> build -> tokenize.
+# Paths come from kiln.layout (L); a rule's input that is another rule's output names it.
 
 
 rule collect:
@@ -7,11 +8,11 @@ rule collect:
         data=collect_input,
         code=code("collect"),
     output:
-        raw=f"{R}/data/{{dataset}}/raw/{{source}}/{{shard}}.parquet",
+        raw=L.shard("{dataset}", "raw", "{source}", "{shard}"),
     log:
-        f"{R}/logs/collect/{{dataset}}/{{source}}/{{shard}}.log",
+        L.log("collect", "{dataset}/{source}/{shard}"),
     benchmark:
-        f"{R}/benchmarks/collect/{{dataset}}/{{source}}/{{shard}}.tsv"
+        L.benchmark("collect", "{dataset}/{source}/{shard}")
     conda:
         "../envs/data.yaml"
     resources:
@@ -26,16 +27,16 @@ rule collect:
 rule clean:
     """Normalise, filter and deduplicate one raw shard; every dropped row gets a reason."""
     input:
-        raw=f"{R}/data/{{dataset}}/raw/{{source}}/{{shard}}.parquet",
+        raw=rules.collect.output.raw,
         code=code("clean"),
     output:
-        clean=f"{R}/data/{{dataset}}/clean/{{source}}/{{shard}}.parquet",
-        rejected=f"{R}/data/{{dataset}}/rejected/{{source}}/{{shard}}.parquet",
-        stats=f"{R}/data/{{dataset}}/stats/{{source}}/{{shard}}.json",
+        clean=L.shard("{dataset}", "clean", "{source}", "{shard}"),
+        rejected=L.shard("{dataset}", "rejected", "{source}", "{shard}"),
+        stats=L.shard("{dataset}", "stats", "{source}", "{shard}", "json"),
     log:
-        f"{R}/logs/clean/{{dataset}}/{{source}}/{{shard}}.log",
+        L.log("clean", "{dataset}/{source}/{shard}"),
     benchmark:
-        f"{R}/benchmarks/clean/{{dataset}}/{{source}}/{{shard}}.tsv"
+        L.benchmark("clean", "{dataset}/{source}/{shard}")
     conda:
         "../envs/data.yaml"
     resources:
@@ -53,13 +54,13 @@ rule build_dataset:
         shards=clean_shards,
         code=code("build_dataset"),
     output:
-        dataset=directory(f"{R}/data/{{dataset}}/dataset"),
-        rejected=f"{R}/data/{{dataset}}/build_rejected.parquet",
-        stats=f"{R}/data/{{dataset}}/dataset_stats.json",
+        dataset=directory(L.dataset("{dataset}")),
+        rejected=L.build_rejected("{dataset}"),
+        stats=L.dataset_stats("{dataset}"),
     log:
-        f"{R}/logs/build_dataset/{{dataset}}.log",
+        L.log("build_dataset", "{dataset}"),
     benchmark:
-        f"{R}/benchmarks/build_dataset/{{dataset}}.tsv"
+        L.benchmark("build_dataset", "{dataset}")
     conda:
         "../envs/data.yaml"
     resources:
@@ -68,7 +69,7 @@ rule build_dataset:
     params:
         settings=lambda w: config["datasets"][w.dataset]["build"],
         mixture=mixture,
-        data_dir=lambda w: f"{R}/data/{w.dataset}",
+        data_dir=lambda w: L.data(w.dataset),
     script:
         "../scripts/build_dataset.py"
 
@@ -76,16 +77,16 @@ rule build_dataset:
 rule tokenize:
     """The dataset through the base model's tokenizer and chat template, loss masks included."""
     input:
-        dataset=f"{R}/data/{{dataset}}/dataset",
-        base=f"{R}/base/{{model}}",
+        dataset=rules.build_dataset.output.dataset,
+        base=L.base("{model}"),
         code=code("tokenize_dataset"),
     output:
-        tokenized=directory(f"{R}/data/{{dataset}}/tokenized/{{model}}-{{tok}}"),
-        stats=f"{R}/data/{{dataset}}/tokenized/{{model}}-{{tok}}.json",
+        tokenized=directory(L.tokenized("{dataset}", "{model}-{tok}")),
+        stats=L.tokenize_stats("{dataset}", "{model}-{tok}"),
     log:
-        f"{R}/logs/tokenize/{{dataset}}/{{model}}-{{tok}}.log",
+        L.log("tokenize", "{dataset}/{model}-{tok}"),
     benchmark:
-        f"{R}/benchmarks/tokenize/{{dataset}}/{{model}}-{{tok}}.tsv"
+        L.benchmark("tokenize", "{dataset}/{model}-{tok}")
     conda:
         "../envs/model.yaml"
     threads: 2
@@ -97,6 +98,6 @@ rule tokenize:
             config, w.dataset, f"{w.model}-{w.tok}"
         ),
         # Tokens of rows seen before, by content hash; outside the outputs, which a rerun deletes.
-        cache=lambda w: f"{R}/cache/tokenize/{w.dataset}/{w.model}-{w.tok}",
+        cache=lambda w: L.outside("cache", f"tokenize/{w.dataset}/{w.model}-{w.tok}"),
     script:
         "../scripts/tokenize_dataset.py"

@@ -10,16 +10,16 @@ localrules:
 rule export_gguf:
     """The merged model as one GGUF type; metadata, token ids and log-probs checked in llama.cpp."""
     input:
-        merged=f"{R}/{{experiment}}/merged",
-        dataset=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset",
+        merged=rules.merge.output.merged,
+        dataset=lambda w: L.dataset(dataset_of(w.experiment)),
         code=code("export_gguf"),
     output:
-        gguf=f"{R}/{{experiment}}/gguf/model-{{qtype}}.gguf",
-        report=f"{R}/{{experiment}}/gguf/verify-{{qtype}}.json",
+        gguf=L.gguf("{experiment}", "{qtype}"),
+        report=L.gguf_report("{experiment}", "{qtype}"),
     log:
-        f"{R}/logs/export_gguf/{{experiment}}-{{qtype}}.log",
+        L.log("export_gguf", "{experiment}-{qtype}"),
     benchmark:
-        f"{R}/benchmarks/export_gguf/{{experiment}}-{{qtype}}.tsv"
+        L.benchmark("export_gguf", "{experiment}-{qtype}")
     conda:
         "../envs/export.yaml"
     threads: workflow.cores
@@ -39,13 +39,13 @@ rule ollama_modelfile:
     """An Ollama Modelfile beside the GGUF: chat template, stop token, the task's system prompt."""
     input:
         gguf=lambda w: gguf_files(w.experiment)[0],
-        merged=f"{R}/{{experiment}}/merged",
-        dataset=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset",
+        merged=rules.merge.output.merged,
+        dataset=lambda w: L.dataset(dataset_of(w.experiment)),
         code=code("ollama_modelfile"),
     output:
-        f"{R}/{{experiment}}/gguf/Modelfile",
+        L.experiment("{experiment}", "gguf/Modelfile"),
     log:
-        f"{R}/logs/ollama_modelfile/{{experiment}}.log",
+        L.log("ollama_modelfile", "{experiment}"),
     conda:
         "../envs/model.yaml"
     params:

@@ -7,11 +7,11 @@ rule base_model:
         unpack(base_model_inputs),
         code=code("base_model"),
     output:
-        model=directory(f"{R}/base/{{model}}"),
+        model=directory(L.base("{model}")),
     log:
-        f"{R}/logs/base_model/{{model}}.log",
+        L.log("base_model", "{model}"),
     benchmark:
-        f"{R}/benchmarks/base_model/{{model}}.tsv"
+        L.benchmark("base_model", "{model}")
     conda:
         "../envs/model.yaml"
     threads: workflow.cores
@@ -28,18 +28,18 @@ rule train:
     """4-bit QLoRA (or LoRA) with TRL's SFTTrainer; resumes from its own checkpoints."""
     input:
         tokenized=lambda w: tokenized_dir(w.experiment),
-        base=lambda w: f"{R}/base/{config['experiments'][w.experiment]['model']}",
-        data_stats=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset_stats.json",
+        base=lambda w: L.base(model_of(w.experiment)),
+        data_stats=lambda w: L.dataset_stats(dataset_of(w.experiment)),
         code=code("train"),
     output:
-        adapter=directory(f"{R}/{{experiment}}/adapter"),
-        steps=f"{R}/{{experiment}}/train_log.jsonl",
-        loss_png=f"{R}/{{experiment}}/loss.png",
-        summary=f"{R}/{{experiment}}/train_summary.json",
+        adapter=directory(L.adapter("{experiment}")),
+        steps=L.experiment("{experiment}", "train_log.jsonl"),
+        loss_png=L.experiment("{experiment}", "loss.png"),
+        summary=L.experiment("{experiment}", "train_summary.json"),
     log:
-        f"{R}/logs/train/{{experiment}}.log",
+        L.log("train", "{experiment}"),
     benchmark:
-        f"{R}/benchmarks/train/{{experiment}}.tsv"
+        L.benchmark("train", "{experiment}")
     conda:
         "../envs/model.yaml"
     threads: workflow.cores
@@ -50,7 +50,7 @@ rule train:
     params:
         spec=lambda w: adapter_spec(w.experiment),
         # Outside every declared output: Snakemake deletes a failed job's outputs, not these.
-        checkpoints=lambda w: f"{R}/checkpoints/{w.experiment}",
+        checkpoints=lambda w: L.outside("checkpoints", w.experiment),
     script:
         "../scripts/train.py"
 
@@ -58,16 +58,16 @@ rule train:
 rule merge:
     """Adapter merged into the 16-bit base; logits checked against base + adapter."""
     input:
-        adapter=f"{R}/{{experiment}}/adapter",
-        dataset=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset",
+        adapter=rules.train.output.adapter,
+        dataset=lambda w: L.dataset(dataset_of(w.experiment)),
         code=code("merge"),
     output:
-        merged=directory(f"{R}/{{experiment}}/merged"),
-        report=f"{R}/{{experiment}}/merge_report.json",
+        merged=directory(L.merged("{experiment}")),
+        report=L.experiment("{experiment}", "merge_report.json"),
     log:
-        f"{R}/logs/merge/{{experiment}}.log",
+        L.log("merge", "{experiment}"),
     benchmark:
-        f"{R}/benchmarks/merge/{{experiment}}.tsv"
+        L.benchmark("merge", "{experiment}")
     conda:
         "../envs/model.yaml"
     threads: workflow.cores
@@ -85,21 +85,21 @@ rule evaluate:
     """Base, merged and adapter-on-4-bit models side by side on the test split."""
     input:
         unpack(gguf_inputs),
-        dataset=lambda w: f"{R}/data/{config['experiments'][w.experiment]['dataset']}/dataset",
+        dataset=lambda w: L.dataset(dataset_of(w.experiment)),
         tokenized=lambda w: tokenized_dir(w.experiment),
-        base=lambda w: f"{R}/base/{config['experiments'][w.experiment]['model']}",
-        merged=f"{R}/{{experiment}}/merged",
-        adapter=f"{R}/{{experiment}}/adapter",
+        base=lambda w: L.base(model_of(w.experiment)),
+        merged=rules.merge.output.merged,
+        adapter=rules.train.output.adapter,
         regression=regression_dirs,
         lm_eval_tasks=lm_eval_task_files,
         code=code("evaluate"),
     output:
-        metrics=f"{R}/{{experiment}}/metrics.json",
-        samples=f"{R}/{{experiment}}/samples.jsonl",
+        metrics=L.metrics("{experiment}"),
+        samples=L.experiment("{experiment}", "samples.jsonl"),
     log:
-        f"{R}/logs/evaluate/{{experiment}}.log",
+        L.log("evaluate", "{experiment}"),
     benchmark:
-        f"{R}/benchmarks/evaluate/{{experiment}}.tsv"
+        L.benchmark("evaluate", "{experiment}")
     conda:
         "../envs/model.yaml"
     threads: workflow.cores

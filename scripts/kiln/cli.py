@@ -73,9 +73,10 @@ def repro_main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temporary rebuild folder when every check passes")
     args = ap.parse_args(argv)
+    from kiln.layout import Layout
     from kiln.repro import format_report, reproduce
 
-    manifest = args.manifest or os.path.join(args.results, args.experiment, "manifest.json")
+    manifest = args.manifest or Layout(args.results).manifest(args.experiment)
     if not os.path.exists(manifest):
         print(f"kiln repro: {manifest} does not exist: build the experiment first", file=sys.stderr)
         return 2
@@ -141,15 +142,17 @@ def serve_main(argv=None) -> int:
     import glob
     import time
 
-    path = args.gguf
+    from kiln.layout import Layout
+
+    path, tree = args.gguf, Layout(args.results)
     if path is None:
-        found = sorted(glob.glob(os.path.join(args.results, args.experiment, "gguf", "model-*.gguf")))
-        q8 = [p for p in found if p.endswith("model-q8_0.gguf")]
+        found = sorted(glob.glob(tree.gguf(args.experiment, "*")))
+        q8 = [p for p in found if p == tree.gguf(args.experiment, "q8_0")]
         path = (q8 or found or [None])[0]
     if not path or not os.path.exists(path):
         print(
             f"kiln serve: no GGUF for '{args.experiment}' under {args.results}: build it first "
-            f"(snakemake --cores 1 {args.results}/{args.experiment}/gguf/model-q8_0.gguf) or pass --gguf",
+            f"(snakemake --cores 1 {tree.gguf(args.experiment, 'q8_0')}) or pass --gguf",
             file=sys.stderr,
         )
         return 2

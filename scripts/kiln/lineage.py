@@ -14,6 +14,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from kiln.layout import Layout
+
 
 class TraceError(LookupError):
     """The id is unknown, ambiguous, or the dataset has not been built."""
@@ -49,7 +51,8 @@ def _resolve_id(data_dir: Path, prefix: str) -> str:
 
 def trace(results: str | Path, dataset: str, row_id: str) -> dict:
     """Everything the data stages know about one id, as a JSON-able dict."""
-    data_dir = Path(results) / "data" / dataset
+    tree = Layout(str(results))
+    data_dir = Path(tree.data(dataset))
     if not data_dir.is_dir():
         raise TraceError(f"{data_dir} does not exist: no dataset '{dataset}' under {results}")
     kiln_id = _resolve_id(data_dir, row_id)
@@ -58,9 +61,9 @@ def trace(results: str | Path, dataset: str, row_id: str) -> dict:
         raise TraceError(f"no raw row of dataset '{dataset}' has id {kiln_id}")
     clean = _find(sorted((data_dir / "clean").rglob("*.parquet")), "kiln_id", kiln_id)
     rejected = _find(sorted((data_dir / "rejected").rglob("*.parquet")), "kiln_id", kiln_id)
-    build_rej_path = data_dir / "build_rejected.parquet"
+    build_rej_path = Path(tree.build_rejected(dataset))
     build_rej = _find([build_rej_path] if build_rej_path.exists() else [], "kiln_id", kiln_id)
-    split = _split_of(data_dir / "dataset", kiln_id)
+    split = _split_of(Path(tree.dataset(dataset)), kiln_id)
 
     def by_place(table: pa.Table | None) -> dict:
         if table is None:

@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kiln.layout import Layout
 from kiln.manifest_record import BaseIdentity, Manifest
 from kiln.metrics import scale
 from kiln.reports import DatasetStats, Metrics
 
 REPO = Path(__file__).resolve().parents[2]
+REBUILT = "results"  # the rebuild's results folder, inside its work folder
 
 
 @dataclass(frozen=True)
@@ -194,19 +196,19 @@ def reproduce(
     work.mkdir(parents=True, exist_ok=True)
     if any((work / "results").iterdir() if (work / "results").exists() else []):
         raise ValueError(f"{work}/results is not empty: a reproducibility check starts from nothing")
-    cfg = repro_config(manifest, "results", base_dir)
+    cfg = repro_config(manifest, REBUILT, base_dir)
     refuse_code(cfg)
     # JSON, not YAML: Snakemake reads a JSON config as plain data (YAML may go through YTE templating).
     config_path = work / "config.json"
     config_path.write_text(json.dumps(cfg, indent=1))
-    name, exp = manifest.experiment, manifest.config.experiment
-    data_target, base_target = f"results/data/{exp.dataset}/dataset_stats.json", f"results/base/{exp.model}"
+    name, exp, tree = manifest.experiment, manifest.config.experiment, Layout(REBUILT)
+    data_target, base_target = tree.dataset_stats(exp.dataset), tree.base(exp.model)
     snakemake(work, config_path, [data_target, base_target], cores)
     checks = compare_data(manifest, DatasetStats.read(work / data_target))
     checks += compare_base(manifest, BaseIdentity.read(work / base_target / "identity.json"))
     if train:
-        snakemake(work, config_path, [f"results/{name}/metrics.json"], cores)
-        checks += compare_metrics(manifest, Metrics.read(work / f"results/{name}/metrics.json"))
+        snakemake(work, config_path, [tree.metrics(name)], cores)
+        checks += compare_metrics(manifest, Metrics.read(work / tree.metrics(name)))
     return ReproResult(experiment=name, workdir=str(work), checks=checks)
 
 
