@@ -46,7 +46,7 @@ rule manifest:
     conda:
         "../envs/model.yaml"
     params:
-        settings=lambda w: stage_settings(w.experiment),
+        settings=lambda w: EXPERIMENTS[w.experiment].stage_settings(),
         code_version=CODE_VERSION,
         packages=PACKAGES,
         benchmarks=stage_benchmarks,
@@ -73,10 +73,8 @@ rule publish:
 rule compare:
     """All experiments side by side: CSV, markdown and HTML tables, loss curves, metric bars."""
     input:
-        manifests=expand(
-            rules.manifest.output.manifest, experiment=config["experiments"]
-        ),
-        logs=expand(rules.train.output.steps, experiment=config["experiments"]),
+        manifests=expand(rules.manifest.output.manifest, experiment=EXPERIMENTS),
+        logs=expand(rules.train.output.steps, experiment=EXPERIMENTS),
         code=code("compare"),
     output:
         csv=L.run_file("experiments.csv"),
@@ -104,7 +102,7 @@ rule compare:
     conda:
         "../envs/data.yaml"
     params:
-        experiments=list(config["experiments"]),
+        experiments=list(EXPERIMENTS),
     script:
         "../scripts/compare.py"
 

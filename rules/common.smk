@@ -8,9 +8,9 @@ import sys
 sys.path.append(os.path.join(workflow.basedir, "scripts"))
 
 from kiln.codedeps import code_files  # noqa: E402
+from kiln.experiment import DatasetSpec, ModelSpec  # noqa: E402
 from kiln.layout import Layout  # noqa: E402
 from kiln.locks import release_stale_lock  # noqa: E402
-from kiln.spec import adapter_spec as adapter_spec_of  # noqa: E402
 from kiln.config import (  # noqa: E402
     ConfigError,
     extend_default,
@@ -18,6 +18,7 @@ from kiln.config import (  # noqa: E402
     tokenization_settings,
     tokenizer_source,
     regression_datasets,
+    resolve,
     validate,
 )
 from kiln.shards import (  # noqa: E402
@@ -55,6 +56,12 @@ config.update(resolved)
 
 # Where each output lies (kiln.layout): the rules build their paths from it.
 L = Layout(config["results"])
+# Each experiment resolved (kiln.experiment): its dataset and model specs, its typed settings.
+EXPERIMENTS = resolve(config)
+DATASETS = {
+    name: DatasetSpec.from_config(name, d) for name, d in config["datasets"].items()
+}
+MODELS = {name: ModelSpec.from_config(name, m) for name, m in config["models"].items()}
 
 
 def _names(table):
@@ -93,24 +100,21 @@ def clean_shards(wildcards):
 
 def mixture(wildcards):
     """Each source's `weight` and `max_rows` (only these: other source settings do not rebuild)."""
-    return {
-        s["name"]: {"weight": s.get("weight", 1.0), "max_rows": s.get("max_rows")}
-        for s in config["datasets"][wildcards.dataset]["sources"]
-    }
+    return DATASETS[wildcards.dataset].mixture()
 
 
 def base_model_inputs(wildcards):
     source = tokenizer_source(config, wildcards.model)
     if source is None:
         return {}
-    if source in config["models"]:
+    if source in MODELS:
         return {"tokenizer": L.base(source)}
     return {"tokenizer": source}
 
 
 def gpus(experiment, single=False):
     """GPUs a job of an experiment asks a cluster for: training all of num_gpus, merge/evaluate one."""
-    n = config["experiments"][experiment]["training"]["num_gpus"]
+    n = EXPERIMENTS[experiment].training.num_gpus
     return min(n, 1) if single else n
 
 
@@ -129,9 +133,7 @@ def regression_dirs(wildcards):
 
 def lm_eval_task_files(wildcards):
     """The YAML files of evaluate.lm_eval.include_path: editing a task reruns evaluation."""
-    folder = config["experiments"][wildcards.experiment]["evaluate"]["lm_eval"][
-        "include_path"
-    ]
+    folder = EXPERIMENTS[wildcards.experiment].evaluate.lm_eval["include_path"]
     if not folder:
         return []
     return sorted(
@@ -144,24 +146,18 @@ def lm_eval_task_files(wildcards):
 
 def gguf_files(experiment):
     """The experiment's GGUF exports (export.gguf), in the configured order; [] when off."""
-    return [
-        L.gguf(experiment, q)
-        for q in config["experiments"][experiment]["export"]["gguf"]
-    ]
+    return [L.gguf(experiment, q) for q in EXPERIMENTS[experiment].export.gguf]
 
 
 def gguf_reports(experiment):
     """Each GGUF export's verification report, in the same order."""
-    return [
-        L.gguf_report(experiment, q)
-        for q in config["experiments"][experiment]["export"]["gguf"]
-    ]
+    return [L.gguf_report(experiment, q) for q in EXPERIMENTS[experiment].export.gguf]
 
 
 def export_prompt_settings(experiment):
     """The evaluate settings that choose the prompts evaluation generates from."""
-    settings = config["experiments"][experiment]["evaluate"]
-    return {k: settings[k] for k in ("max_samples", "continuations")}
+    s = EXPERIMENTS[experiment].evaluate
+    return {"max_samples": s.max_samples, "continuations": s.continuations}
 
 
 def gguf_inputs(wildcards):
@@ -174,8 +170,7 @@ def gguf_inputs(wildcards):
 
 def experiment_outputs(experiment):
     modelfile = (
-        gguf_files(experiment)
-        and config["experiments"][experiment]["export"]["ollama"] is not False
+        gguf_files(experiment) and EXPERIMENTS[experiment].export.ollama is not False
     )
     return [
         L.metrics(experiment),
@@ -213,7 +208,7 @@ def finished_run_summary():
     from kiln.metrics import run_summary
 
     found, notes = {}, {}
-    for name in config["experiments"]:
+    for name in EXPERIMENTS:
         path = L.metrics(name)
         if os.path.exists(path):
             with open(path) as fh:
@@ -228,7 +223,7 @@ def finished_run_summary():
 
 def all_targets():
     targets = []
-    for name in config["experiments"]:
+    for name in EXPERIMENTS:
         targets += experiment_outputs(name)
     return targets + report_targets()
 
@@ -241,36 +236,12 @@ CODE_VERSION = code_version(workflow.basedir)
 PACKAGES = package_versions()
 
 
-def adapter_spec(experiment):
-    """What made an experiment's adapter (kiln.spec.adapter_spec): the train rule's parameter,
-    saved beside the adapter as experiment.json for merge, evaluate, manifest and repro.
-    """
-    return adapter_spec_of(config, experiment)
-
-
-def stage_settings(experiment):
-    """The settings of the stages after training (merge, evaluate): the manifest's parameter."""
-    exp = config["experiments"][experiment]
-    regression = [
-        {"entry": entry, "dataset": {"name": name, **config["datasets"][name]}}
-        for entry, name in zip(
-            exp["evaluate"]["regression"], regression_datasets(config, experiment)
-        )
-    ]
-    return {
-        "merge": exp["merge"],
-        "export": exp["export"],
-        "evaluate": exp["evaluate"],
-        "regression_datasets": regression,
-    }
-
-
 def dataset_of(experiment):
-    return config["experiments"][experiment]["dataset"]
+    return EXPERIMENTS[experiment].dataset.name
 
 
 def model_of(experiment):
-    return config["experiments"][experiment]["model"]
+    return EXPERIMENTS[experiment].model.name
 
 
 def tokenize_stats_of(experiment):
@@ -279,22 +250,18 @@ def tokenize_stats_of(experiment):
 
 def stage_benchmarks(wildcards):
     """Snakemake benchmark records of every job behind an experiment, by stage."""
-    exp = config["experiments"][wildcards.experiment]
-    name, ds, tok = (
-        wildcards.experiment,
-        exp["dataset"],
-        tokenized_dir(wildcards.experiment),
-    )
+    exp = EXPERIMENTS[wildcards.experiment]
+    name, ds, tok = exp.name, exp.dataset.name, tokenized_dir(exp.name)
     parts, b = shards(ds), L.benchmark
     return {
         "collect": [b("collect", f"{ds}/{s}/{sh}") for s, sh in parts],
         "clean": [b("clean", f"{ds}/{s}/{sh}") for s, sh in parts],
         "build_dataset": [b("build_dataset", ds)],
         "tokenize": [b("tokenize", f"{ds}/{os.path.basename(tok)}")],
-        "base_model": [b("base_model", exp["model"])],
+        "base_model": [b("base_model", exp.model.name)],
         "train": [b("train", name)],
         "merge": [b("merge", name)],
-        "export_gguf": [b("export_gguf", f"{name}-{q}") for q in exp["export"]["gguf"]],
+        "export_gguf": [b("export_gguf", f"{name}-{q}") for q in exp.export.gguf],
         "evaluate": [b("evaluate", name)],
     }
 
@@ -304,8 +271,8 @@ def dataset_tokenize_stats(wildcards):
     return sorted(
         {
             tokenize_stats_of(name)
-            for name, exp in config["experiments"].items()
-            if exp["dataset"] == wildcards.dataset
+            for name, exp in EXPERIMENTS.items()
+            if exp.dataset.name == wildcards.dataset
         }
     )
 
@@ -330,8 +297,8 @@ def report_targets():
         "plots/main_metric.png",
     ]
     targets = [L.run_file(f) for f in files]
-    for name in config["experiments"]:
+    for name in EXPERIMENTS:
         targets += [L.manifest(name), L.experiment(name, "model")]
-    for ds in sorted({exp["dataset"] for exp in config["experiments"].values()}):
+    for ds in sorted({exp.dataset.name for exp in EXPERIMENTS.values()}):
         targets += [L.data_report(ds, "data_stats.html")]
     return targets

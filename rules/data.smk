@@ -43,7 +43,7 @@ rule clean:
         mem_mb=4000,
         runtime=30,
     params:
-        settings=lambda w: config["datasets"][w.dataset]["clean"],
+        settings=lambda w: DATASETS[w.dataset].clean.to_dict(),
     script:
         "../scripts/clean.py"
 
@@ -67,7 +67,7 @@ rule build_dataset:
         mem_mb=8000,
         runtime=60,
     params:
-        settings=lambda w: config["datasets"][w.dataset]["build"],
+        settings=lambda w: DATASETS[w.dataset].build.to_dict(),
         mixture=mixture,
         data_dir=lambda w: L.data(w.dataset),
     script:

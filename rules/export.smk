@@ -27,7 +27,7 @@ rule export_gguf:
         mem_mb=8000,
         runtime=60,
     params:
-        export=lambda w: config["experiments"][w.experiment]["export"],
+        export=lambda w: EXPERIMENTS[w.experiment].export.to_dict(),
         # only what picks the evaluated prompts (their token ids are checked), so that a change
         # of another evaluate setting does not redo the export
         evaluate=lambda w: export_prompt_settings(w.experiment),
@@ -49,6 +49,6 @@ rule ollama_modelfile:
     conda:
         "../envs/model.yaml"
     params:
-        ollama=lambda w: config["experiments"][w.experiment]["export"]["ollama"],
+        ollama=lambda w: EXPERIMENTS[w.experiment].export.ollama,
     script:
         "../scripts/ollama_modelfile.py"

@@ -19,7 +19,7 @@ rule base_model:
         mem_mb=8000,
         runtime=60,
     params:
-        model=lambda w: config["models"][w.model],
+        model=lambda w: MODELS[w.model].config,
     script:
         "../scripts/base_model.py"
 
@@ -48,7 +48,7 @@ rule train:
         runtime=720,
         gpu=lambda w: gpus(w.experiment),
     params:
-        spec=lambda w: adapter_spec(w.experiment),
+        spec=lambda w: EXPERIMENTS[w.experiment].adapter_spec(),
         # Outside every declared output: Snakemake deletes a failed job's outputs, not these.
         checkpoints=lambda w: L.outside("checkpoints", w.experiment),
     script:
@@ -76,7 +76,7 @@ rule merge:
         runtime=60,
         gpu=lambda w: gpus(w.experiment, single=True),
     params:
-        settings=lambda w: config["experiments"][w.experiment]["merge"],
+        settings=lambda w: EXPERIMENTS[w.experiment].merge.to_dict(),
     script:
         "../scripts/merge.py"
 
@@ -108,9 +108,7 @@ rule evaluate:
         runtime=120,
         gpu=lambda w: gpus(w.experiment, single=True),
     params:
-        settings=lambda w: config["experiments"][w.experiment]["evaluate"],
-        regression=lambda w: config["experiments"][w.experiment]["evaluate"][
-            "regression"
-        ],
+        settings=lambda w: EXPERIMENTS[w.experiment].evaluate.to_dict(),
+        regression=lambda w: EXPERIMENTS[w.experiment].evaluate.regression,
     script:
         "../scripts/evaluate.py"

@@ -9,8 +9,9 @@ import pytest
 import yaml
 from conftest import REPO
 
-from kiln.config import ConfigError, validate
-from kiln.spec import DATASET_SECTIONS, SECTIONS, Experiment, TrainingSettings
+from kiln.config import ConfigError, resolve, validate
+from kiln.experiment import Experiment
+from kiln.spec import DATASET_SECTIONS, SECTIONS, TrainingSettings
 
 SCHEMA = yaml.safe_load(Path(REPO / "config" / "schema.yaml").read_text())
 DEFAULT = yaml.safe_load(Path(REPO / "config" / "config.yaml").read_text())
@@ -33,10 +34,11 @@ def test_schema_and_dataclass_have_the_same_keys_defaults_and_choices(owner, sec
 
 def test_the_default_config_resolves_to_a_typed_experiment():
     cfg = validate(DEFAULT)
-    exp = Experiment.from_config("default", cfg["experiments"]["default"])
+    exp = resolve(cfg)["default"]
+    assert isinstance(exp, Experiment) and exp.dataset.name == "orders" and exp.model.kind == "gguf_package"
     assert exp.training.learning_rate == cfg["experiments"]["default"]["training"]["learning_rate"]
     assert exp.merge.onto == "dequantized" and exp.evaluate.main_metric == "exact_match" and exp.evaluate.task == "auto"
-    assert exp.to_dict()["training"] == cfg["experiments"]["default"]["training"]  # params stay plain data
+    assert exp.training.to_dict() == cfg["experiments"]["default"]["training"]  # params stay plain data
 
 
 def _with(**sections) -> dict:

@@ -15,8 +15,9 @@ from typing import Any
 import jsonschema
 import yaml
 
+from kiln.experiment import Experiment
 from kiln.shards import safe_name
-from kiln.spec import BuildSettings, CleanSettings, ConfigError, Experiment, SpecError, moved_key_error
+from kiln.spec import BuildSettings, CleanSettings, ConfigError, SpecError, moved_key_error
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
 
@@ -272,10 +273,15 @@ def _check_references(cfg: dict) -> None:
                     f"config: experiments.{name}.evaluate.regression: '{entry}' is the dataset the experiment "
                     "trains on; a regression set is other data (its own test split is scored anyway)"
                 )
-        try:  # the typed spec: every rule between settings (kiln.spec)
-            Experiment.from_config(name, exp)
-        except SpecError as exc:
-            raise ConfigError(f"config: {exc}") from None
+    resolve(cfg)  # the typed spec: every rule between settings (kiln.spec)
+
+
+def resolve(cfg: dict) -> dict[str, Experiment]:
+    """The experiments of a validated config, resolved (kiln.experiment): what the rules read."""
+    try:
+        return {name: Experiment.from_config(name, cfg, regression_datasets(cfg, name)) for name in cfg["experiments"]}
+    except SpecError as exc:
+        raise ConfigError(f"config: {exc}") from None
 
 
 COMMIT = re.compile(r"[0-9a-f]{40}")

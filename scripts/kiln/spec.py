@@ -127,10 +127,10 @@ class BuildSettings(_Settings):
     seed: int = _f(0, "Seed of the split hash.")
     contamination_audit: bool = _f(True, "Count validation and test rows that nearly duplicate a train row.")
     contamination_threshold: float = _f(0.8, "Jaccard similarity above which a held-out row is contaminated.")
-    decontaminate: bool = _f(False, "Move contaminated rows out of validation and test (build rejects).")
     contamination_max_rows: int = _f(
         200_000, "Audit only datasets up to this many unique rows (MinHash costs about 0.4 ms a row)."
     )
+    decontaminate: bool = _f(False, "Move contaminated rows out of validation and test (build rejects).")
 
     def check(self, where: str = "build") -> None:
         if self.validation + self.test >= 1:
@@ -315,43 +315,3 @@ def moved_key_error(experiment: str, exp: dict) -> str | None:
                 f"experiments.{experiment}.{new_section}.{new_key} (same values); rename it there"
             )
     return None
-
-
-def adapter_spec(cfg: dict, name: str) -> dict:
-    """What made one experiment's adapter, as plain data: its name, the dataset and model (with their
-    config), and the tokenize and training settings. Training saves it beside the adapter, with
-    what it resolved (kiln.trained.TrainedAdapter: ``experiment.json``); merge, evaluate, the
-    manifest and repro read it there instead of re-assembling the config."""
-    exp = cfg["experiments"][name]
-    return {
-        "name": name,
-        "dataset": {"name": exp["dataset"], **cfg["datasets"][exp["dataset"]]},
-        "model": {"name": exp["model"], **cfg["models"][exp["model"]]},
-        "tokenize": exp["tokenize"],
-        "training": exp["training"],
-    }
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """One resolved experiment: its name, what it trains on and with, and every stage's settings."""
-
-    name: str
-    dataset: str
-    model: str
-    tokenize: TokenizeSettings
-    training: TrainingSettings
-    merge: MergeSettings
-    export: ExportSettings
-    evaluate: EvaluateSettings
-
-    @classmethod
-    def from_config(cls, name: str, exp: dict) -> Experiment:
-        where = f"experiments.{name}"
-        parts = {s: kind.from_dict(exp.get(s), f"{where}.{s}") for s, kind in SECTIONS.items()}
-        spec = cls(name=name, dataset=exp["dataset"], model=exp["model"], **parts)
-        spec.training.check(f"{where}.training")
-        return spec
-
-    def to_dict(self) -> dict:
-        return asdict(self)
