@@ -8,9 +8,10 @@ import torch
 from conftest import train_paths, train_tiny
 from safetensors.torch import load_file
 
-from kiln.backends import resolve_backend, resolve_dtype
+from kiln.backends import resolve_backend
 from kiln.base_model import ModelSourceError, load_source, prepare_base_model
 from kiln.config import training_settings
+from kiln.dtypes import compute_dtype, saved_dtype
 from kiln.merge import merge_adapter
 from kiln.scoring import score
 from kiln.spec import MergeSettings, TokenizeSettings, TrainingSettings
@@ -41,7 +42,14 @@ def test_backend_choice_on_a_cpu_machine():
     assert resolve_backend("hf")[0] == "hf"
     with pytest.raises(RuntimeError, match="backend is 'unsloth' but CUDA is not available"):
         resolve_backend("unsloth")
-    assert resolve_dtype("auto") == torch.float32 and resolve_dtype("bfloat16") == torch.bfloat16
+    assert compute_dtype("auto") == torch.float32 and compute_dtype("bfloat16") == torch.bfloat16
+
+
+def test_one_dtype_resolver_for_the_merged_weights(tmp_path):
+    """merge.dtype auto: the dtype the base model was saved in; float32 where its record is missing."""
+    (tmp_path / "identity.json").write_text('{"dtype": "bfloat16"}')
+    assert saved_dtype("auto", tmp_path) == torch.bfloat16 and saved_dtype("float16", tmp_path) == torch.float16
+    assert saved_dtype("auto", tmp_path / "nowhere") == torch.float32
 
 
 def test_plain_lora_trains_the_adapter_and_leaves_base_weights_alone(tiny_run, tmp_path):

@@ -44,17 +44,6 @@ def resolve_backend(requested: str, processes: int = 1) -> tuple[str, str]:
     return "hf", "auto: " + ("unsloth is not installed" if cuda else "no CUDA device (CPU run)")
 
 
-def resolve_dtype(requested: str):
-    """auto: bfloat16 on a CUDA card that has it, float32 otherwise (CPU NF4 + bf16 diverged)."""
-    import torch
-
-    if requested != "auto":
-        return getattr(torch, requested)
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 def lora_config(s: TrainingSettings):
     from peft import LoraConfig
 

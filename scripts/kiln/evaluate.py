@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiln.dtypes import compute_dtype
 from kiln.harness import run_lm_eval
 from kiln.metrics import (
     MODELS,
@@ -77,7 +78,7 @@ def load_model(kind: str, inputs: EvaluationInputs):
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = compute_dtype("auto")  # as training computed (bf16 on a card that has it, else float32)
     if kind == "base":
         return AutoModelForCausalLM.from_pretrained(inputs.base, dtype=dtype).to(device).eval()
     if kind == "tuned":

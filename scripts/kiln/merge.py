@@ -9,10 +9,10 @@ base, the two are the same weights: "original" is used and the report says why).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from kiln.dtypes import saved_dtype
 from kiln.evidence import write_report
 from kiln.progress import Phases
 from kiln.prompts import check_prompt, validation_prompts
@@ -24,17 +24,6 @@ log = logging.getLogger(__name__)
 
 PHASES = ["load base + adapter", "reference logits", "merge + save", "reload + logit check", "pipeline check"]
 MAX_MERGE_ERROR_RATIO = 0.05  # merge error relative to the adapter's own effect on the logits
-
-
-def resolve_merge_dtype(requested: str, base_dir: str | Path | None = None):
-    """``auto``: the dtype the base model was saved in (its identity.json), float32 if unknown."""
-    import torch
-
-    if requested == "auto":
-        identity = Path(base_dir, "identity.json") if base_dir else None
-        saved = json.loads(identity.read_text()).get("dtype") if identity and identity.exists() else None
-        return getattr(torch, saved or "float32")
-    return getattr(torch, requested)
 
 
 def load_base(base_dir: str, onto: str, device: str):
@@ -100,7 +89,7 @@ def _merge_and_save(model, ref: tuple, settings: MergeSettings, base_dir: str, o
     batch, mask, ref_logits, effect = ref  # the inputs, which logits count, base + adapter's, its effect
     merged = model.merge_and_unload()  # float32, as loaded
     own = _error_ratio(_logits(merged, batch)[mask], ref_logits, effect)
-    resolved = resolve_merge_dtype(settings.dtype, base_dir)
+    resolved = saved_dtype(settings.dtype, base_dir)
     save_dtype, why, rounded = _saving_dtype(merged, batch, mask, ref_logits, effect, settings.dtype, resolved)
     merged = merged.to(save_dtype)
     merged.generation_config = GenerationConfig.from_pretrained(base_dir)

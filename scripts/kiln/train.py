@@ -30,9 +30,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.backends import load_for_training, resolve_backend, resolve_dtype
+from kiln.backends import load_for_training, resolve_backend
 from kiln.checkpoints import prepare_checkpoints, run_key
 from kiln.codedeps import code_files
+from kiln.dtypes import compute_dtype
 from kiln.losses import liger_sum_loss, resolve_head_loss
 from kiln.microbatch import auto_micro_batch, split_batch
 from kiln.packing import PackedCollator, check_isolation, plan_attention, varlen_calls
@@ -102,7 +103,7 @@ class TrainingJob:
         log.info("LM head + loss: %s (%s)", self.head_loss, self.head_loss_reason)
         if self.backend == "unsloth":
             import unsloth  # noqa: F401  (patches transformers and TRL: must come before them, this process only)
-        self.dtype = resolve_dtype(self.s.compute_dtype)
+        self.dtype = compute_dtype(self.s.compute_dtype)
         self.base_identity = json.loads((Path(self.paths.base_dir) / "identity.json").read_text())
 
         import datasets
