@@ -81,6 +81,14 @@ def test_a_record_that_does_not_fit_names_the_file_and_the_field(tiny_run, tmp_p
     assert "rebuild it" in str(err.value) or "not a setting" in str(err.value)
 
 
+def test_a_run_outside_a_git_checkout_reads(tiny_run):
+    """A workflow copied or unpacked without .git: the code version has no commit, a note instead."""
+    raw = json.loads(tiny_run.path("tiny/manifest.json").read_text())
+    raw["code"] = {"commit": None, "dirty": None, "note": "/x is not a git checkout (or git is missing)"}
+    m = Manifest.from_dict(raw, "copy/manifest.json")
+    assert m.code.short() is None and m.to_dict() == raw
+
+
 def test_a_missing_field_is_named(tmp_path):
     bad = tmp_path / "dataset_stats.json"
     bad.write_text(json.dumps({"rows_in": 3, "rows_rejected": 0}))

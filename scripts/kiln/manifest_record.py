@@ -180,9 +180,12 @@ class TrainingRun(Record):
 
 
 class CodeVersion(Record):
+    """kiln.provenance.code_version: the checkout's commit (None, with a note, outside git)."""
+
     commit: str | None = None
-    dirty: bool = False
+    dirty: bool | None = False  # None: not a git checkout
     diff_sha256: str | None = None
+    note: str | None = None
 
     def short(self) -> str | None:
         """The commit's first ten digits, ``+dirty`` with uncommitted changes (None: no git checkout)."""
