@@ -205,9 +205,11 @@ def main() -> None:
         from train_gpu import SHAPES
 
         from kiln.base_model import prepare_base_model
+        from kiln.experiment import ModelSpec
 
-        spec = {"kind": "random", "seed": 0, "architecture": SHAPES[shape], "tokenizer_from": str(TOKENIZER)}
-        prepare_base_model(spec, shape, WORK / "models" / shape, tokenizer_dir=TOKENIZER, dtype="bfloat16")
+        entry = {"kind": "random", "seed": 0, "architecture": SHAPES[shape], "tokenizer_from": str(TOKENIZER)}
+        spec = ModelSpec.from_config(shape, entry)
+        prepare_base_model(spec, WORK / "models" / shape, tokenizer_dir=TOKENIZER, dtype="bfloat16")
     cfg = settings(args.steps, args.batch)
     tokenized = random_tokenized(shape, args.batch * (args.steps + 2), args.seq)
     if args.run:  # one configuration, in its own process (as each Snakemake job is)

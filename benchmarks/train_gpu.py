@@ -136,13 +136,14 @@ def cmd_matmul(args) -> None:
 def cmd_make(args) -> None:
     """A random-weight model of a real shape, saved the way Kiln's base_model rule saves one."""
     from kiln.base_model import prepare_base_model
+    from kiln.experiment import ModelSpec
 
     for shape in args.shape:
         out = WORK / "models" / shape
         if (out / "identity.json").exists():
             continue
         cfg = {"kind": "random", "seed": 0, "architecture": SHAPES[shape], "tokenizer_from": str(TOKENIZER)}
-        prepare_base_model(cfg, shape, out, tokenizer_dir=TOKENIZER, dtype="bfloat16")
+        prepare_base_model(ModelSpec.from_config(shape, cfg), out, tokenizer_dir=TOKENIZER, dtype="bfloat16")
         print("made", shape, flush=True)
 
 

@@ -25,7 +25,6 @@ from kiln.shards import (  # noqa: E402
     check_local_paths,
     dataset_shards,
     local_files,
-    source_config,
 )
 
 # A --configfile extends the embedded default the Kiln way (kiln.config.extend_default): datasets
@@ -79,15 +78,15 @@ def code(script):
 
 def shards(dataset):
     try:
-        return dataset_shards(config, dataset)
+        return dataset_shards(DATASETS[dataset])
     except ConfigError as exc:
         raise WorkflowError(str(exc)) from None
 
 
 def collect_input(wildcards):
-    src = source_config(config, wildcards.dataset, wildcards.source)
-    if src["kind"] == "local":
-        return local_files(src["path"])[wildcards.shard]
+    src = DATASETS[wildcards.dataset].source(wildcards.source)
+    if src.kind == "local":
+        return local_files(src.path)[wildcards.shard]
     return []
 
 

@@ -19,7 +19,7 @@ rule collect:
         mem_mb=2000,
         runtime=30,
     params:
-        source=lambda w: source_config(config, w.dataset, w.source),
+        source=lambda w: DATASETS[w.dataset].source(w.source).config,
     script:
         "../scripts/collect.py"
 

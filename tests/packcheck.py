@@ -119,12 +119,14 @@ def base_and_dataset(folder: Path) -> tuple[Path, Path]:
     from kiln.base_model import prepare_base_model
     from kiln.clean import clean_shard
     from kiln.dataset import build_dataset
+    from kiln.experiment import ModelSpec
     from kiln.sources import canonical_rows, write_raw
     from kiln.spec import BuildSettings, CleanSettings
     from kiln.synthetic import ANSWER_SCHEMA, generate
 
     cfg = tiny_config()
-    prepare_base_model(cfg["models"]["tiny"], "tiny", folder / "random", tokenizer_dir=TOKENIZER, dtype="float32")
+    spec = ModelSpec.from_config("tiny", cfg["models"]["tiny"])
+    prepare_base_model(spec, folder / "random", tokenizer_dir=TOKENIZER, dtype="float32")
     base = sharpen(folder / "random", folder / "sharp")
     records = generate(80, seed=7, mess_rate=0.0)
     items = ((i, r, __import__("json").dumps(r), None) for i, r in enumerate(records, 1))

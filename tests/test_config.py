@@ -8,6 +8,7 @@ import yaml
 from conftest import REPO, SNAKEMAKE, tiny_config
 
 from kiln.config import ConfigError, tokenization_key, validate
+from kiln.experiment import DatasetSpec
 from kiln.shards import dataset_shards
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -94,7 +95,7 @@ def test_local_glob_matching_nothing_is_a_clear_error(tmp_path, monkeypatch):
         }
     )
     with pytest.raises(ConfigError, match="path 'in/\\*.jsonl' matches no files"):
-        dataset_shards(cfg, "d")
+        dataset_shards(DatasetSpec.from_config("d", cfg["datasets"]["d"]))
 
 
 def test_experiments_differing_in_training_only_share_tokenization():

@@ -6,12 +6,14 @@ compares params by repr, so a run made before the types is not rerun for its par
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import yaml
 from conftest import REPO
 
 from kiln.config import ConfigError, regression_datasets, resolve, validate
+from kiln.experiment import ModelSpec, SourceSpec
 from kiln.spec import DATASET_SECTIONS, SECTIONS
 
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -75,3 +77,28 @@ def test_a_rule_between_settings_is_refused_when_resolving():
     cfg["experiments"]["default"]["training"].update(num_gpus=2, backend="unsloth")
     with pytest.raises(ConfigError, match=r"^config: experiments\.default\.training\.backend: 'unsloth'"):
         resolve(cfg)
+
+
+def _schema_defaults(definition: str) -> dict:
+    """Every key's default in a schema definition, its kinds' own keys included."""
+    spec = SCHEMA["definitions"][definition]
+    found = {k: v["default"] for k, v in spec["properties"].items() if isinstance(v, dict) and "default" in v}
+    for branch in spec.get("allOf", []):
+        props = branch["then"]["properties"]
+        found |= {k: v["default"] for k, v in props.items() if isinstance(v, dict) and "default" in v}
+    return found
+
+
+@pytest.mark.parametrize("definition, kind", [("source", SourceSpec), ("model", ModelSpec)])
+def test_source_and_model_specs_have_the_schemas_keys_and_defaults(definition, kind):
+    """The specs restate the schema's defaults (for a source or model built outside the workflow):
+    held to the schema here, key for key, so they cannot drift apart."""
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    for key, default in _schema_defaults(definition).items():
+        assert key in fields, f"{definition}.{key} has no field in {kind.__name__}"
+        f = fields[key]
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert value == default, f"{definition}.{key}: {value!r} in {kind.__name__}, {default!r} in the schema"
+    spec = SCHEMA["definitions"][definition]
+    keys = set(spec["properties"]) | {k for b in spec.get("allOf", []) for k in b["then"]["properties"]}
+    assert keys <= set(fields), sorted(keys - set(fields))

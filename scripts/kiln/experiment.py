@@ -12,12 +12,13 @@ for kiln.sources and kiln.base_model, which read them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from kiln.spec import (
     SECTIONS,
     BuildSettings,
     CleanSettings,
+    ConfigError,
     EvaluateSettings,
     ExportSettings,
     MergeSettings,
@@ -28,21 +29,38 @@ from kiln.spec import (
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One data source of a dataset (config/schema.yaml `source`)."""
+    """One data source of a dataset (config/schema.yaml `source`: which keys each kind takes, and
+    their defaults, restated here as the fields' defaults for a source built outside the workflow)."""
 
     name: str
     kind: str  # synthetic, local, hf, url
+    format: str = "auto"  # the record format; auto detects it per row
+    columns: dict = field(default_factory=dict)  # canonical field -> the file's column
+    encoding: str = "utf-8"
     weight: float = 1.0  # copies of each train row
     max_rows: int | None = None  # at most this many unique rows
-    path: str | None = None  # local: a glob; hf: the Hub id or builder
+    path: str | None = None  # local: a glob; hf: the Hub id or a builder name
+    on_bad_file: str = "stop"  # local, url: stop, or skip (set the file aside with its reason)
+    config_name: str | None = None  # hf
     revision: str | None = None  # hf: the commit
-    allow_unpinned: bool = False
+    allow_unpinned: bool = False  # hf
+    split: str = "train"  # hf
+    data_files: str | list | None = None  # hf
+    urls: list = field(default_factory=list)  # url
+    sha256: list = field(default_factory=list)  # url: one per url (None: unverified)
+    allow_unverified: bool = False  # url
+    timeout_s: float = 60  # url: longest wait for data
+    deadline_s: float = 900  # url: longest whole download
+    max_bytes: int = 1073741824  # url: largest download
+    rows: int = 3000  # synthetic
+    seed: int = 0  # synthetic
+    mess_rate: float = 0.1  # synthetic: share of rows made messy
     config: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, entry: dict) -> SourceSpec:
-        keys = ("name", "kind", "weight", "max_rows", "path", "revision", "allow_unpinned")
-        return cls(**{k: entry[k] for k in keys if k in entry}, config=entry)
+        keys = {f.name for f in fields(cls)} - {"config"}
+        return cls(**{k: v for k, v in entry.items() if k in keys}, config=entry)
 
 
 @dataclass(frozen=True)
@@ -64,7 +82,10 @@ class DatasetSpec:
         return cls(name=name, sources=sources, clean=clean, build=build, config=entry)
 
     def source(self, name: str) -> SourceSpec:
-        return next(s for s in self.sources if s.name == name)
+        for src in self.sources:
+            if src.name == name:
+                return src
+        raise ConfigError(f"dataset '{self.name}' has no source '{name}'")
 
     def mixture(self) -> dict[str, dict]:
         """Each source's weight and max_rows: the build rule's parameter (only these of a source's
@@ -78,21 +99,28 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A base model (config `models.<name>`)."""
+    """A base model (config `models.<name>`; config/schema.yaml says which keys each kind takes)."""
 
     name: str
     kind: str  # gguf_package, hub, local, random
-    path: str | None = None  # local
+    package: str | None = None  # gguf_package: the Python package that holds the GGUF file
+    file: str = "*.gguf"  # gguf_package: which file of it
     repo_id: str | None = None  # hub
     revision: str | None = None  # hub: the commit
     allow_unpinned: bool = False
+    path: str | None = None  # local
+    hub_id: str | None = None  # the Hub repo the weights come from (the model card's base_model)
     tokenizer_from: str | None = None  # random: a model in `models` or a tokenizer folder
+    seed: int = 0  # random: the weights' seed
+    architecture: dict | None = None  # random: transformers config keys, model_type picks the class
+    eos_token: str | None = None
+    pad_token: str | None = None
     config: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, name: str, entry: dict) -> ModelSpec:
-        keys = ("kind", "path", "repo_id", "revision", "allow_unpinned", "tokenizer_from")
-        return cls(name=name, **{k: entry[k] for k in keys if k in entry}, config=entry)
+        keys = {f.name for f in fields(cls)} - {"name", "config"}
+        return cls(name=name, **{k: v for k, v in entry.items() if k in keys}, config=entry)
 
     def to_record(self) -> dict:
         return {"name": self.name, **self.config}

@@ -9,16 +9,9 @@ import os
 import re
 from pathlib import Path
 
+from kiln.experiment import DatasetSpec, SourceSpec
 from kiln.folders import csv_header, local_model_problem, parquet_columns
 from kiln.spec import ConfigError
-
-
-def source_config(cfg: dict, dataset: str, source: str) -> dict:
-    for src in cfg["datasets"][dataset]["sources"]:
-        if src["name"] == source:
-            return src
-    raise ConfigError(f"dataset '{dataset}' has no source '{source}'")
-
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -58,29 +51,26 @@ def url_shards(urls: list[str]) -> dict[str, str]:
     return shards
 
 
-def source_shards(src: dict, dataset: str) -> list[str]:
+def source_shards(src: SourceSpec, dataset: str) -> list[str]:
     """The shard names a source yields: one per file, URL, or split."""
-    kind = src["kind"]
-    if kind == "synthetic":
+    if src.kind == "synthetic":
         return ["synthetic"]
-    if kind == "hf":
-        return [_UNSAFE.sub("_", src["split"])]
-    if kind == "url":
-        return list(url_shards(src["urls"]))
-    shards = local_files(src["path"])
+    if src.kind == "hf":
+        return [_UNSAFE.sub("_", src.split)]
+    if src.kind == "url":
+        return list(url_shards(src.urls))
+    shards = local_files(src.path)
     if not shards:
         raise ConfigError(
-            f"config: datasets.{dataset}.sources '{src['name']}': path '{src['path']}' matches no files "
+            f"config: datasets.{dataset}.sources '{src.name}': path '{src.path}' matches no files "
             f"(relative to {os.getcwd()})"
         )
     return list(shards)
 
 
-def dataset_shards(cfg: dict, dataset: str) -> list[tuple[str, str]]:
+def dataset_shards(dataset: DatasetSpec) -> list[tuple[str, str]]:
     """Every (source, shard) of a dataset, in config order: the build stage's inputs."""
-    return [
-        (src["name"], shard) for src in cfg["datasets"][dataset]["sources"] for shard in source_shards(src, dataset)
-    ]
+    return [(src.name, shard) for src in dataset.sources for shard in source_shards(src, dataset.name)]
 
 
 # CSV headers read at parse time per source; files past this many are checked by their collect job.

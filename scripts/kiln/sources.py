@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kiln.experiment import SourceSpec
 from kiln.folders import bom_encoding
 from kiln.records import RecordError, stable_id, to_canonical
 from kiln.shards import local_files, url_shards
@@ -270,21 +271,17 @@ def download(
     }
 
 
-def _hf_items(src: dict) -> Iterator[Item]:
+def _hf_items(src: SourceSpec) -> Iterator[Item]:
     import datasets
 
     try:
         ds = datasets.load_dataset(
-            src["path"],
-            src.get("config_name"),
-            revision=src["revision"],
-            split=src["split"],
-            data_files=src.get("data_files"),
+            src.path, src.config_name, revision=src.revision, split=src.split, data_files=src.data_files
         )
     except Exception as exc:  # the Hub client raises many types; the message is what matters
         raise CollectError(
-            f"hf source '{src['name']}': load_dataset('{src['path']}', revision='{src['revision']}', "
-            f"split='{src['split']}') failed: {type(exc).__name__}: {exc}"
+            f"hf source '{src.name}': load_dataset('{src.path}', revision='{src.revision}', "
+            f"split='{src.split}') failed: {type(exc).__name__}: {exc}"
         ) from None
     for i, rec in enumerate(ds, start=1):
         yield i, rec, json.dumps(rec, ensure_ascii=False, default=str), None
@@ -299,45 +296,44 @@ def missing_columns(items: list[Item], columns: dict) -> list[tuple[str, str]]:
     return [(field, col) for field, col in columns.items() if keys and col not in keys]
 
 
-def collect_shard(src: dict, shard: str, out_path: str | Path, dataset: str = "") -> dict:
+def collect_shard(src: SourceSpec, shard: str, out_path: str | Path, dataset: str = "") -> dict:
     """Read one shard of a configured source and write its canonical raw Parquet. With
     `on_bad_file: skip`, a file that can't be read is set aside: an empty shard records it and
     why, and the dataset stats and report list it."""
     try:
         return _collect_shard(src, shard, out_path)
     except CollectError as exc:
-        if src.get("on_bad_file", "stop") != "skip":
+        if src.on_bad_file != "skip":
             raise
-        file = local_files(src["path"]).get(shard, shard) if src["kind"] == "local" else shard
-        skipped = {"source": src["name"], "file": str(file), "reason": str(exc)}
+        file = local_files(src.path).get(shard, shard) if src.kind == "local" else shard
+        skipped = {"source": src.name, "file": str(file), "reason": str(exc)}
         log.warning("set aside %s (on_bad_file: skip): %s", file, exc)
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         schema = RAW_SCHEMA.with_metadata({SKIPPED_KEY: json.dumps(skipped)})
         pq.write_table(pa.Table.from_pylist([], schema=schema), out_path)
-        return {"source": src["name"], "shard": shard, "file": str(file), "rows": 0, "skipped": skipped}
+        return {"source": src.name, "shard": shard, "file": str(file), "rows": 0, "skipped": skipped}
 
 
-def _collect_shard(src: dict, shard: str, out_path: str | Path) -> dict:
-    kind, fmt, columns = src["kind"], src.get("format", "auto"), src.get("columns", {})
+def _collect_shard(src: SourceSpec, shard: str, out_path: str | Path) -> dict:
+    kind, fmt, columns, encoding = src.kind, src.format, src.columns, src.encoding
     record = None  # a url source's download record
-    encoding = src.get("encoding", "utf-8")
     if kind == "synthetic":
         from kiln.synthetic import generate
 
-        records = generate(src["rows"], seed=src["seed"], mess_rate=src["mess_rate"])
-        file = f"synthetic(seed={src['seed']},rows={src['rows']},mess_rate={src['mess_rate']})"
+        records = generate(src.rows, seed=src.seed, mess_rate=src.mess_rate)
+        file = f"synthetic(seed={src.seed},rows={src.rows},mess_rate={src.mess_rate})"
         items = ((i, rec, json.dumps(rec, ensure_ascii=False), None) for i, rec in enumerate(records, 1))
     elif kind == "local":
-        files = local_files(src["path"])
+        files = local_files(src.path)
         if shard not in files:
-            raise CollectError(f"source '{src['name']}': no file for shard '{shard}' under '{src['path']}'")
+            raise CollectError(f"source '{src.name}': no file for shard '{shard}' under '{src.path}'")
         file = files[shard]
         items = read_file_items(file, encoding)
     elif kind == "url":
-        urls = url_shards(src["urls"])
+        urls = url_shards(src.urls)
         file = urls[shard]
         index = list(urls).index(shard)
-        sha = src["sha256"][index] if src.get("sha256") else None
+        sha = src.sha256[index] if src.sha256 else None
         suffix = Path(file.split("?")[0]).suffix or ".jsonl"
         # The original bytes, kept for audit under a name no output can take (a URL ending in
         # .parquet once overwrote them with the raw shard): downloads/<source>/<shard>.original<suffix>,
@@ -348,14 +344,14 @@ def _collect_shard(src: dict, shard: str, out_path: str | Path) -> dict:
             file,
             kept,
             sha,
-            src.get("timeout_s", 60),
-            max_bytes=src.get("max_bytes", MAX_BYTES),
-            deadline_s=src.get("deadline_s", DEADLINE_S),
+            src.timeout_s,
+            max_bytes=src.max_bytes,
+            deadline_s=src.deadline_s,
         )
         record["kept_as"] = str(kept)
         items = read_file_items(str(kept), encoding)
     elif kind == "hf":
-        file = f"hf://{src['path']}@{src['revision']}/{src['split']}"
+        file = f"hf://{src.path}@{src.revision}/{src.split}"
         items = _hf_items(src)
     else:
         raise CollectError(f"unknown source kind {kind!r}")
@@ -370,13 +366,13 @@ def _collect_shard(src: dict, shard: str, out_path: str | Path) -> dict:
             f"{file}: `columns:` maps {field} to column '{col}', which is not in the file "
             f"(its columns: {', '.join(names[:30])}); fix the name in the source's `columns:`"
         )
-    rows = canonical_rows(items, source=src["name"], file=str(file), fmt=fmt, columns=columns)
+    rows = canonical_rows(items, source=src.name, file=str(file), fmt=fmt, columns=columns)
     if rows and all(r["error"] for r in rows):
         first = rows[0]
         raise CollectError(f"{file}: no row could be read; first problem, row {first['row']}: {first['error']}")
     write_raw(rows, out_path, download=record)
     stats = {
-        "source": src["name"],
+        "source": src.name,
         "shard": shard,
         "file": str(file),
         "rows": len(rows),

@@ -89,7 +89,7 @@ class TrainingJob:
         self.ckpt = Path(paths.ckpt_dir)
         self.data_fingerprints, self.experiment = data_fingerprints, experiment
         self.threads, self.tracking = threads, tracking or {}
-        self.spec = spec or {}  # what made this adapter (kiln.spec.adapter_spec); saved beside it
+        self.spec = spec or {}  # what made this adapter (kiln.experiment.Experiment.adapter_spec); saved beside it
         self.world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (torchrun)
 
     # ---- setup: backend, processes, resume point, model, data, batch sizes --------------------
