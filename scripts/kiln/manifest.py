@@ -142,8 +142,9 @@ def _seeds(dataset: DatasetRecord, trained: TrainedAdapter) -> dict:
 
 def _gguf_reports(paths) -> dict:
     """Each exported GGUF's report as written (file, sha256, converter, verification), by type."""
-    reports = [(GgufReport.read(p), _read(p)) for p in paths]  # read typed to check it; kept as written
-    return {typed.type: raw for typed, raw in reports}
+    raws = {str(p): _read(p) for p in paths}
+    # checked as its type (naming the file if it does not fit), kept as written
+    return {GgufReport.from_dict(raw, path).type: raw for path, raw in raws.items()}
 
 
 def build_manifest(
