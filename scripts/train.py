@@ -6,6 +6,7 @@ same function in that many DDP processes through `accelerate launch`.
 
 import json
 
+from kiln.families import refuse_unknown_export
 from kiln.launch import launch
 from kiln.smk import setup_log, use_cores
 from kiln.spec import TokenizeSettings, TrainingSettings
@@ -13,6 +14,10 @@ from kiln.train import TrainingPaths, train
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 setup_log(sm, console=True)  # keep the progress bar (with ETA) on the console
+# What export needs of the chat template, checked before a step is spent (read from the config, not
+# a parameter: export settings are no reason to retrain).
+experiment = sm.config["experiments"][sm.wildcards.experiment]
+refuse_unknown_export(sm.input.base, experiment.get("export", {}), f"experiments.{sm.wildcards.experiment}")
 splits = json.loads(open(sm.input.data_stats).read())["splits"]
 paths = TrainingPaths(
     tokenized_dir=sm.input.tokenized,

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from kiln.experiment import ModelSpec
+from kiln.families import end_of_turn, generation_prompt, pad_token
 from kiln.folders import local_model_problem
 from kiln.progress import Phases
 
@@ -187,16 +188,24 @@ def gguf_tokenizer(path: Path):
 
 
 def _fix_tokenizer(tok, eos: str | None, pad: str | None):
+    """The tokenizer as every later stage reads it: eos is the end of an assistant turn (what the
+    answer mask labels and generation stops at), which is not the released eos of every family
+    (Llama 3: <|eot_id|>, not <|end_of_text|>; Gemma: <end_of_turn>, not <eos>); a pad token where
+    the family has none (kiln.families.pad_token). ``eos`` / ``pad`` (the model's config) win."""
     if needs_byte_level_fix(tok):
         byte_level_bpe(tok)
+    if not tok.chat_template:
+        tok.chat_template = CHATML
+    text_eos = tok.eos_token
+    eos = eos or end_of_turn(tok)
     if eos:
         tok.eos_token = eos
     if pad:
         tok.pad_token = pad
     elif tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if not tok.chat_template:
-        tok.chat_template = CHATML
+        tok.pad_token = pad_token(tok, tok.eos_token)
+    # the released eos stays a stop token of generation (prepare_base_model); not saved in the tokenizer
+    tok.kiln_text_eos = text_eos if text_eos and text_eos != tok.eos_token else None
     tok.padding_side = "left"  # generation batches; training collators pad on their own side
     # transformers' "clean up spaces" step strips spaces before punctuation: destructive for a BPE
     # vocabulary (transformers ignores it there, with a warning on every load)
@@ -275,8 +284,8 @@ def smoke_generate(model_dir: str | Path, max_new_tokens: int = 8) -> str:
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "Say hi."}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ids = tok(
+        generation_prompt(tok, [{"role": "user", "content": "Say hi."}]), add_special_tokens=False, return_tensors="pt"
     )
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
@@ -284,6 +293,27 @@ def smoke_generate(model_dir: str | Path, max_new_tokens: int = 8) -> str:
     if len(new) == 0:
         raise RuntimeError(f"{model_dir}: the reloaded model generated nothing")
     return tok.decode(new, skip_special_tokens=False)
+
+
+PROBE_TEXT = "Order 12345: 3 x  widget\n\n  total 1,250.00 (EUR)\t\u00e9t\u00e9 \u6211\u60f3 I've 'RE"
+
+
+def check_reloaded_tokenizer(tok, folder: Path) -> None:
+    """Every later stage loads the saved folder's tokenizer; it must be the one prepared. It is not
+    always: transformers 5 loads a folder whose config says model_type qwen2 with its own
+    Qwen2Tokenizer, which rebuilds the pre-tokenizer whatever tokenizer.json says."""
+    from transformers import AutoTokenizer
+
+    again = AutoTokenizer.from_pretrained(str(folder))
+    text = tok.apply_chat_template([{"role": "user", "content": PROBE_TEXT}], tokenize=False) + PROBE_TEXT
+    a, b = tok(text, add_special_tokens=False)["input_ids"], again(text, add_special_tokens=False)["input_ids"]
+    if a != b:
+        raise ModelSourceError(
+            f"{folder}: transformers reloads this model's tokenizer as {type(again).__name__}, which tokenizes "
+            f"differently from the tokenizer given ({type(tok).__name__}: {len(a)} vs {len(b)} tokens on a probe "
+            "text), so training and export would not see the same tokens: give the model a tokenizer of its own "
+            "architecture (for a random model, `tokenizer_from` a model of the same model_type)"
+        )
 
 
 def prepare_base_model(
@@ -298,14 +328,17 @@ def prepare_base_model(
         model, tok, identity = load_source(spec, tokenizer_dir)
     model = model.to(getattr(torch, dtype))
     eos_id = tok.convert_tokens_to_ids(tok.eos_token)
+    text_eos = getattr(tok, "kiln_text_eos", None)
     model.config.eos_token_id = eos_id
     model.config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = eos_id
+    # generation stops at the end of turn, and at the family's end of text if a model writes that instead
+    model.generation_config.eos_token_id = [eos_id, tok.convert_tokens_to_ids(text_eos)] if text_eos else eos_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
     with phases.step("save"):
         model.save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir)
+        check_reloaded_tokenizer(tok, out_dir)
     with phases.step("smoke generation"):
         sample = smoke_generate(out_dir)
     phases.close()

@@ -16,6 +16,7 @@ import jsonschema
 import yaml
 
 from kiln.experiment import Experiment
+from kiln.families import check_export, saved_chat_template
 from kiln.shards import safe_name
 from kiln.spec import BuildSettings, CleanSettings, ConfigError, SpecError, moved_key_error
 
@@ -256,6 +257,7 @@ def _check_references(cfg: dict) -> None:
                     f"config: experiments.{name}.{key}: '{exp[key]}' is not in `{table}` "
                     f"(known: {', '.join(sorted(cfg[table]))})"
                 )
+        _check_family(cfg, name, exp)
         lm_eval = exp["evaluate"]["lm_eval"]
         if lm_eval["include_path"] and not os.path.isdir(lm_eval["include_path"]):
             raise ConfigError(
@@ -274,6 +276,19 @@ def _check_references(cfg: dict) -> None:
                     "trains on; a regression set is other data (its own test split is scored anyway)"
                 )
     resolve(cfg)  # the typed spec: every rule between settings (kiln.spec)
+
+
+def _check_family(cfg: dict, name: str, exp: dict) -> None:
+    """What needs the chat template's family (the Modelfile's TEMPLATE under export.ollama: true),
+    checked now where the template can be read (a local model, a random one's tokenizer folder),
+    rather than failing after training."""
+    model = cfg["models"][exp["model"]]
+    folder = model.get("path") if model["kind"] == "local" else model.get("tokenizer_from")
+    if model["kind"] not in ("local", "random") or not folder or not os.path.isdir(folder):
+        return
+    problem = check_export(saved_chat_template(folder), exp["export"]["ollama"], exp["export"]["gguf"])
+    if problem:
+        raise ConfigError(f"config: experiments.{name}.export.ollama: {problem}")
 
 
 def resolve(cfg: dict) -> dict[str, Experiment]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kiln.families import generation_prompt
+
 if TYPE_CHECKING:
     from kiln.spec import EvaluateSettings
 
@@ -36,7 +38,7 @@ def prompts_and_references(test, tokenizer, max_samples: int):
     for row in test.select(range(min(max_samples, len(test)))):
         if row["kind"] != "chat":
             continue
-        prompts.append(tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True))
+        prompts.append(generation_prompt(tokenizer, row["messages"][:-1]))
         refs.append(row["messages"][-1]["content"])
         rows.append(row)
     return prompts, refs, rows
@@ -80,8 +82,8 @@ def check_prompt(dataset_dir: str, tokenizer) -> tuple[str, int]:
     conversation (a plain-text task): that generic prompt and 48 tokens."""
     for row in _validation_rows(dataset_dir, 32):
         if row["kind"] == "chat" and len(row["messages"]) >= 2:
-            prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+            prompt = generation_prompt(tokenizer, row["messages"][:-1])
             answer = tokenizer(row["messages"][-1]["content"], add_special_tokens=False)["input_ids"]
             return prompt, len(answer) + 16
     generic = [{"role": "user", "content": "Say hello."}]
-    return tokenizer.apply_chat_template(generic, tokenize=False, add_generation_prompt=True), 48
+    return generation_prompt(tokenizer, generic), 48

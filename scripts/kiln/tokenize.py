@@ -19,14 +19,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kiln.families import answer_lead
 from kiln.spec import TokenizeSettings
 from kiln.tables import TOKENS_SCHEMA, save_splits
 
 log = logging.getLogger(__name__)
 
 
-def assistant_spans(text: str, turns: list[dict], eos: str | None) -> list[tuple[int, int]]:
-    """Character spans of the assistant answers inside a rendered conversation."""
+def assistant_spans(text: str, turns: list[dict], eos: str | None, lead: str = "") -> list[tuple[int, int]]:
+    """Character spans of the assistant answers inside a rendered conversation: each answer, the
+    end-of-turn token after it, and ``lead`` before it (what the template writes between the
+    generation prompt and the answer, kiln.families.answer_lead: Mistral's space, which shares a
+    token with the answer's first characters)."""
     spans, cursor = [], 0
     for turn in turns:
         start = text.find(turn["content"], cursor) if turn["content"] else -1
@@ -37,6 +41,8 @@ def assistant_spans(text: str, turns: list[dict], eos: str | None) -> list[tuple
         if turn["role"] == "assistant":
             if eos and text.startswith(eos, end):
                 end += len(eos)  # the model must learn to stop
+            if lead and text.endswith(lead, 0, start):
+                start -= len(lead)
             spans.append((start, end))
     return spans
 
@@ -93,11 +99,12 @@ def encode_flat(batch: dict, tokenizer, assistant_only: bool) -> tuple[np.ndarra
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
     edges = np.zeros(total + 1, dtype=np.int32)  # +1 where a trainable run starts, -1 where it ends
     eos = tokenizer.eos_token
+    lead = answer_lead(tokenizer) if assistant_only and "chat" in batch["kind"] else ""
     for i, (text, turns, kind) in enumerate(zip(texts, batch["messages"], batch["kind"])):
         if kind == "text" or not assistant_only:
             runs = [(0, int(lengths[i]))]
         else:
-            runs = [_span_tokens(encodings[i], a, b) for a, b in assistant_spans(text, turns, eos)]
+            runs = [_span_tokens(encodings[i], a, b) for a, b in assistant_spans(text, turns, eos, lead)]
         for first, end in runs:
             if end > first:
                 edges[starts[i] + first] += 1
