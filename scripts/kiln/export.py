@@ -21,29 +21,22 @@ import glob
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 from kiln.base_model import sha256_file  # the project's one file hash (tests import it from here too)
 from kiln.evidence import write_report
-from kiln.llamacpp import LlamaCpp, token_parity
+from kiln.families import converter_folder, family_of, ollama_stop, ollama_template, unknown_message
+from kiln.llamacpp import LlamaCpp, logprob_parity, token_parity
 from kiln.spec import EvaluateSettings, ExportSettings
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by the converter itself
-# Largest |p| difference over llama.cpp's top-k next tokens, merged model vs GGUF, by type. Measured
-# on the default run's merged model (16 validation prompts, 2026-11-30): f16 0.0038, q8_0 0.063 (its
-# log-probabilities differ by up to 0.66 on tail tokens near p = 0.015, so probabilities, not logs,
-# are what is held). float types only round the weights to 16 bits; q8_0 rounds each block of 32 to
-# 8 bits; the llama-quantize types lose more.
-PROB_TOLERANCE = {"f32": 0.002, "f16": 0.01, "bf16": 0.02, "q8_0": 0.1}
-PROB_TOLERANCE_OTHER = 0.25
-TOP_K = 5
 
 
 class ExportError(RuntimeError):
@@ -96,9 +89,11 @@ def convert(merged_dir: str, out_path: str, qtype: str, converter: Path, llama_c
     direct = qtype.lower() in CONVERTER_TYPES
     quantize = None if direct else find_quantize(llama_cpp_dir)  # before minutes of conversion
     first = out if direct else out.with_name(out.stem + ".f16-tmp.gguf")
-    cmd = [str(converter), str(merged_dir), "--outfile", str(first), "--outtype", qtype.lower() if direct else "f16"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    with tempfile.TemporaryDirectory(dir=out.parent) as staging:  # links only (kiln.families)
+        source = converter_folder(merged_dir, Path(staging, Path(merged_dir).name))
+        cmd = [str(converter), source, "--outfile", str(first), "--outtype", qtype.lower() if direct else "f16"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise ExportError(f"the GGUF converter failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
     if quantize is not None:
@@ -133,6 +128,10 @@ def read_metadata(path: str | Path) -> dict:
     }
 
 
+# transformers' model_type -> the GGUF's general.architecture, where llama.cpp's converter names it otherwise
+GGUF_ARCHITECTURE = {"mistral": "llama", "gemma3_text": "gemma3"}
+
+
 def expected_metadata(merged_dir: str) -> dict:
     """What the GGUF must say, from the merged folder: a byte-level BPE tokenizer must come out as
     `gpt2` (the SentencePiece `llama` kind is the garbage-printing export), the special tokens and
@@ -146,9 +145,7 @@ def expected_metadata(merged_dir: str) -> dict:
         pre == "Sequence" and "ByteLevel" in json.dumps(json.loads(tok.backend_tokenizer.to_str())["pre_tokenizer"])
     )
     return {
-        "architecture": {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}.get(
-            config.model_type, config.model_type
-        ),
+        "architecture": GGUF_ARCHITECTURE.get(config.model_type, config.model_type),
         "tokenizer_model": "gpt2" if byte_level else "llama",
         "eos_token_id": tok.convert_tokens_to_ids(tok.eos_token),
         "vocab_size": len(tok),
@@ -170,77 +167,32 @@ def metadata_problems(meta: dict, want: dict) -> list[str]:
 
 
 # ---- llama.cpp ---------------------------------------------------------------------------------
-def logprob_parity(server: LlamaCpp, model, tokenizer, prompts: list[str], qtype: str) -> dict:
-    """Next-token probabilities after each prompt: llama.cpp's top-k against the merged model's for
-    the same tokens; the largest difference must be within the type's tolerance, and the greedy
-    token the same on every prompt. (Log-probability differences are recorded too.)"""
-    import math
-
-    import torch
-
-    worst_p = worst_lp = 0.0
-    argmax_same = 0
-    for text in prompts:
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
-        with torch.no_grad():
-            ref = torch.log_softmax(model(ids, logits_to_keep=1).logits[0, -1].float(), dim=-1)
-        top = server.complete(text, n_predict=1, n_probs=TOP_K)["completion_probabilities"][0]["top_logprobs"]
-        worst_lp = max(worst_lp, *(abs(t["logprob"] - ref[t["id"]].item()) for t in top))
-        worst_p = max(worst_p, *(abs(math.exp(t["logprob"]) - math.exp(ref[t["id"]].item())) for t in top))
-        argmax_same += top[0]["id"] == int(ref.argmax())
-    tolerance = PROB_TOLERANCE.get(qtype.lower(), PROB_TOLERANCE_OTHER)
-    return {
-        "prompts": len(prompts),
-        "top_k": TOP_K,
-        "max_abs_prob_diff": worst_p,
-        "max_abs_logprob_diff": worst_lp,
-        "greedy_token_same": argmax_same,
-        "tolerance": tolerance,
-        "ok": worst_p <= tolerance and argmax_same == len(prompts),
-    }
-
-
 # ---- Ollama ------------------------------------------------------------------------------------
-CHATML = re.compile(r"<\|im_start\|>")
-
-
-def ollama_template(chat_template: str | None) -> str:
-    """The chat template in Ollama's Go-template syntax. ChatML (`<|im_start|>role ... <|im_end|>`,
-    what SmolLM2 and Qwen use) is translated; another template is refused by name rather than
-    guessed, since a wrong one is the silent never-stops failure."""
-    if not chat_template or not CHATML.search(chat_template):
-        raise ExportError(
-            "the Ollama Modelfile translates ChatML chat templates only; this model's template is another "
-            "kind: write its TEMPLATE by hand (https://github.com/ollama/ollama/blob/main/docs/template.md), "
-            "or set export.ollama: auto (a Modelfile without TEMPLATE) or false (none)"
-        )
-    return "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-
-
-KNOWN_TEMPLATES = "ChatML"  # the chat templates the Modelfile's TEMPLATE is translated from
 NO_TEMPLATE = "# Kiln: no TEMPLATE"  # the first line of a Modelfile written without one
 
 
-def ollama_status(chat_template: str | None, setting) -> dict:
-    """What export.ollama gives for this chat template: whether a Modelfile is written, whether it
-    has a TEMPLATE, and the note a run without one ends with (recorded in the GGUF's verify report)."""
+def ollama_status(tok, setting) -> dict:
+    """What export.ollama gives for this tokenizer's chat template: whether a Modelfile is written,
+    whether it has a TEMPLATE (kiln.families writes one per family), and the note a run without one
+    ends with (recorded in the GGUF's verify report)."""
     if setting is False:
         return {"modelfile": False, "template": False, "note": None}
-    if chat_template and CHATML.search(chat_template):
-        return {"modelfile": True, "template": True, "note": None}
-    note = (
-        f"the Ollama Modelfile has no TEMPLATE: Kiln translates {KNOWN_TEMPLATES} chat templates only and this "
-        "model's is another kind (write TEMPLATE by hand, or set export.ollama: false)"
-    )
+    fam = family_of(tok.chat_template)
+    if fam is not None:
+        return {"modelfile": True, "template": True, "family": fam.name, "note": None}
+    note = "the Ollama Modelfile has no TEMPLATE: " + unknown_message(tok.chat_template)
     return {"modelfile": True, "template": False, "note": note}
 
 
-def modelfile(gguf_name: str, chat_template: str | None, stop: list[str], system: str | None, setting=True) -> str:
-    """The Modelfile text. ``setting`` (export.ollama): True refuses a template Kiln cannot
-    translate; auto writes the Modelfile without TEMPLATE then, its first line saying why."""
-    status = ollama_status(chat_template, setting)
-    if status["template"] or setting is True:  # True: ollama_template refuses what it cannot translate
-        head, template = [], [f'TEMPLATE """{ollama_template(chat_template)}"""']
+def modelfile(gguf_name: str, tok, system: str | None, setting=True) -> str:
+    """The Modelfile text. ``setting`` (export.ollama): True refuses a template of no known family
+    (checked before training too: kiln.families.check_export); auto writes the Modelfile without
+    TEMPLATE then, its first line saying why."""
+    status = ollama_status(tok, setting)
+    if not status["template"] and setting is True:
+        raise ExportError("export.ollama is true, but " + unknown_message(tok.chat_template))
+    if status["template"]:
+        head, template = [], [f'TEMPLATE """{ollama_template(tok)}"""']
     else:
         head, template = [f"{NO_TEMPLATE}: {status['note']}"], []
     lines = [
@@ -248,7 +200,7 @@ def modelfile(gguf_name: str, chat_template: str | None, stop: list[str], system
         "# Ollama: ollama create NAME -f Modelfile  (in this folder), then ollama run NAME",
         f"FROM ./{gguf_name}",
         *template,
-        *[f'PARAMETER stop "{s}"' for s in stop],
+        *[f'PARAMETER stop "{s}"' for s in ollama_stop(tok)],
         "PARAMETER temperature 0",
     ]
     if system:
@@ -309,7 +261,8 @@ def _parity_problems(tokens: dict, logprobs: dict) -> list[str]:
         problems.append(
             f"next-token probabilities: max |diff| {logprobs['max_abs_prob_diff']:.3g} (tolerance "
             f"{logprobs['tolerance']}), greedy token the same on {logprobs['greedy_token_same']} of "
-            f"{logprobs['prompts']}"
+            f"{logprobs['prompts']} (probabilities withheld by llama.cpp on "
+            f"{logprobs.get('probabilities_withheld', 0)}: a partial UTF-8 token)"
         )
     return problems
 
@@ -369,7 +322,7 @@ def export_gguf(
         "chat_template_same": meta.get("chat_template") == tokenizer.chat_template,
         "token_ids": tokens,
         "logprobs": logprobs,
-        "ollama": ollama_status(tokenizer.chat_template, s.ollama),
+        "ollama": ollama_status(tokenizer, s.ollama),
         "problems": problems,
         "ok": not problems,
     }
@@ -391,7 +344,7 @@ def write_modelfile(gguf_path: str, merged_dir: str, dataset_dir: str, out_path:
 
     tok = AutoTokenizer.from_pretrained(merged_dir)
     system = common_system_prompt(dataset_dir)
-    text = modelfile(Path(gguf_path).name, tok.chat_template, [tok.eos_token], system, setting)
+    text = modelfile(Path(gguf_path).name, tok, system, setting)
     if text.startswith(NO_TEMPLATE):
         log.warning("Kiln: NOTE %s", text.splitlines()[0].removeprefix(NO_TEMPLATE + ": "))
     Path(out_path).write_text(text)

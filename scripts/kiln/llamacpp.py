@@ -63,7 +63,7 @@ class LlamaCpp:
     def complete(self, prompt: str, n_predict: int, n_probs: int = 0, stop: list[str] | None = None) -> dict:
         body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "top_k": 1, "cache_prompt": False}
         if n_probs:
-            body |= {"n_probs": n_probs}
+            body |= {"n_probs": n_probs, "return_tokens": True}
         if stop:
             body["stop"] = stop
         return self.post("/completion", body)
@@ -136,4 +136,57 @@ def generate(
         "generated_tokens": tokens,
         "tokens_per_second": tokens / seconds if seconds else None,
         "slots": server.slots,
+    }
+
+
+# Largest |p| difference over llama.cpp's top-k next tokens, merged model vs GGUF, by type. Measured
+# on the default run's merged model (16 validation prompts, 2026-11-30): f16 0.0038, q8_0 0.063 (its
+# log-probabilities differ by up to 0.66 on tail tokens near p = 0.015, so probabilities, not logs,
+# are what is held). float types only round the weights to 16 bits; q8_0 rounds each block of 32 to
+# 8 bits; the llama-quantize types lose more.
+PROB_TOLERANCE = {"f32": 0.002, "f16": 0.01, "bf16": 0.02, "q8_0": 0.1}
+PROB_TOLERANCE_OTHER = 0.25
+TOP_K = 5
+
+
+def logprob_parity(server: LlamaCpp, model, tokenizer, prompts: list[str], qtype: str) -> dict:
+    """Next-token probabilities after each prompt: llama.cpp's top-k against the merged model's for
+    the same tokens; the largest difference must be within the type's tolerance, and the greedy
+    token the same on every prompt. (Log-probability differences are recorded too.)
+
+    llama.cpp's server withholds a token's probabilities while the text generated so far ends in an
+    incomplete UTF-8 character (a byte-fallback piece such as the first byte of an emoji); with one
+    token to predict they never come. Such a prompt is still checked on its greedy token (the id the
+    server returns with ``return_tokens``) and counted in ``probabilities_withheld``; the report is
+    ok only if the probabilities were compared on at least one prompt."""
+    import math
+
+    import torch
+
+    worst_p = worst_lp = 0.0
+    argmax_same = withheld = 0
+    for text in prompts:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+        with torch.no_grad():
+            ref = torch.log_softmax(model(ids, logits_to_keep=1).logits[0, -1].float(), dim=-1)
+        answer = server.complete(text, n_predict=1, n_probs=TOP_K)
+        probs = answer.get("completion_probabilities") or []
+        if not probs:
+            withheld += 1
+            argmax_same += list(answer.get("tokens") or [None])[0] == int(ref.argmax())
+            continue
+        top = probs[0]["top_logprobs"]
+        worst_lp = max(worst_lp, *(abs(t["logprob"] - ref[t["id"]].item()) for t in top))
+        worst_p = max(worst_p, *(abs(math.exp(t["logprob"]) - math.exp(ref[t["id"]].item())) for t in top))
+        argmax_same += top[0]["id"] == int(ref.argmax())
+    tolerance = PROB_TOLERANCE.get(qtype.lower(), PROB_TOLERANCE_OTHER)
+    return {
+        "prompts": len(prompts),
+        "top_k": TOP_K,
+        "max_abs_prob_diff": worst_p,
+        "max_abs_logprob_diff": worst_lp,
+        "greedy_token_same": argmax_same,
+        "probabilities_withheld": withheld,
+        "tolerance": tolerance,
+        "ok": worst_p <= tolerance and argmax_same == len(prompts) and withheld < len(prompts),
     }

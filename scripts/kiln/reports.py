@@ -233,6 +233,7 @@ class LogprobCheck(Record):
     prompts: int = 0
     max_abs_prob_diff: float
     tolerance: float | None = None
+    probabilities_withheld: int = 0  # prompts whose greedy token llama.cpp returned without them
 
 
 class OllamaCheck(Record):
