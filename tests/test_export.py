@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from conftest import TOKENIZER
+from transformers import AutoTokenizer
 
 from kiln.answers import answer_json_schema
 from kiln.export import (
@@ -57,10 +58,12 @@ def test_modelfile_carries_template_stop_token_and_system_prompt(tiny_run):
     assert "FROM ./model-q8_0.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text
     assert "<|im_start|>{{ .Role }}" in text and text.count('"""') == 4
     assert 'SYSTEM """Extract the order as JSON' in text  # the system prompt every training row has
-    # A template that is not ChatML is refused by name, not guessed.
-    with pytest.raises(Exception, match="ChatML"):
-        ollama_template("{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}")
-    assert "SYSTEM" not in modelfile("m.gguf", "<|im_start|>", ["<|im_end|>"], None)
+    # A template of no known family is refused by name, not guessed.
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok.chat_template = "{% for m in messages %}### {{ m.role }}: {{ m.content }}{% endfor %}"
+    with pytest.raises(Exception, match="no family Kiln writes an Ollama TEMPLATE for"):
+        ollama_template(tok)
+    assert "SYSTEM" not in modelfile("m.gguf", AutoTokenizer.from_pretrained(TOKENIZER), None)
 
 
 def test_a_gguf_derived_tokenizer_exports_as_byte_level_bpe(tmp_path):
@@ -225,35 +228,55 @@ def test_export_ollama_auto_writes_a_modelfile_without_template_for_an_unknown_c
     TEMPLATE; true refuses (naming the setting); false writes none; ChatML gets its TEMPLATE."""
     from kiln.export import NO_TEMPLATE, ExportError, ollama_status
 
-    other = "{% for m in messages %}### {{ m.role }}:\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    text = modelfile("m.gguf", other, ["<|im_end|>"], None, "auto")
-    assert text.startswith(NO_TEMPLATE + ": the Ollama Modelfile has no TEMPLATE: Kiln translates ChatML")
+    other = AutoTokenizer.from_pretrained(TOKENIZER)
+    other.chat_template = "{% for m in messages %}### {{ m.role }}:\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    text = modelfile("m.gguf", other, None, "auto")
+    assert text.startswith(NO_TEMPLATE + ": the Ollama Modelfile has no TEMPLATE: the chat template is of no family")
     assert 'TEMPLATE """' not in text and "FROM ./m.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text
     with pytest.raises(ExportError, match="export.ollama: auto"):
-        modelfile("m.gguf", other, ["<|im_end|>"], None, True)
+        modelfile("m.gguf", other, None, True)
     assert ollama_status(other, False) == {"modelfile": False, "template": False, "note": None}
-    assert ollama_status("<|im_start|>", "auto")["template"] and "TEMPLATE" in modelfile(
-        "m.gguf", "<|im_start|>", [], None
-    )
+    chatml = AutoTokenizer.from_pretrained(TOKENIZER)
+    assert ollama_status(chatml, "auto")["template"] and "TEMPLATE" in modelfile("m.gguf", chatml, None)
 
 
-def test_a_model_whose_chat_template_is_not_chatml_runs_to_the_end_with_export_on(tmp_path):
-    """The tiny pipeline on a model with another chat template, GGUF export on (export.ollama at its
-    default, auto): exit 0, the GGUF verified, a Modelfile without TEMPLATE, and the note in the run
-    summary and on the model card."""
-    from conftest import TOKENIZER, Workflow, tiny_config
+class _Logits:
+    """A stand-in for a causal LM: the same next-token log-probabilities after every prompt."""
 
-    tokenizer = tmp_path / "tokenizer"
-    shutil.copytree(TOKENIZER, tokenizer)
-    (tokenizer / "chat_template.jinja").write_text(
-        "{% for m in messages %}### {{ m.role }}:\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}### assistant:\n{% endif %}"
-    )
-    config = tiny_config()
-    config["models"]["tiny"]["tokenizer_from"] = str(tokenizer)
-    wf = Workflow(tmp_path / "run", config)
-    proc = wf.run()
-    assert json.loads(wf.path("tiny/gguf/verify-q8_0.json").read_text())["ok"]
-    assert wf.path("tiny/gguf/Modelfile").read_text().startswith("# Kiln: no TEMPLATE")
-    assert "Kiln: NOTE tiny: the Ollama Modelfile has no TEMPLATE" in proc.stderr
-    assert "Note: the Ollama Modelfile has no TEMPLATE" in wf.path("tiny/model/README.md").read_text()
+    device = "cpu"
+
+    def __init__(self, logprobs):
+        import torch
+
+        self.logits = torch.tensor([[logprobs]])
+
+    def __call__(self, ids, logits_to_keep=1):
+        return self
+
+
+class _Server:
+    """llama.cpp's /completion answers: with probabilities, or (a partial UTF-8 token) without them."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+
+    def complete(self, text, n_predict, n_probs=0):
+        return self.answers.pop(0)
+
+
+def test_logprob_parity_checks_a_withheld_token_on_its_id_and_needs_one_compared_prompt():
+    import math
+
+    from kiln.export import logprob_parity
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    lp = [math.log(0.7), math.log(0.2), math.log(0.1)]
+    model = _Logits(lp)
+    full = {"completion_probabilities": [{"top_logprobs": [{"id": 0, "logprob": math.log(0.69)}]}], "tokens": [0]}
+    withheld = {"content": "", "tokens": [0]}  # the greedy token only: its text is an incomplete character
+    report = logprob_parity(_Server([full, withheld]), model, tok, ["a", "b"], "q8_0")
+    assert report["ok"] and report["probabilities_withheld"] == 1 and report["greedy_token_same"] == 2
+    assert abs(report["max_abs_prob_diff"] - 0.01) < 1e-6
+    # a withheld prompt whose greedy token differs fails, and so does one where nothing was compared
+    assert not logprob_parity(_Server([full, {"tokens": [2]}]), model, tok, ["a", "b"], "q8_0")["ok"]
+    assert not logprob_parity(_Server([withheld, withheld]), model, tok, ["a", "b"], "q8_0")["ok"]
