@@ -26,14 +26,16 @@ $(STAMP): pyproject.toml
 	  "$$($(EXPORT)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz-kiln-main-venv.pth"
 	touch $(STAMP)
 
-# Headless Chromium + chromedriver for the report test (Debian packages; needs root or sudo).
+# Headless Chromium + chromedriver for the report test, and Go (its text/template renders the
+# Ollama TEMPLATEs in tests/test_families.py) (Debian packages; needs root or sudo).
 system-deps:
-	@if command -v chromedriver >/dev/null && (command -v chromium || command -v google-chrome) >/dev/null; then \
-	  echo "chromium and chromedriver: present"; \
+	@if command -v chromedriver >/dev/null && (command -v chromium || command -v google-chrome) >/dev/null \
+	    && command -v go >/dev/null; then \
+	  echo "chromium, chromedriver and go: present"; \
 	else \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver golang-go; \
 	fi
 
 run: install
