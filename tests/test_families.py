@@ -122,6 +122,20 @@ def test_an_unknown_family_is_refused_when_parsed_or_before_training_never_after
     families.refuse_unknown_export(family_tokenizers["llama3"], {"ollama": True, "gguf": ["q8_0"]}, "e")
 
 
+def test_a_gemma3_config_llama_cpp_would_not_compute_is_refused_before_training(tmp_path):
+    """llama.cpp scales Gemma 3's queries by 1/sqrt(head_dim), not by query_pre_attn_scalar (the
+    matrix's first gemma3 fixture, at transformers' default of 256, made a GGUF 0.18 off)."""
+    config = AutoConfig.for_model("gemma3_text", **SMALL, head_dim=16).to_dict()
+    assert config["query_pre_attn_scalar"] == 256  # transformers' default
+    assert "query_pre_attn_scalar is 256" in families.llama_cpp_problem(config)
+    assert families.llama_cpp_problem({**config, "query_pre_attn_scalar": 16}) is None
+    assert families.llama_cpp_problem(AutoConfig.for_model("llama", **SMALL).to_dict()) is None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(families.FamilyError, match=r"^experiments\.g\.export\.gguf: llama\.cpp scales"):
+        families.refuse_unknown_export(tmp_path, {"gguf": ["f16"], "ollama": "auto"}, "experiments.g")
+    families.refuse_unknown_export(tmp_path, {"gguf": [], "ollama": "auto"}, "experiments.g")  # export off
+
+
 def test_a_phi3_folder_with_a_byte_level_vocabulary_is_converted_as_gpt2_from_links(tmp_path, family_tokenizers):
     """llama.cpp's converter takes Phi-3's byte-level BPE vocabulary only under the class name
     GPT2Tokenizer; the merged folder itself is left as it is, the converter reads links to it."""
@@ -304,6 +318,11 @@ def check_family_outputs(wf: Workflow, fixture: str, arch: str, eot: str) -> Non
     modelfile = wf.path(f"{fixture}/gguf/Modelfile").read_text()
     assert f'TEMPLATE """{families.ollama_template(tok)}"""' in modelfile
     assert f'PARAMETER stop "{eot}"' in modelfile
+    # the merged model answers like the adapter on its base (the merge rule's logit check)
+    from kiln.merge import MAX_MERGE_ERROR_RATIO
+
+    merge = json.loads(wf.path(f"{fixture}/merge_report.json").read_text())
+    assert merge["merge_error_ratio"] <= MAX_MERGE_ERROR_RATIO, merge
     targets = json.loads(wf.path(f"{fixture}/adapter/adapter_config.json").read_text())["target_modules"]
     if arch == "phi3":  # fused projections: LoRA on qkv_proj and gate_up_proj
         assert {"qkv_proj", "gate_up_proj"} <= {t.rsplit(".", 1)[-1] for t in targets}, targets

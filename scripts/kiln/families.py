@@ -255,13 +255,41 @@ def check_export(chat_template: str | None, ollama_setting, gguf_types: list) ->
     return None
 
 
+def llama_cpp_problem(model_config: dict) -> str | None:
+    """What llama.cpp computes differently from transformers for this model config, so that its GGUF
+    would fail the export's next-token check: None if nothing known. llama.cpp scales Gemma 3's
+    queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B) and reads no
+    ``query_pre_attn_scalar``; every released Gemma 3 has them equal, a custom config may not."""
+    if model_config.get("model_type") not in ("gemma3", "gemma3_text"):
+        return None
+    text = model_config.get("text_config") or model_config
+    per_head = text["hidden_size"] // text["num_attention_heads"]
+    head_dim = text.get("head_dim") or per_head
+    scalar = text.get("query_pre_attn_scalar")
+    if scalar is None or scalar in (head_dim, per_head):
+        return None
+    return (
+        f"llama.cpp scales Gemma 3's queries by 1/sqrt(head_dim = {head_dim}), but this model's "
+        f"query_pre_attn_scalar is {scalar}: its GGUF would not compute this model (set "
+        "query_pre_attn_scalar to head_dim, or export.gguf: [])"
+    )
+
+
 def refuse_unknown_export(base_dir, export: dict, where: str) -> None:
-    """At the start of training, for a model whose template could not be read when the workflow was
-    parsed (a Hub or GGUF-package model is fetched by the base_model rule): the export's problem as
-    one line (FamilyError), before any step is spent. ``export`` is the experiment's config entry."""
-    problem = check_export(saved_chat_template(base_dir), export.get("ollama", True), export.get("gguf") or [])
+    """At the start of training, for what could not be read when the workflow was parsed (a Hub or
+    GGUF-package model is fetched by the base_model rule): the export's problem as one line
+    (FamilyError), before any step is spent. ``export`` is the experiment's config entry."""
+    import json
+    from pathlib import Path
+
+    gguf = export.get("gguf", ["q8_0"])
+    problem = check_export(saved_chat_template(base_dir), export.get("ollama", "auto"), gguf)
     if problem:
         raise FamilyError(f"{where}.export.ollama: {problem}")
+    config = Path(base_dir, "config.json")
+    problem = gguf and config.is_file() and llama_cpp_problem(json.loads(config.read_text()))
+    if problem:
+        raise FamilyError(f"{where}.export.gguf: {problem}")
 
 
 def converter_folder(merged_dir, staging) -> str:
