@@ -21,6 +21,7 @@ from kiln.config import (  # noqa: E402
     resolve,
     validate,
 )
+from kiln.preference import expected_kinds, task_experiment  # noqa: E402
 from kiln.shards import (  # noqa: E402
     check_local_paths,
     dataset_shards,
@@ -119,6 +120,10 @@ def gpus(experiment, single=False):
 
 def tokenized_dir(experiment):
     return L.tokenized(dataset_of(experiment), tokenization_key(config, experiment))
+
+
+def task_tokenized_dir(experiment):
+    return tokenized_dir(task_of(experiment))
 
 
 def regression_dirs(wildcards):
@@ -237,6 +242,35 @@ PACKAGES = package_versions()
 
 def dataset_of(experiment):
     return EXPERIMENTS[experiment].dataset.name
+
+
+def task_of(experiment):
+    """The SFT experiment whose task the model is scored on (itself, unless a preference one)."""
+    return task_experiment(config, experiment)
+
+
+def task_dataset_of(experiment):
+    """The dataset of answers merge, export and evaluate use (a dpo run's: its SFT experiment's)."""
+    return dataset_of(task_of(experiment))
+
+
+def sft_inputs(wildcards):
+    """A preference run's SFT experiment: its adapter (train starts from it and it is the reference)."""
+    if task_of(wildcards.experiment) == wildcards.experiment:
+        return {}
+    return {"sft_adapter": L.adapter(task_of(wildcards.experiment))}
+
+
+def preference_eval_inputs(wildcards):
+    """A preference run's held-out pairs, and the SFT model and metrics it is compared with."""
+    sft = task_of(wildcards.experiment)
+    if sft == wildcards.experiment:
+        return {}
+    return {
+        "pairs": tokenized_dir(wildcards.experiment),
+        "sft_merged": L.merged(sft),
+        "sft_metrics": L.metrics(sft),
+    }
 
 
 def model_of(experiment):

@@ -20,6 +20,8 @@ rule collect:
         runtime=30,
     params:
         source=lambda w: DATASETS[w.dataset].source(w.source).config,
+        # the only record kinds its experiments train on: [] any, [preference] for dpo
+        kinds=lambda w: expected_kinds(config, w.dataset),
     script:
         "../scripts/collect.py"
 

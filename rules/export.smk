@@ -11,7 +11,7 @@ rule export_gguf:
     """The merged model as one GGUF type; metadata, token ids and log-probs checked in llama.cpp."""
     input:
         merged=rules.merge.output.merged,
-        dataset=lambda w: L.dataset(dataset_of(w.experiment)),
+        dataset=lambda w: L.dataset(task_dataset_of(w.experiment)),
         code=code("export_gguf"),
     output:
         gguf=L.gguf("{experiment}", "{qtype}"),
@@ -40,7 +40,7 @@ rule ollama_modelfile:
     input:
         gguf=lambda w: gguf_files(w.experiment)[0],
         merged=rules.merge.output.merged,
-        dataset=lambda w: L.dataset(dataset_of(w.experiment)),
+        dataset=lambda w: L.dataset(task_dataset_of(w.experiment)),
         code=code("ollama_modelfile"),
     output:
         L.experiment("{experiment}", "gguf/Modelfile"),

@@ -27,6 +27,7 @@ rule base_model:
 rule train:
     """4-bit QLoRA (or LoRA) with TRL's SFTTrainer; resumes from its own checkpoints."""
     input:
+        unpack(sft_inputs),
         tokenized=lambda w: tokenized_dir(w.experiment),
         base=lambda w: L.base(model_of(w.experiment)),
         data_stats=lambda w: L.dataset_stats(dataset_of(w.experiment)),
@@ -59,7 +60,7 @@ rule merge:
     """Adapter merged into the 16-bit base; logits checked against base + adapter."""
     input:
         adapter=rules.train.output.adapter,
-        dataset=lambda w: L.dataset(dataset_of(w.experiment)),
+        dataset=lambda w: L.dataset(task_dataset_of(w.experiment)),
         code=code("merge"),
     output:
         merged=directory(L.merged("{experiment}")),
@@ -85,8 +86,9 @@ rule evaluate:
     """Base, merged and adapter-on-4-bit models side by side on the test split."""
     input:
         unpack(gguf_inputs),
-        dataset=lambda w: L.dataset(dataset_of(w.experiment)),
-        tokenized=lambda w: tokenized_dir(w.experiment),
+        unpack(preference_eval_inputs),
+        dataset=lambda w: L.dataset(task_dataset_of(w.experiment)),
+        tokenized=lambda w: task_tokenized_dir(w.experiment),
         base=lambda w: L.base(model_of(w.experiment)),
         merged=rules.merge.output.merged,
         adapter=rules.train.output.adapter,

@@ -17,6 +17,10 @@ inputs = EvaluationInputs(
     regression=dict(zip(sm.params.regression, sm.input.regression, strict=True)),
     # GGUF type -> file (each verified by export_gguf): scored in llama.cpp on the same rows
     gguf={p.rsplit("model-", 1)[1].removesuffix(".gguf"): p for p in sm.input.gguf},
+    # method dpo: the held-out pairs, and the SFT model and metrics it is compared with
+    pairs=sm.input.get("pairs", ""),
+    sft_merged=sm.input.get("sft_merged", ""),
+    sft_metrics=sm.input.get("sft_metrics", ""),
 )
 evaluate(
     inputs,

@@ -8,6 +8,7 @@ import json
 
 from kiln.families import refuse_unknown_export
 from kiln.launch import launch
+from kiln.pref_train import adapter_fingerprint, train_preference
 from kiln.smk import setup_log, use_cores
 from kiln.spec import TokenizeSettings, TrainingSettings
 from kiln.train import TrainingPaths, train
@@ -27,13 +28,17 @@ paths = TrainingPaths(
     loss_png=sm.output.loss_png,
     summary_path=sm.output.summary,
     ckpt_dir=sm.params.checkpoints,
+    start_adapter=sm.input.get("sft_adapter", ""),  # method dpo: the SFT experiment's adapter
 )
+fingerprints = {name: s["fingerprint"] for name, s in splits.items()}
+if paths.start_adapter:  # a retrained SFT adapter is another starting point: the run key says so
+    fingerprints["sft_adapter"] = adapter_fingerprint(paths.start_adapter)
 spec = dict(
     paths=paths,
     settings=TrainingSettings.coerce(sm.params.spec["training"]),
     tokenize=TokenizeSettings.coerce(sm.params.spec["tokenize"]),
     spec=sm.params.spec,
-    data_fingerprints={name: s["fingerprint"] for name, s in splits.items()},
+    data_fingerprints=fingerprints,
     experiment=sm.wildcards.experiment,
     threads=use_cores(sm),
     tracking=sm.config["tracking"],  # where metrics go live: not a parameter of the model
@@ -43,5 +48,7 @@ processes = int(sm.resources.get("gpu", sm.params.spec["training"]["num_gpus"]))
 if processes > 1:
     spec["threads"] = max(1, spec["threads"] // processes)
     launch(spec, processes, log_file=sm.log[0])
+elif spec["settings"].method != "sft":  # dpo: TRL's DPOTrainer from the SFT adapter (kiln.pref_train)
+    train_preference(**spec)
 else:
     train(**spec)

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from kiln.config import extend_default, validate
-from kiln.examples import label_rows, summary_rows
+from kiln.examples import PAIRS_FILE, PAIRS_ROWS, PAIRS_SEED, label_rows, summary_rows
 from kiln.shards import check_local_paths
+from kiln.synthetic_pairs import generate_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "config" / "examples"
@@ -33,7 +34,8 @@ def test_the_example_data_is_what_this_python_makes():
     assert platform.python_version().startswith(made_by + "."), f"data made by Python {source['python']}"
     assert _rows("stdlib_modules.jsonl") == label_rows()
     assert _rows("stdlib_summaries.jsonl") == summary_rows()
-    assert source["rows"] == {"stdlib_modules.jsonl": 362, "stdlib_summaries.jsonl": 473}
+    assert _rows(PAIRS_FILE) == generate_pairs(PAIRS_ROWS, seed=PAIRS_SEED)
+    assert source["rows"] == {"stdlib_modules.jsonl": 362, "stdlib_summaries.jsonl": 473, PAIRS_FILE: PAIRS_ROWS}
     assert "PSF" in source["license"]
 
 
@@ -45,6 +47,19 @@ def test_each_example_config_passes_the_parse_time_checks(name, monkeypatch):
     check_local_paths(cfg)
     assert len(cfg["experiments"]) == 1 and "default" not in cfg["experiments"]
     assert "smollm2-135m" in cfg["models"]  # the embedded model, from the default
+
+
+def test_the_dpo_example_continues_the_default_sft_experiment_unchanged(monkeypatch):
+    monkeypatch.chdir(REPO)
+    default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg = validate(extend_default(default, yaml.safe_load((EXAMPLES / "orders-dpo.yaml").read_text())))
+    check_local_paths(cfg)
+    assert list(cfg["experiments"]) == ["default", "orders-dpo"]
+    # `default: {base: default}` is the embedded experiment itself: a default run's outputs are reused
+    assert cfg["experiments"]["default"] == validate(default)["experiments"]["default"]
+    dpo = cfg["experiments"]["orders-dpo"]
+    assert dpo["training"]["method"] == "dpo" and dpo["training"]["from_experiment"] == "default"
+    assert dpo["model"] == "smollm2-135m" and dpo["evaluate"] == cfg["experiments"]["default"]["evaluate"]
 
 
 def test_readme_gives_the_example_commands():

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from kiln.answers import answer_fast_pattern, check_answer, check_json_schema, json_schema_validator
+from kiln.pairs import PREFERENCE_KINDS, answers_by_role, check_pairs
 from kiln.rowfilter import QUERY_COLUMNS, FilterError, parse_filter
 from kiln.spec import CleanSettings, is_type_map
 from kiln.tables import CLEAN_SCHEMA, MESSAGES_TYPE, REJECTED_SCHEMA, download_record, skipped_record
@@ -93,6 +94,8 @@ class _Shard:
         last_len = pc.fill_null(pc.utf8_length(self.last_content), 0).to_numpy(zero_copy_only=False)
         self.last_len = np.where(has_turns, last_len, 0)
         self.kind = raw.column("kind").to_numpy(zero_copy_only=False)
+        # Preference rows: each row's chosen and rejected answer (kiln.pairs)
+        self.answers = answers_by_role(self.parent, self.roles, self.content, self.n)
         self.error = raw.column("error").to_numpy(zero_copy_only=False)
 
     def per_row(self, values) -> np.ndarray:
@@ -115,6 +118,7 @@ def _check_structure(shard: _Shard, v: _Verdicts, opt: CleanSettings) -> None:
     v.reject(chat & (shard.last_role != "assistant"), "missing_field", "the last turn is not an assistant answer")
     v.reject(chat & (shard.last_len == 0), "empty_answer", "the assistant answer is empty after cleaning")
     v.reject((shard.kind == "text") & (shard.n_chars == 0), "empty_text", "the text is empty after cleaning")
+    check_pairs(shard, v)
     n_chars, lo, hi = shard.n_chars, opt.min_chars, opt.max_chars
     v.reject(n_chars < lo, "too_short", lambda m: [f"{c} chars < min_chars {lo}" for c in n_chars[m]])
     v.reject(n_chars > hi, "too_long", lambda m: [f"{c} chars > max_chars {hi}" for c in n_chars[m]])
@@ -155,7 +159,12 @@ def _check_query(shard: _Shard, v: _Verdicts, opt: CleanSettings) -> None:
 def _check_answers(shard: _Shard, v: _Verdicts, opt: CleanSettings) -> None:
     if not opt.answer_schema:
         return
-    chat, answers = shard.kind == "chat", shard.last_content
+    # A pair's or an unpaired row's chosen answer must meet the schema like an SFT answer; a rejected
+    # answer is what the model should move away from (often the schema's failures), so it is not held to it.
+    chosen = pa.array(shard.answers["chosen"], pa.string())
+    pref = np.isin(shard.kind, PREFERENCE_KINDS) & ~pc.is_null(chosen).to_numpy(zero_copy_only=False)
+    chat = (shard.kind == "chat") | pref
+    answers = pc.if_else(pa.array(pref), chosen, shard.last_content) if shard.n else shard.last_content
     if not is_type_map(opt.answer_schema):
         validator = json_schema_validator(opt.answer_schema)
         v.reject_problems(np.flatnonzero(chat & v.open), lambda i: check_json_schema(answers[i].as_py(), validator))

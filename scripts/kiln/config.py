@@ -17,6 +17,7 @@ import yaml
 
 from kiln.experiment import Experiment
 from kiln.families import check_export, saved_chat_template
+from kiln.preference import preference_problem
 from kiln.shards import safe_name
 from kiln.spec import BuildSettings, CleanSettings, ConfigError, SpecError, moved_key_error
 
@@ -59,7 +60,8 @@ def extend_default(default: dict, user: dict) -> dict:
     by name (the user's entries win whole; the default's, such as the embedded model, stay usable);
     `experiments`, when given, replace the default's, so only the user's are built, and an
     experiment's `base:` may name one of the default's (its settings, deep-merged with the user's
-    keys); every other key is the user's where given, else the default's."""
+    keys; `default: {base: default}` keeps the default's own); every other key is the user's where
+    given, else the default's."""
     out = copy.deepcopy(default)
     for key, value in user.items():
         if key in ("datasets", "models") and isinstance(value, dict) and isinstance(out.get(key), dict):
@@ -69,7 +71,8 @@ def extend_default(default: dict, user: dict) -> dict:
             out[key] = {}
             for name, exp in value.items():
                 base = exp.get("base") if isinstance(exp, dict) else None
-                if base and base not in value and base in theirs:
+                # `name: {base: name}` is the default's experiment of that name (kept, or tuned)
+                if base and base in theirs and (base not in value or base == name):
                     exp = _deep_merge(theirs[base], {k: v for k, v in exp.items() if k != "base"})
                 out[key][name] = copy.deepcopy(exp)
             if "sweeps" not in user:
@@ -258,6 +261,9 @@ def _check_references(cfg: dict) -> None:
                     f"(known: {', '.join(sorted(cfg[table]))})"
                 )
         _check_family(cfg, name, exp)
+        problem = preference_problem(cfg, name)
+        if problem:
+            raise ConfigError(f"config: experiments.{name}.{problem}")
         lm_eval = exp["evaluate"]["lm_eval"]
         if lm_eval["include_path"] and not os.path.isdir(lm_eval["include_path"]):
             raise ConfigError(

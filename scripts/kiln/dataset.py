@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kiln.pairs import split_keys
 from kiln.spec import BuildSettings
 from kiln.tables import REJECTED_SCHEMA, save_splits
 
@@ -317,7 +318,9 @@ def build_dataset(
     _drop_duplicates(rows, settings)
     mix = _cap_sources(rows, mixture or {}, settings.seed)
     alive = rows.alive
-    rows.split[alive] = split_by_hash(rows.ids[alive], settings.seed, settings.validation, settings.test)
+    # a pair's split is its prompt's (kiln.pairs.split_keys): no prompt in two splits
+    keys = np.asarray(split_keys(rows.table), dtype=object)
+    rows.split[alive] = split_by_hash(keys[alive], settings.seed, settings.validation, settings.test)
     audit = _audit_contamination(rows, settings)
     train_rows = _weigh_train(rows, mix, settings.seed)
     rejected = _rejected_table(rows)

@@ -68,6 +68,11 @@ class EvaluationInputs:
     adapter: str
     regression: dict[str, str] = field(default_factory=dict)
     gguf: dict[str, str] = field(default_factory=dict)
+    # A preference run (training.method dpo): its tokenized pairs, the SFT model it started from
+    # (merged) and that experiment's metrics.json; dataset/tokenized above are the SFT task's.
+    pairs: str = ""
+    sft_merged: str = ""
+    sft_metrics: str = ""
 
 
 def load_model(kind: str, inputs: EvaluationInputs):
@@ -217,6 +222,40 @@ def _compare_models(run: _Run, metrics: dict, merged_dir: str) -> None:
         log.warning("Kiln: WARNING %s", worse)
 
 
+def _score_preferences(run: _Run, inputs: EvaluationInputs, metrics: dict) -> None:
+    """Held-out pairs for base, SFT and tuned (kiln.pair_eval), and the SFT model's task metrics
+    beside the tuned model's on the same test rows: a preference gain that costs the task shows."""
+    from dataclasses import replace
+
+    from kiln.pair_eval import score_pairs
+
+    trained = TrainedAdapter.read(inputs.adapter)
+
+    def load(kind: str):
+        return load_model(
+            "base" if kind == "base" else "tuned",
+            replace(inputs, merged=inputs.sft_merged) if kind == "sft" else inputs,
+        )
+
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    metrics["preference"] = {
+        "method": trained.training.method,
+        "from_experiment": trained.training.from_experiment,
+        **score_pairs(load, inputs.pairs, pad, trained.tokenize.max_seq_len, trained.training.beta),
+    }
+    sft = json.loads(Path(inputs.sft_metrics).read_text())
+    keys = ["loss", *metrics["task_metrics"]]
+    metrics["sft"] = {
+        "experiment": sft.get("experiment"),
+        "generated_rows": sft.get("generated_rows"),
+        "same_rows": sft.get("generated_rows") == metrics.get("generated_rows") and sft.get("task") == run.task,
+        **{k: sft["tuned"][k] for k in keys if k in sft.get("tuned", {})},
+    }
+    metrics["delta_tuned_minus_sft"] = {
+        k: metrics["tuned"][k] - metrics["sft"][k] for k in ("loss", metrics["main_metric"]) if k in metrics["sft"]
+    }
+
+
 def _write_samples(run: _Run, samples_path: str) -> None:
     with open(samples_path, "w") as fh:
         for i, (row, ref) in enumerate(zip(run.rows, run.refs, strict=True)):
@@ -257,6 +296,8 @@ def evaluate(
     for qtype, path in inputs.gguf.items():
         _score_gguf(run, qtype, path, metrics)
     _compare_models(run, metrics, inputs.merged)
+    if inputs.pairs:
+        _score_preferences(run, inputs, metrics)
     Path(metrics_path).write_text(json.dumps(metrics, indent=2))
     _write_samples(run, samples_path)
     return metrics

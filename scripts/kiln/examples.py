@@ -84,10 +84,20 @@ def summary_rows() -> list[dict]:
     ]
 
 
+PAIRS_FILE, PAIRS_ROWS, PAIRS_SEED = "order_pairs.jsonl", 900, 27
+
+
 def write_example_data(folder: str | Path) -> dict[str, int]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    made = {"stdlib_modules.jsonl": label_rows(), "stdlib_summaries.jsonl": summary_rows()}
+    from kiln.synthetic_pairs import generate_pairs
+
+    made = {
+        "stdlib_modules.jsonl": label_rows(),
+        "stdlib_summaries.jsonl": summary_rows(),
+        # preference pairs for the default order task (config/examples/orders-dpo.yaml)
+        PAIRS_FILE: generate_pairs(PAIRS_ROWS, seed=PAIRS_SEED),
+    }
     for name, rows in made.items():
         (folder / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     (folder / "SOURCE.json").write_text(
@@ -96,6 +106,7 @@ def write_example_data(folder: str | Path) -> dict[str, int]:
                 "made_by": "python scripts/make_example_data.py",
                 "python": platform.python_version(),
                 "text": "docstrings of Python's standard library, first sentence of each public function",
+                PAIRS_FILE: f"kiln.synthetic_pairs.generate_pairs({PAIRS_ROWS}, seed={PAIRS_SEED}): synthetic orders",
                 "license": "PSF License Agreement for Python 2.0 (https://docs.python.org/3/license.html)",
                 "rows": {name: len(rows) for name, rows in made.items()},
             },

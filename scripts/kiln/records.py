@@ -1,7 +1,9 @@
 """Map the record formats people fine-tune on onto one canonical form.
 
 Canonical form: ``kind`` is ``chat`` (a list of ``{"role", "content"}`` turns, roles ``system``,
-``user``, ``assistant``) or ``text`` (one turn whose role is ``text``).
+``user``, ``assistant``) or ``text`` (one turn whose role is ``text``); preference data (kiln.pairs)
+is ``preference`` (the prompt's turns, then a ``chosen`` and a ``rejected`` turn) or ``unpaired``
+(the prompt's turns, then one ``chosen`` or ``rejected`` turn: KTO's label).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "unpaired")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {
     "human": "user",
@@ -34,6 +36,10 @@ class RecordError(ValueError):
 def detect_format(record: dict, columns: dict) -> str:
     """Pick a format from the keys a record has (after applying the column mapping)."""
     keys = {canon for canon, col in _mapping(columns).items() if col in record}
+    if "chosen" in keys and "rejected" in keys:
+        return "preference"
+    if "completion" in keys and "label" in keys:
+        return "unpaired"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -47,7 +53,8 @@ def detect_format(record: dict, columns: dict) -> str:
     raise RecordError(
         "(record)",
         f"no known format matches keys {sorted(record)[:12]}; expected messages, conversations, "
-        "instruction+output, prompt+completion or text (or set `columns:` on the source)",
+        "instruction+output, prompt+completion, text, chosen+rejected (preference pairs) or "
+        "prompt+completion+label (KTO) (or set `columns:` on the source)",
     )
 
 
@@ -61,6 +68,9 @@ _CANONICAL_FIELDS = (
     "prompt",
     "completion",
     "text",
+    "chosen",
+    "rejected",
+    "label",
 )
 
 
@@ -116,6 +126,86 @@ def _turns(value, col: str, role_key: str, content_key: str, roles: dict) -> lis
     return turns
 
 
+# ---- preference records (issue 27; what the extra roles mean: kiln.pairs) ---------------------
+def _error(field: str, message: str) -> RecordError:
+    return RecordError(field, message)
+
+
+def _chat_turns(value, col: str) -> list[dict]:
+    return _turns(value, col, "role", "content", {r: r for r in ROLES})
+
+
+def _prompt(record: dict, m: dict) -> list[dict]:
+    """The prompt's turns: ``prompt`` (a string is one user turn) or a ``messages`` prefix."""
+    if m["prompt"] in record and record[m["prompt"]] is not None:
+        value, col = record[m["prompt"]], m["prompt"]
+    elif m["messages"] in record:
+        value, col = record[m["messages"]], m["messages"]
+    else:
+        return []
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    turns = _chat_turns(value, col)
+    if turns[-1]["role"] == "assistant":
+        raise _error(f"{col}[{len(turns) - 1}]", "the prompt ends with an assistant turn; the answers come after it")
+    return turns
+
+
+def _answer(value, col: str) -> str:
+    """One answer: a string, or a list of exactly one assistant turn."""
+    if isinstance(value, str):
+        return value
+    turns = _chat_turns(value, col)
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise _error(col, "expected the answer as a string or one assistant turn (the prompt goes in `prompt`)")
+    return turns[0]["content"]
+
+
+def _implicit(record: dict, m: dict) -> tuple[list[dict], str, str]:
+    """Whole conversations for chosen and rejected: the prompt is the turns they share, and each
+    must go on by exactly one assistant turn."""
+    chosen, rejected = _chat_turns(record[m["chosen"]], m["chosen"]), _chat_turns(record[m["rejected"]], m["rejected"])
+    prefix = chosen[:-1]
+    if rejected[:-1] != prefix:
+        raise _error(m["rejected"], "chosen and rejected conversations must share every turn but the last (the prompt)")
+    for col, turns in ((m["chosen"], chosen), (m["rejected"], rejected)):
+        if turns[-1]["role"] != "assistant":
+            raise _error(f"{col}[{len(turns) - 1}].role", "the last turn must be the assistant's answer")
+    if not prefix:
+        raise _error(m["chosen"], "a conversation with no prompt turn before the answer; give `prompt`")
+    return prefix, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def preference_turns(record: dict, m: dict) -> list[dict]:
+    """A pair's canonical turns: the prompt's, then the chosen and the rejected answer."""
+    for col in (m["chosen"], m["rejected"]):
+        if record.get(col) is None:
+            raise _error(col, "is null" if col in record else "missing")
+    prompt = _prompt(record, m)
+    if prompt:
+        chosen, rejected = _answer(record[m["chosen"]], m["chosen"]), _answer(record[m["rejected"]], m["rejected"])
+    elif isinstance(record[m["chosen"]], str):
+        raise _error(m["prompt"], "missing: a pair of plain answers needs the prompt they answer")
+    else:
+        prompt, chosen, rejected = _implicit(record, m)
+    return prompt + [{"role": "chosen", "content": chosen}, {"role": "rejected", "content": rejected}]
+
+
+def unpaired_turns(record: dict, m: dict) -> list[dict]:
+    """KTO's unpaired example: the prompt's turns, then the completion as chosen (label true) or
+    rejected (label false)."""
+    label = record.get(m["label"])
+    if not isinstance(label, bool):
+        raise _error(m["label"], f"expected true (desirable) or false (undesirable), got {label!r}")
+    if record.get(m["completion"]) is None:
+        raise _error(m["completion"], "is null" if m["completion"] in record else "missing")
+    prompt = _prompt(record, m)
+    if not prompt:
+        raise _error(m["prompt"], "missing: an unpaired completion needs the prompt it answers")
+    answer = _answer(record[m["completion"]], m["completion"])
+    return prompt + [{"role": "chosen" if label else "rejected", "content": answer}]
+
+
 def to_canonical(record: dict, fmt: str = "auto", columns: dict | None = None) -> tuple[str, str, list[dict]]:
     """Return (format, kind, turns) for one record, or raise RecordError naming the field."""
     if not isinstance(record, dict):
@@ -141,6 +231,10 @@ def to_canonical(record: dict, fmt: str = "auto", columns: dict | None = None) -
             {"role": "user", "content": _string(record, m["prompt"])},
             {"role": "assistant", "content": _string(record, m["completion"])},
         ]
+    elif fmt == "preference":
+        return fmt, "preference", preference_turns(record, m)
+    elif fmt == "unpaired":
+        return fmt, "unpaired", unpaired_turns(record, m)
     elif fmt == "text":
         return fmt, "text", [{"role": "text", "content": _string(record, m["text"])}]
     else:

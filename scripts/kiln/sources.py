@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from kiln.experiment import SourceSpec
 from kiln.folders import bom_encoding
+from kiln.preference import wrong_kind
 from kiln.records import RecordError, stable_id, to_canonical
 from kiln.shards import local_files, url_shards
 from kiln.tables import DOWNLOAD_KEY, RAW_SCHEMA, SKIPPED_KEY
@@ -296,12 +297,15 @@ def missing_columns(items: list[Item], columns: dict) -> list[tuple[str, str]]:
     return [(field, col) for field, col in columns.items() if keys and col not in keys]
 
 
-def collect_shard(src: SourceSpec, shard: str, out_path: str | Path, dataset: str = "") -> dict:
+def collect_shard(
+    src: SourceSpec, shard: str, out_path: str | Path, dataset: str = "", kinds: tuple | list = ()
+) -> dict:
     """Read one shard of a configured source and write its canonical raw Parquet. With
     `on_bad_file: skip`, a file that can't be read is set aside: an empty shard records it and
-    why, and the dataset stats and report list it."""
+    why, and the dataset stats and report list it. ``kinds``: the only record kinds the dataset's
+    experiments train on (kiln.preference.expected_kinds); a row of another kind stops the run."""
     try:
-        return _collect_shard(src, shard, out_path)
+        return _collect_shard(src, shard, out_path, tuple(kinds), dataset)
     except CollectError as exc:
         if src.on_bad_file != "skip":
             raise
@@ -314,7 +318,7 @@ def collect_shard(src: SourceSpec, shard: str, out_path: str | Path, dataset: st
         return {"source": src.name, "shard": shard, "file": str(file), "rows": 0, "skipped": skipped}
 
 
-def _collect_shard(src: SourceSpec, shard: str, out_path: str | Path) -> dict:
+def _collect_shard(src: SourceSpec, shard: str, out_path: str | Path, kinds: tuple = (), dataset: str = "") -> dict:
     kind, fmt, columns, encoding = src.kind, src.format, src.columns, src.encoding
     record = None  # a url source's download record
     if kind == "synthetic":
@@ -367,6 +371,9 @@ def _collect_shard(src: SourceSpec, shard: str, out_path: str | Path) -> dict:
             f"(its columns: {', '.join(names[:30])}); fix the name in the source's `columns:`"
         )
     rows = canonical_rows(items, source=src.name, file=str(file), fmt=fmt, columns=columns)
+    wrong = wrong_kind(rows, kinds, str(file), dataset)  # a pair in an SFT dataset, or the reverse
+    if wrong:
+        raise CollectError(wrong)
     if rows and all(r["error"] for r in rows):
         first = rows[0]
         raise CollectError(f"{file}: no row could be read; first problem, row {first['row']}: {first['error']}")

@@ -62,6 +62,9 @@ class _Settings:
         return {f.name: f.metadata["help"] for f in fields(cls)}
 
 
+# TRL's DPO losses over one chosen-rejected pair that Kiln's tests train with (trl DPOConfig.loss_type)
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+
 ANSWER_TYPES = ("string", "integer", "number", "boolean", "date")
 
 
@@ -185,6 +188,18 @@ class TrainingSettings(_Settings):
     save_total_limit: int = _f(2, "Checkpoints kept.")
     logging_steps: int = _f(1, "Steps between step-log lines.")
     seed: int = _f(42, "Seed of weights init, data order and dropout.")
+    method: str = _f(
+        "sft",
+        "sft: supervised fine-tuning (TRL's SFTTrainer) | dpo: direct preference optimisation on pairs "
+        "(TRL's DPOTrainer), from the SFT adapter of from_experiment.",
+        ("sft", "dpo"),
+    )
+    from_experiment: str = _f(
+        "", "dpo: the SFT experiment (same model) whose adapter training starts from and is the reference."
+    )
+    beta: float = _f(0.1, "dpo: how far from the reference the policy may move (higher: less).")
+    loss_type: str = _f("sigmoid", "dpo: TRL's loss, sigmoid (the DPO paper's), ipo, hinge or robust.", DPO_LOSSES)
+    label_smoothing: float = _f(0.0, "dpo: share of pairs assumed flipped (robust: below 0.5; sigmoid: cDPO).")
 
     @property
     def effective_batch(self) -> int:
@@ -203,6 +218,20 @@ class TrainingSettings(_Settings):
                 f"{where}.num_gpus: {n} processes can't share an effective batch of {self.effective_batch} "
                 "sequences (per_device_batch_size x gradient_accumulation_steps) evenly"
             )
+        if self.method == "sft" and self.from_experiment:
+            raise SpecError(
+                f"{where}.from_experiment: set for method 'sft'; it names the SFT experiment a dpo run starts "
+                "from (remove it, or set method: dpo)"
+            )
+        if self.method == "dpo" and not self.from_experiment:
+            raise SpecError(
+                f"{where}.from_experiment: method 'dpo' starts from an SFT experiment's adapter; name it "
+                "(e.g. from_experiment: default)"
+            )
+        if self.method == "dpo" and self.num_gpus > 1:
+            raise SpecError(f"{where}.num_gpus: method 'dpo' trains in one process (num_gpus 0 or 1)")
+        if self.loss_type == "robust" and not 0 <= self.label_smoothing < 0.5:
+            raise SpecError(f"{where}.label_smoothing: the robust loss needs 0 <= label_smoothing < 0.5")
         if self.early_stopping_patience and self.eval_steps and self.save_steps % self.eval_steps:
             raise SpecError(
                 f"{where}.early_stopping_patience needs save_steps to be a multiple of eval_steps "

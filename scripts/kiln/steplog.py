@@ -74,3 +74,14 @@ def plot_loss(step_log: Path, out_png: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)
+
+
+def estimated_tokens(train_ds, epochs: float) -> int:
+    """Tokens trained, from the share of the data seen (the lean step does not count per step).
+
+    Packed or not, the rows' ``input_ids`` hold every training token once.
+    """
+    import pyarrow.compute as pc
+
+    total = pc.sum(pc.list_value_length(train_ds.data.column("input_ids"))).as_py() or 0
+    return int(round(total * epochs))

@@ -39,7 +39,7 @@ from kiln.microbatch import auto_micro_batch, split_batch
 from kiln.packing import PackedCollator, check_isolation, plan_attention, varlen_calls
 from kiln.provenance import peak_memory_mb
 from kiln.spec import TokenizeSettings, TrainingSettings
-from kiln.steplog import STEP_LOG, plot_loss, step_logger
+from kiln.steplog import STEP_LOG, estimated_tokens, plot_loss, step_logger
 from kiln.tracking import mlflow_setup
 from kiln.trained import TrainedAdapter
 from kiln.trainer import sft_args, sft_trainer_class
@@ -60,6 +60,7 @@ class TrainingPaths:
     loss_png: str
     summary_path: str
     ckpt_dir: str  # checkpoints: a folder Snakemake does not own (resume survives a failed job)
+    start_adapter: str = ""  # method dpo: the SFT experiment's adapter (kiln.pref_train)
 
 
 class TrainingJob:
@@ -94,7 +95,7 @@ class TrainingJob:
 
     # ---- setup: backend, processes, resume point, model, data, batch sizes --------------------
     def setup(self) -> None:
-        self.backend, self.reason = resolve_backend(self.s.backend, processes=self.world)
+        self.backend, self.reason = self._resolve_backend()
         log.info("backend: %s (%s)", self.backend, self.reason)
         # decided with the backend, before any loading: lm_head_loss: liger where it can't run fails at once
         self.head_loss, self.head_loss_reason = resolve_head_loss(
@@ -125,16 +126,17 @@ class TrainingJob:
             log.info("packed rows: attention %s (%s)", self.attention.kernel, self.attention.reason)
         transformers.set_seed(self.s.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths.base_dir)
-        self.model, self.peft_config = load_for_training(
-            self.backend,
-            self.paths.base_dir,
-            self.s,
-            self.dtype,
-            self.tokenize.max_seq_len,
-            self.attention.attn_implementation if self.attention else None,
-        )
+        self.model, self.peft_config = self._load_model()
         self._load_data(datasets.load_from_disk(self.paths.tokenized_dir))
         self._size_batches()
+
+    def _resolve_backend(self) -> tuple[str, str]:
+        return resolve_backend(self.s.backend, processes=self.world)
+
+    def _load_model(self):
+        """(model, LoRA config or None): the base as the backend loads it for training."""
+        attn = self.attention.attn_implementation if self.attention else None
+        return load_for_training(self.backend, self.paths.base_dir, self.s, self.dtype, self.tokenize.max_seq_len, attn)
 
     def _join_processes(self) -> None:
         import torch
@@ -335,7 +337,7 @@ class TrainingJob:
             "resumed_from_step": self.start_step,
             "tokens_trained": int(trainer.state.num_input_tokens_seen)
             if not lean
-            else _estimated_tokens(self.train_ds, trainer.state.epoch or 0.0),
+            else estimated_tokens(self.train_ds, trainer.state.epoch or 0.0),
             "tokens_trained_estimated": lean,
             "processes": world,
             "micro_batch": self.micro,
@@ -376,7 +378,11 @@ class TrainingJob:
 
 def train(*args, **kwargs) -> dict:
     """The training recipe (TrainingJob's phases in order); the summary, or {} on a non-main process."""
-    job = TrainingJob(*args, **kwargs)
+    return run_job(TrainingJob(*args, **kwargs))
+
+
+def run_job(job: TrainingJob) -> dict:
+    """A job's phases in order (kiln.pref_train.train_preference runs its own job through here)."""
     job.setup()
     job.build_trainer()
     job.fit()
@@ -384,14 +390,3 @@ def train(*args, **kwargs) -> dict:
         return {}
     job.save()
     return job.summarize()
-
-
-def _estimated_tokens(train_ds, epochs: float) -> int:
-    """Tokens trained, from the share of the data seen (the lean step does not count per step).
-
-    Packed or not, the rows' ``input_ids`` hold every training token once.
-    """
-    import pyarrow.compute as pc
-
-    total = pc.sum(pc.list_value_length(train_ds.data.column("input_ids"))).as_py() or 0
-    return int(round(total * epochs))

@@ -51,6 +51,15 @@ def _readable_progress():
     return ReadableProgress()
 
 
+def _use_readable_progress(trainer) -> None:
+    """Transformers' progress bar prints each log as a dict of strings ({'loss': '0.1096', ...});
+    Kiln's prints one readable line with numbers (the step log keeps them all)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_readable_progress())
+
+
 def _deterministic_target_modules(model) -> None:
     """PEFT resolves `all-linear` into a set of module names and saves it as list(set): hash order,
     so two identical runs wrote different adapter_config.json bytes (the kill campaign's
@@ -120,7 +129,6 @@ def _kiln_loss(trainer, model, inputs: dict, n):
 def sft_trainer_class():
     """TRL's SFTTrainer, with a loss that also runs where TRL's fused LM-head kernel can't."""
     from transformers import Trainer
-    from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
 
     class KilnSFTTrainer(SFTTrainer):
@@ -146,10 +154,7 @@ def sft_trainer_class():
             self.kiln_head_loss = head_loss
             _deterministic_target_modules(self.model)
             _one_cpu_kernel(self.model)
-            # Transformers' progress bar prints each log as a dict of strings ({'loss': '0.1096',
-            # ...}); Kiln's prints one readable line with numbers (the step log keeps them all).
-            if self.pop_callback(ProgressCallback) is not None:
-                self.add_callback(_readable_progress())
+            _use_readable_progress(self)
             # The LM head only where a label is (kiln.losses.labelled_positions_loss), where the
             # model takes `logits_to_keep` (Unsloth's path has its own fused loss).
             self.kiln_answer_positions = takes_logits_to_keep(self.accelerator.unwrap_model(self.model))
