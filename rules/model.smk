@@ -112,5 +112,7 @@ rule evaluate:
     params:
         settings=lambda w: EXPERIMENTS[w.experiment].evaluate.to_dict(),
         regression=lambda w: EXPERIMENTS[w.experiment].evaluate.regression,
+        # a dpo run: its SFT experiment's, whose base scores it reuses where they are the same
+        sft_settings=lambda w: EXPERIMENTS[task_of(w.experiment)].evaluate.to_dict(),
     script:
         "../scripts/evaluate.py"

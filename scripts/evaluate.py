@@ -21,6 +21,7 @@ inputs = EvaluationInputs(
     pairs=sm.input.get("pairs", ""),
     sft_merged=sm.input.get("sft_merged", ""),
     sft_metrics=sm.input.get("sft_metrics", ""),
+    sft_settings=sm.params.sft_settings,
 )
 evaluate(
     inputs,

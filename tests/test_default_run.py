@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SNAKEMAKE
-from test_examples import MARGIN
+from test_examples import MARGIN, PREFERENCE_MARGIN
 
 
 def served_readme_example(workdir):
@@ -120,3 +120,23 @@ def test_default_run_beats_the_base_model(tmp_path):
     base, tuned = metrics["base"]["macro_f1"], metrics["tuned"]["macro_f1"]
     assert tuned - base >= MARGIN, (base, tuned)
     assert set(metrics["tuned"]["confusion"]) <= {"math", "os", "str", "operator", "time", "random", "shutil"}
+
+    # The shipped preference example (README's command), from the same folder: DPO from the default
+    # experiment trained above, which is reused (not retrained). Its DPO model must beat the SFT
+    # model on held-out preference accuracy by PREFERENCE_MARGIN; its exact match beside the SFT
+    # model's is recorded (README: the example's settings still cost the task).
+    sft_adapter = results / "default" / "adapter" / "adapter_model.safetensors"
+    before = sft_adapter.stat().st_mtime_ns
+    proc = subprocess.run(
+        [*cmd, "--configfile", "config/examples/orders-dpo.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert sft_adapter.stat().st_mtime_ns == before  # the SFT experiment was reused
+    metrics = json.loads((results / "orders-dpo" / "metrics.json").read_text())
+    pref = metrics["preference"]
+    assert pref["from_experiment"] == "default" and pref["pairs"] >= 50, pref
+    gain = pref["tuned"]["preference_accuracy"] - pref["sft"]["preference_accuracy"]
+    assert gain >= PREFERENCE_MARGIN, pref
+    assert metrics["sft"]["same_rows"] and metrics["delta_tuned_minus_sft"]["exact_match"] is not None
+    assert metrics["base"]["scored_in"] == "default"  # same base, rows and settings: not generated twice
+    assert metrics["published_check"]["ok"] and (results / "orders-dpo" / "model" / "README.md").exists()

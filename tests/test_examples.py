@@ -22,6 +22,9 @@ EXAMPLES = REPO / "config" / "examples"
 # The label example's tuned model must beat the base's macro-F1 by this much (measured 2026-11-28
 # on the 2-core CPU: see config/examples/README.md).
 MARGIN = 0.3
+# The DPO example's model must beat the SFT model's held-out preference accuracy by this much
+# (measured 2026-12-06 on the 2-core CPU: benchmarks/results/preference_cpu.json).
+PREFERENCE_MARGIN = 0.10
 
 
 def _rows(name):
@@ -64,7 +67,7 @@ def test_the_dpo_example_continues_the_default_sft_experiment_unchanged(monkeypa
 
 def test_readme_gives_the_example_commands():
     readme = (REPO / "README.md").read_text()
-    for name in ("stdlib-modules.yaml", "stdlib-summaries.yaml"):
+    for name in ("stdlib-modules.yaml", "stdlib-summaries.yaml", "orders-dpo.yaml"):
         assert f"snakemake --cores 1 --configfile config/examples/{name}" in readme
 
 
@@ -79,3 +82,18 @@ def test_readme_quotes_the_committed_example_results():
     assert readme_table(result) in (REPO / "README.md").read_text()
     label_example = result["examples"]["stdlib-modules"]
     assert label_example["tuned_minus_base"] >= MARGIN and label_example["task"] == "label"
+
+
+def test_readme_quotes_the_committed_preference_run():
+    """README's preference table is the one benchmarks/preference.py renders from its results file,
+    and the measured gain is what the slow test's margin was set from."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from preference import readme_rows
+
+    result = json.loads((REPO / "benchmarks" / "results" / "preference_cpu.json").read_text())
+    assert readme_rows(result) in (REPO / "README.md").read_text()
+    pref, task = result["run"]["preference"], result["run"]["task"]
+    assert pref["tuned"]["preference_accuracy"] - pref["sft"]["preference_accuracy"] >= PREFERENCE_MARGIN
+    assert task["same_rows"] and task["test_rows"] == 64

@@ -167,6 +167,7 @@ def model_card(manifest: Manifest) -> str:
         *_data_and_training_lines(m),
         *_evaluation_lines(m.metrics),
         *regression_card_lines(m.metrics),
+        *preference_card_lines(m.metrics),
         *gguf_card_lines(m),
         *_provenance_lines(m),
     ]
@@ -230,6 +231,36 @@ def regression_card_lines(metrics: Metrics) -> list[str]:
         ],
         "",
     ]
+
+
+def preference_card_lines(metrics: Metrics) -> list[str]:
+    """A preference-tuned model's held-out pairs, base -> SFT -> this model, and its task score
+    beside the SFT model's (docs/preference.md)."""
+    pref = metrics.preference
+    if pref is None:
+        return []
+    cell = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    lines = [
+        f"Preference tuning ({pref.method}, from `{pref.from_experiment}`): {pref.pairs} held-out pairs; "
+        "accuracy is the share whose chosen answer this model finds more likely.",
+        "",
+        "| model | preference accuracy | log-prob margin (nats) | reward margin vs SFT |",
+        "|---|---|---|---|",
+        *[
+            f"| {r['model']} | {r['preference accuracy']:.3f} | {r['log-prob margin (nats)']:.2f} "
+            f"| {cell(r['reward margin vs SFT'], '.3f')} |"
+            for r in pref.rows()
+        ],
+        "",
+    ]
+    sft = (metrics.sft or {}).get(metrics.main)
+    if sft is not None:
+        tuned = metrics.value("tuned", metrics.main)
+        lines += [
+            f"{label(metrics.main)} on the task's test rows: SFT model {sft:.4f}, this model {tuned:.4f}.",
+            "",
+        ]
+    return lines
 
 
 def publish(merged_dir: str | Path, manifest_path: str | Path, out_dir: str | Path) -> None:

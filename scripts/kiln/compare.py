@@ -53,6 +53,12 @@ def metric_columns(metrics: Metrics) -> dict:
     }
     for name, block in metrics.regression.items():  # forgetting, next to the gain
         row[f"regression_{name}_delta_loss"] = block.tuned_minus_base_loss
+    if metrics.preference is not None:  # a preference run: the pairs, and the task beside the SFT model
+        pref = metrics.preference
+        row |= {f"{k}_preference_accuracy": getattr(pref, k).preference_accuracy for k in ("base", "sft", "tuned")}
+        row["tuned_reward_margin"] = pref.tuned.mean_reward_margin
+        sft = (metrics.sft or {}).get(main)
+        row[f"sft_{main}"], row[f"delta_{main}_vs_sft"] = sft, _difference(value("tuned", main), sft)
     return row
 
 

@@ -219,7 +219,9 @@ def dpo_args(job, report_to: list[str]):
         use_cpu=not job.cuda,
         max_length=job.tokenize.max_seq_len,
         beta=s.beta,
-        loss_type=[s.loss_type],
+        # RPO: the preference loss plus TRL's sft loss on the chosen answer, weighted (training.sft_weight)
+        loss_type=[s.loss_type, "sft"] if s.sft_weight else [s.loss_type],
+        loss_weights=[1.0, s.sft_weight] if s.sft_weight else None,
         label_smoothing=s.label_smoothing,
         include_num_input_tokens_seen=True,
         report_to=report_to,

@@ -73,6 +73,7 @@ class EvaluationInputs:
     pairs: str = ""
     sft_merged: str = ""
     sft_metrics: str = ""
+    sft_settings: dict | None = None  # the SFT experiment's evaluate settings
 
 
 def load_model(kind: str, inputs: EvaluationInputs):
@@ -222,6 +223,23 @@ def _compare_models(run: _Run, metrics: dict, merged_dir: str) -> None:
         log.warning("Kiln: WARNING %s", worse)
 
 
+def _base_scores_of_sft(run: _Run, inputs: EvaluationInputs, metrics: dict) -> tuple[str, ...]:
+    """A preference run's base models on the SFT task: the SFT experiment scored the same base on
+    the same test rows with the same settings, so its blocks are taken (marked ``scored_in``) rather
+    than generated again. Anything else (other settings, regression sets, the harness): scored here."""
+    sft = json.loads(Path(inputs.sft_metrics).read_text())
+    same = inputs.sft_settings == run.s.to_dict() and sft.get("generated_rows") == metrics["generated_rows"]
+    if not same or sft.get("task") != run.task or run.regression_sets or run.s.lm_eval["tasks"]:
+        return ()
+    kinds = tuple(k for k in ("base", "base_4bit") if k in sft)
+    for kind in kinds:
+        metrics[kind] = {**sft[kind], "scored_in": sft.get("experiment")}
+    log.info(
+        "%s: scored by experiment %s on the same rows and settings (its metrics.json)", kinds, sft.get("experiment")
+    )
+    return kinds
+
+
 def _score_preferences(run: _Run, inputs: EvaluationInputs, metrics: dict) -> None:
     """Held-out pairs for base, SFT and tuned (kiln.pair_eval), and the SFT model's task metrics
     beside the tuned model's on the same test rows: a preference gain that costs the task shows."""
@@ -291,8 +309,10 @@ def evaluate(
     run = _prepare(inputs, settings, metrics)
     if not TrainedAdapter.read(inputs.adapter).quantized:  # no 4-bit base: base_4bit is the base
         models = tuple(k for k in models if k != "base_4bit")
+    reused = _base_scores_of_sft(run, inputs, metrics) if inputs.pairs else ()
     for kind in models:
-        _score_model(run, kind, inputs, metrics)
+        if kind not in reused:
+            _score_model(run, kind, inputs, metrics)
     for qtype, path in inputs.gguf.items():
         _score_gguf(run, qtype, path, metrics)
     _compare_models(run, metrics, inputs.merged)

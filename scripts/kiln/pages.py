@@ -319,6 +319,11 @@ def manifest_page(manifest: Manifest) -> str:
     if regression_rows(met):
         body += "<h3>Regression sets (loss on answer tokens: forgetting)</h3>"
         body += _table(regression_rows(met), table_id="regression")
+    if met.preference is not None:
+        body += f"<h3>Held-out preference pairs ({met.preference.pairs}): base, SFT, {met.preference.method}</h3>"
+        body += _table(met.preference.rows(), table_id="preference")
+        if met.sft:
+            body += _table([{"model": "SFT", **met.sft}], table_id="sft-task")
     stages = [{"stage": k, **(v.to_dict() if v else {})} for k, v in m.stages.items()]
     body += "<h3>Stages (Snakemake benchmark records)</h3>"
     body += _table(stages, ["stage", "jobs", "wall_s", "max_rss_mb", "cpu_time_s"])

@@ -97,6 +97,7 @@ class PreferenceJob(TrainingJob):
             "from_experiment": self.s.from_experiment,
             "beta": self.s.beta,
             "loss_type": self.s.loss_type,
+            "sft_weight": self.s.sft_weight,
             "reference": "the SFT adapter, frozen (adapter 'ref'), on the same base",
             "log_prob_kernel": self.kernel,
             "final_reward_accuracy": last.get("rewards/accuracies"),

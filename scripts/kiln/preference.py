@@ -27,6 +27,8 @@ def preference_problem(cfg: dict, name: str) -> str | None:
         return None
     source = training["from_experiment"]
     experiments = cfg["experiments"]
+    if not source:
+        return None  # kiln.spec.TrainingSettings.check says what is missing
     if source not in experiments:
         return f"training.from_experiment: '{source}' is not in `experiments` (known: {', '.join(sorted(experiments))})"
     sft = experiments[source]

@@ -173,6 +173,41 @@ class HarnessScores(Record):
     tuned: dict[str, dict[str, Any]] = {}
 
 
+class PairScore(Record):
+    """One model on the held-out preference pairs (kiln.pair_eval)."""
+
+    pairs: int
+    preference_accuracy: float
+    mean_logp_margin: float
+    reward_accuracy: float | None = None  # the tuned model against its reference (the SFT model)
+    mean_reward_margin: float | None = None
+    beta: float | None = None
+
+
+class PreferenceScores(Record):
+    """metrics.json ``preference``: a preference run's held-out pairs, base -> SFT -> tuned."""
+
+    method: str
+    from_experiment: str
+    pairs: int
+    base: PairScore
+    sft: PairScore
+    tuned: PairScore
+
+    def rows(self) -> list[dict]:
+        """One row per model: what the manifest page, the card and README show."""
+        names = {"base": "base", "sft": f"SFT ({self.from_experiment})", "tuned": f"{self.method.upper()} (this model)"}
+        return [
+            {
+                "model": names[k],
+                "preference accuracy": s.preference_accuracy,
+                "log-prob margin (nats)": s.mean_logp_margin,
+                "reward margin vs SFT": s.mean_reward_margin,
+            }
+            for k, s in (("base", self.base), ("sft", self.sft), ("tuned", self.tuned))
+        ]
+
+
 class Metrics(Record):
     """metrics.json: every model scored on the test rows (the GGUF files as ``gguf_<type>``)."""
 
@@ -187,6 +222,8 @@ class Metrics(Record):
     adapter_4bit: Score | None = None
     regression: dict[str, RegressionSet] = {}
     lm_eval: HarnessScores | None = None
+    preference: PreferenceScores | None = None  # a preference run (training.method dpo)
+    sft: dict | None = None  # ...and its SFT model's task metrics, on the same test rows
 
     @property
     def main(self) -> str:

@@ -200,6 +200,11 @@ class TrainingSettings(_Settings):
     beta: float = _f(0.1, "dpo: how far from the reference the policy may move (higher: less).")
     loss_type: str = _f("sigmoid", "dpo: TRL's loss, sigmoid (the DPO paper's), ipo, hinge or robust.", DPO_LOSSES)
     label_smoothing: float = _f(0.0, "dpo: share of pairs assumed flipped (robust: below 0.5; sigmoid: cDPO).")
+    sft_weight: float = _f(
+        0.0,
+        "dpo: weight of TRL's sft loss on the chosen answer added to the preference loss (RPO); keeps the "
+        "chosen answer likely while the pair's margin grows. 0: off.",
+    )
 
     @property
     def effective_batch(self) -> int:

@@ -1,12 +1,15 @@
 """Preference pairs for the default order task (issue 27's shipped example): the chosen answer is the
 exact JSON object; the rejected one a failure an extraction model really makes.
 
-Failures, one per pair, drawn evenly: a wrong value (a quantity or price misread, the wrong city or
-customer from the same message's neighbours), a missing field, the date in another format, prose
-around the JSON, a number written as a string, the field order changed and a key renamed. Every
-chosen answer passes the default ``answer_schema``; every rejected answer differs from it.
-Deterministic for a seed; its orders come from kiln.synthetic's own generator with another seed than
-the SFT dataset's.
+Half the pairs are on messages written the way the SFT data never writes them — the date as
+"March 17, 2025" or "17.03.2025", the quantity as a word ("a dozen"), the price with its currency
+sign — and their rejected answer copies that surface form into the JSON (what a model that learned
+to copy from ISO-dated messages does). The other half are on the SFT data's own message templates,
+with one failure each, drawn evenly: a wrong value (a quantity or price misread, another city or
+customer), a missing field, the date in another format, prose around the JSON, a number written as
+a string, a key renamed. Every chosen answer passes the default ``answer_schema``; every rejected
+answer differs from it. Deterministic for a seed; the orders come from kiln.synthetic's generator
+(another seed than the SFT dataset's).
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ import datetime as dt
 import json
 import random
 
-from kiln.synthetic import ANSWER_KEYS, CITIES, FIRST, INSTRUCTION, LAST, _message, _order, answer_json
+from kiln.synthetic import ANSWER_KEYS, CITIES, FIRST, INSTRUCTION, LAST, TEMPLATES, _message, _order, answer_json
 
+# Surface forms of a message the SFT data never has, and the rejected answer that copies them.
+SURFACES = ("date_words", "date_dotted", "quantity_word", "price_currency")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
+                9: "nine", 10: "ten", 11: "eleven", 12: "a dozen", 20: "twenty", 24: "two dozen"}  # fmt: skip
 FAILURES = (
     "wrong_quantity",
     "wrong_price",
@@ -66,6 +73,23 @@ def rejected_answer(order: dict, failure: str, rng: random.Random) -> str:
     return _dumps(bad)
 
 
+def surface_pair(order: dict, surface: str, rng: random.Random) -> tuple[str, str]:
+    """(the message written with ``surface``, the rejected answer that copies it)."""
+    shown = {k: v for k, v in order.items() if k != "unit_price"}
+    price, copied = json.dumps(order["unit_price"]), {k: order[k] for k in ANSWER_KEYS}
+    day = dt.date.fromisoformat(order["date"])
+    if surface == "date_words":
+        shown["date"] = copied["date"] = rng.choice([day.strftime("%B %-d, %Y"), day.strftime("%-d %B %Y")])
+    elif surface == "date_dotted":
+        shown["date"] = copied["date"] = day.strftime("%d.%m.%Y")
+    elif surface == "quantity_word":
+        order["quantity"] = rng.choice(sorted(NUMBER_WORDS))
+        shown["quantity"] = copied["quantity"] = NUMBER_WORDS[order["quantity"]]
+    elif surface == "price_currency":
+        price = copied["unit_price"] = rng.choice(["$", "€", "£"]) + f"{order['unit_price']:.2f}"
+    return rng.choice(TEMPLATES).format(price=price, **shown), _dumps(copied)
+
+
 def generate_pairs(rows: int, seed: int = 0) -> list[dict]:
     """``rows`` pairs in TRL's conversational prompt / chosen / rejected form."""
     rng = random.Random(seed)
@@ -74,13 +98,17 @@ def generate_pairs(rows: int, seed: int = 0) -> list[dict]:
         order = _order(rng)
         while order["customer"].split(" ", 1)[1] not in LAST:  # a two-part name (wrong_customer splits it)
             order = _order(rng)
-        prompt = [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": _message(rng, order)}]
-        failure = FAILURES[i % len(FAILURES)]
+        if i % 2:
+            failure = FAILURES[(i // 2) % len(FAILURES)]
+            message, rejected = _message(rng, order), rejected_answer(order, failure, rng)
+        else:
+            failure = SURFACES[(i // 2) % len(SURFACES)]
+            message, rejected = surface_pair(order, failure, rng)
         out.append(
             {
-                "prompt": prompt,
+                "prompt": [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": message}],
                 "chosen": [{"role": "assistant", "content": answer_json(order)}],
-                "rejected": [{"role": "assistant", "content": rejected_answer(order, failure, rng)}],
+                "rejected": [{"role": "assistant", "content": rejected}],
                 "failure": failure,
             }
         )
