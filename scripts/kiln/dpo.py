@@ -192,25 +192,11 @@ def dpo_args(job, report_to: list[str]):
     import torch
     from trl import DPOConfig
 
+    from kiln.trainer import schedule_args
+
     s = job.s
     return DPOConfig(
-        output_dir=str(job.ckpt),
-        max_steps=s.max_steps,
-        per_device_train_batch_size=job.micro,
-        per_device_eval_batch_size=job.micro,
-        gradient_accumulation_steps=job.accum,
-        learning_rate=s.learning_rate,
-        lr_scheduler_type=s.lr_scheduler,
-        warmup_steps=s.warmup_ratio,
-        weight_decay=s.weight_decay,
-        max_grad_norm=s.max_grad_norm,
-        gradient_checkpointing=s.gradient_checkpointing,
-        logging_steps=s.logging_steps,
-        save_strategy="steps",
-        save_steps=s.save_steps,
-        save_total_limit=s.save_total_limit,
-        eval_strategy="steps" if job.eval_ds is not None else "no",
-        eval_steps=s.eval_steps or None,
+        **schedule_args(job),
         prediction_loss_only=True,
         seed=s.seed,
         data_seed=s.seed,

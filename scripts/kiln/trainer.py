@@ -189,13 +189,11 @@ def sft_trainer_class():
     return KilnSFTTrainer
 
 
-def sft_args(job, report_to: list[str]):
-    """TRL's SFTConfig for a kiln.train.TrainingJob after its setup phase (settings, batch sizes, data)."""
-    import torch
-    from trl import SFTConfig
-
-    s, world, cuda = job.s, job.world, job.cuda
-    return SFTConfig(
+def schedule_args(job) -> dict:
+    """The TrainingArguments every Kiln trainer shares (SFTConfig here, DPOConfig in kiln.dpo): steps,
+    batch sizes, optimiser schedule, checkpoints and validation, from a job after its setup phase."""
+    s = job.s
+    return dict(
         output_dir=str(job.ckpt),
         max_steps=s.max_steps,
         per_device_train_batch_size=job.micro,
@@ -213,6 +211,17 @@ def sft_args(job, report_to: list[str]):
         save_total_limit=s.save_total_limit,
         eval_strategy="steps" if job.eval_ds is not None else "no",
         eval_steps=s.eval_steps or None,
+    )
+
+
+def sft_args(job, report_to: list[str]):
+    """TRL's SFTConfig for a kiln.train.TrainingJob after its setup phase (settings, batch sizes, data)."""
+    import torch
+    from trl import SFTConfig
+
+    s, world, cuda = job.s, job.world, job.cuda
+    return SFTConfig(
+        **schedule_args(job),
         # Validation is scored by its loss: the logits are not gathered (32 rows x 49,152 floats a
         # position was a gigabyte held across the evaluation).
         prediction_loss_only=True,
