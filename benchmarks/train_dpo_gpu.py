@@ -123,7 +123,7 @@ def cmd_kiln(args) -> None:
     from transformers import AutoTokenizer
 
     from kiln.config import training_settings
-    from kiln.dpo import tokenize_pairs
+    from kiln.pair_tokens import tokenize_pairs
     from kiln.pref_train import train_preference
     from kiln.records import to_canonical
     from kiln.spec import TokenizeSettings, TrainingSettings

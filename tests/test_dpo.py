@@ -16,8 +16,9 @@ import torch
 from conftest import TOKENIZER, Workflow, tiny_config
 from transformers import AutoTokenizer
 
-from kiln.dpo import PAIR_COLUMNS, PlainChunkedLogProb, pair_tokens
+from kiln.dpo import PlainChunkedLogProb
 from kiln.pair_eval import pair_log_probs, preference_scores, reward_scores
+from kiln.pair_tokens import PAIR_COLUMNS, pair_tokens
 from kiln.records import to_canonical
 from kiln.synthetic_pairs import generate_pairs
 

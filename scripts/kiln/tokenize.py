@@ -238,7 +238,7 @@ def tokenize_dataset(
     if not tokenizer.is_fast:
         raise ValueError(f"{tokenizer_dir}: Kiln needs a fast tokenizer (character offsets for the loss mask)")
     dd = datasets.load_from_disk(str(dataset_dir))
-    from kiln.dpo import is_pair_dataset, tokenize_pair_dataset
+    from kiln.pair_tokens import is_pair_dataset, tokenize_pair_dataset
 
     if is_pair_dataset(dd):  # preference pairs: prompt / chosen / rejected ids, as TRL's DPOTrainer reads them
         return tokenize_pair_dataset(dd, tokenizer, s.max_seq_len, out_dir, stats_path)
