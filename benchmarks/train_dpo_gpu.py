@@ -226,19 +226,28 @@ def cmd_peer(args) -> None:
 
 
 def cmd_all(args) -> None:
+    """Each stack over the sweep (or --settings), one process per run; past --budget seconds no new run
+    starts (a device call has 10 minutes): the runs not made are recorded as skipped, never guessed."""
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    me = [sys.executable, __file__]
+    me, start = [sys.executable, __file__], time.monotonic()
     if not (WORK / "sft-adapter").exists():
         subprocess.run([*me, "prepare", "--out", args.out], check=True)
+    sweep = SWEEP
+    if args.settings:
+        sweep = [(int(bs), ck == "1") for bs, ck in (x.split(":") for x in args.settings.split(","))]
     for stack in args.stacks.split(","):
-        for bs, ck in SWEEP:
+        for bs, ck in sweep:
+            where = {"stack": stack, "micro_batch": bs, "checkpointing": ck}
+            if time.monotonic() - start > args.budget:
+                emit(args.out, {"kind": "skipped", **where, "why": f"past the call's budget of {args.budget} s"})
+                continue
             cmd = [*me, "kiln" if stack == "kiln" else "peer", "--out", args.out, "--stack", stack, "--bs", str(bs)]
+            t0 = time.monotonic()
             proc = subprocess.run(cmd + (["--ckpt"] if ck else []), capture_output=True, text=True)
+            print(f"{stack} bs {bs} ckpt {ck}: rc {proc.returncode}, {time.monotonic() - t0:.0f} s", flush=True)
             if proc.returncode:
-                tail = (proc.stderr or proc.stdout)[-600:]
-                emit(
-                    args.out, {"kind": "failed", "stack": stack, "micro_batch": bs, "checkpointing": ck, "error": tail}
-                )
+                tail = (proc.stderr or proc.stdout)[-1500:]
+                emit(args.out, {"kind": "failed", **where, "error": tail})
     cmd_table(args)
 
 
@@ -277,6 +286,8 @@ def main() -> None:
         p.add_argument("--bs", type=int, default=8)
         p.add_argument("--ckpt", action="store_true")
         p.add_argument("--stacks", default="kiln,unsloth-trl,hf-trl", help="all: the stacks swept, in order")
+        p.add_argument("--settings", default="", help="all: micro-batch:checkpointing pairs, e.g. 8:0,4:1")
+        p.add_argument("--budget", type=float, default=1e9, help="all: seconds after which no run starts")
     args = ap.parse_args()
     globals()[f"cmd_{args.cmd}"](args)
 

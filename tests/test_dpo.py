@@ -190,13 +190,47 @@ def test_kiln_trace_shows_a_pair_from_its_raw_record_to_its_split(dpo_run):
     assert f"chosen: {chosen!r}" in out.stdout and f"rejected: {rejected!r}" in out.stdout
 
 
+def test_resuming_restores_the_policy_and_keeps_the_reference(dpo_run):
+    """A DPO checkpoint holds the policy at its root and TRL's reference in ref/; transformers alone
+    loads only ref/ when it sees it (the policy stayed the SFT adapter on resume). Kiln's trainer
+    loads the policy from the root and keeps the reference the SFT adapter."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig
+
+    from kiln.dpo import dpo_trainer_class, ensure_logprob_kernel, load_policy
+
+    ensure_logprob_kernel()
+    base_dir, sft = dpo_run.path("base/tiny"), dpo_run.path("tiny/adapter")
+    ckpt = dpo_run.path("checkpoints/tiny-dpo/checkpoint-2")
+    pairs = next(dpo_run.path("data/pairs/tokenized").glob("tiny-*[!.json]"))
+    import datasets
+
+    train = datasets.load_from_disk(str(pairs))["train"].select(range(4)).select_columns(list(PAIR_COLUMNS))
+    args = DPOConfig(output_dir=str(dpo_run.workdir / "t2"), use_cpu=True, bf16=False, report_to=[])
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    trainer = dpo_trainer_class()(
+        model=load_policy(base, str(sft)), args=args, train_dataset=train,
+        processing_class=AutoTokenizer.from_pretrained(str(base_dir)), adapter_dtype=torch.float32,
+    )  # fmt: skip
+    trainer._load_from_checkpoint(str(ckpt))
+    state = dict(trainer.model.named_parameters())
+
+    def weights(adapter: str, saved) -> dict:
+        return {k: state[k.replace(".weight", f".{adapter}.weight")] for k in saved}
+
+    policy, sft_saved = (
+        load_file(str(ckpt / "adapter_model.safetensors")),
+        load_file(str(sft / "adapter_model.safetensors")),
+    )
+    assert any(not torch.equal(policy[k], sft_saved[k]) for k in policy)  # two DPO steps moved it
+    for k, p in weights("default", policy).items():
+        assert torch.equal(p.detach(), policy[k]) and p.requires_grad and p.dtype == torch.float32, k
+    for k, p in weights("ref", sft_saved).items():
+        assert torch.equal(p.detach().float(), sft_saved[k].float()) and not p.requires_grad, k
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect (issue 27 note, 2026-12-06): the resumed DPO run's adapter differs from the "
-    "uninterrupted run's (resume itself works: resumed_from_step >= 2); not yet found whether the kill, "
-    "the reference copy's restore or the SFT adapter of a second folder differs. Strict: fails once fixed.",
-)
 def test_a_dpo_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(dpo_run, tmp_path):
     """SIGKILL of the whole run once the DPO job has recorded a checkpoint, then the plain rerun: it
     resumes there, and the adapter is the uninterrupted run's, byte for byte (as the kill campaign

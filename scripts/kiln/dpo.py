@@ -81,6 +81,29 @@ def load_policy(base_model, sft_adapter: str):
     return PeftModel.from_pretrained(base_model, sft_adapter, is_trainable=True)
 
 
+def resume_policy(model, checkpoint: str) -> None:
+    """Resume the policy from a checkpoint, leaving the reference alone.
+
+    A DPO checkpoint holds two adapters: the policy (``default``, at the folder's root) and TRL's
+    frozen reference (``ref/``). Transformers' ``Trainer._load_from_checkpoint`` sees the ``ref``
+    subfolder and then loads *only* the subfolders (transformers 5.17, trainer.py): the policy
+    stayed at the SFT adapter while the optimizer and the schedule resumed at the checkpoint's
+    step, so a killed DPO run silently lost its first steps (found by tests/test_dpo.py's kill
+    test). Here the policy is loaded from the root; the reference stays the copy TRL made of the SFT
+    adapter at start (the true reference, whatever a checkpoint holds)."""
+    from pathlib import Path
+
+    active = model.active_adapters[0]
+    if not (Path(checkpoint) / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{checkpoint}: no adapter_model.safetensors (the policy) to resume from")
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    model.load_adapter(checkpoint, active, is_trainable=True)
+    model.set_adapter(active)
+    for name, param in model.named_parameters():  # the adapter's dtype as training set it (adapter_dtype)
+        if name in dtypes and param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
+
+
 @functools.cache
 def dpo_trainer_class():
     """TRL's DPOTrainer with the corrections Kiln's SFTTrainer has (kiln.trainer), on pre-tokenized pairs."""
@@ -111,6 +134,9 @@ def dpo_trainer_class():
             if all(c in dataset.column_names for c in PAIR_COLUMNS):
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            resume_policy(model or self.model, resume_from_checkpoint)
 
         def create_model_card(self, *args, **kwargs):
             """Not written (kiln.trainer's KilnSFTTrainer.create_model_card says why)."""
