@@ -30,6 +30,15 @@ EXAMPLE, SFT = "orders-dpo", "default"
 COMMAND = f"snakemake --cores 1 --configfile config/examples/{EXAMPLE}.yaml"
 
 
+def example_training() -> dict:
+    """The example's training section as shipped (config/examples/orders-dpo.yaml)."""
+    import yaml
+
+    return yaml.safe_load((REPO / "config" / "examples" / f"{EXAMPLE}.yaml").read_text())["experiments"][EXAMPLE][
+        "training"
+    ]
+
+
 def job_seconds(results: Path, experiment: str) -> dict[str, float]:
     """Seconds of each rule's job for one experiment (Snakemake's benchmark files)."""
     jobs = {}
@@ -67,7 +76,10 @@ def collect(results: Path, wall: float, reused_sft: bool) -> dict:
             k: summary[k]
             for k in ("steps", "effective_batch", "tokens_trained", "wall_time_s", "first_loss", "final_loss")
         }
-        | {"settings": {k: summary["preference"][k] for k in ("beta", "loss_type")}},
+        | {
+            "settings": {k: summary["preference"][k] for k in ("beta", "loss_type", "sft_weight")}
+            | {"learning_rate": example_training()["learning_rate"], "max_steps": example_training()["max_steps"]}
+        },
         "job_seconds": job_seconds(results, EXAMPLE),
         "wall_seconds": round(wall, 1),
     }

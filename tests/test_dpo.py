@@ -89,7 +89,33 @@ def _dpo_workflow(tmp_path, **training) -> Workflow:
     dpo["dataset"] = "pairs"
     dpo["training"].update(method="dpo", from_experiment="tiny", **training)
     cfg["experiments"]["tiny-dpo"] = dpo
+    # KTO on pairs and on unpaired prompt/completion/label rows (another file of the same dataset)
+    (tmp_path / "run" / "unpaired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unpaired_rows(40, 4)))
+    cfg["datasets"]["labelled"] = {
+        "sources": [
+            {"name": "p", "kind": "local", "path": "pairs.jsonl"},
+            {"name": "u", "kind": "local", "path": "unpaired.jsonl"},
+        ],
+        "build": {"validation": 0.1, "test": 0.2, "seed": 0},
+    }
+    kto = copy.deepcopy(cfg["experiments"]["tiny"])
+    kto["dataset"] = "labelled"
+    kto["training"].update(method="kto", loss_type="kto", from_experiment="tiny")
+    kto["export"] = {"gguf": []}
+    cfg["experiments"]["tiny-kto"] = kto
+    orpo = copy.deepcopy(dpo)
+    orpo["training"].update(method="orpo", beta=0.2)
+    orpo["export"] = {"gguf": []}
+    cfg["experiments"]["tiny-orpo"] = orpo
     return Workflow(tmp_path / "run", cfg)
+
+
+def unpaired_rows(n: int, seed: int) -> list[dict]:
+    """KTO's unpaired format from generated pairs: each pair's chosen (label true) or rejected answer."""
+    return [
+        {"prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"], "label": bool(i % 2)}
+        for i, p in enumerate(generate_pairs(n, seed=seed))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +187,80 @@ def test_a_dpo_experiment_runs_every_stage_after_training(dpo_run):
     assert metrics["base"]["scored_in"] == "tiny" and metrics["base"]["exact_match"] == sft["base"]["exact_match"]
 
 
+def test_a_kto_experiment_trains_from_the_sft_adapter_and_runs_every_stage(dpo_run):
+    """KTO on pairs and unpaired rows: TRL's KTOTrainer from the SFT adapter (policy = reference at
+    the start, so every answer's loss is 1 - sigmoid(0): the first loss is 0.5), then merge,
+    evaluation (held-out pairs, and the unpaired answers' rewards against their labels), the card."""
+    summary = json.loads(dpo_run.path("tiny-kto/train_summary.json").read_text())
+    assert summary["preference"]["method"] == "kto" and summary["backend"] == "hf" and summary["steps"] == 4
+    assert summary["lm_head_loss"] == "trl_kto" and "rewards/chosen" in " ".join(summary["preference"]["final_rewards"])
+    log = [json.loads(line) for line in dpo_run.path("tiny-kto/train_log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(0.5, abs=1e-3)
+    stats = json.loads(next(dpo_run.path("data/labelled/tokenized").glob("tiny-*.json")).read_text())
+    assert stats["splits"]["train"]["pairs"] > 10 and stats["splits"]["train"]["unpaired"] > 10
+    pref = json.loads(dpo_run.path("tiny-kto/metrics.json").read_text())["preference"]
+    assert pref["method"] == "kto" and pref["pairs"] == pref["tuned"]["pairs"] > 0
+    u = pref["unpaired"]
+    assert u["rows"] == u["desirable"] + u["undesirable"] > 0 and 0 <= u["label_accuracy"] <= 1
+    assert dpo_run.path("tiny-kto/merge_report.json").exists()
+    card = dpo_run.path("tiny-kto/model/README.md").read_text()
+    assert "Preference tuning (kto, from `tiny`)" in card and "Held-out unpaired answers" in card
+
+
+def test_an_orpo_experiment_runs_every_stage_and_its_loss_is_the_papers(dpo_run):
+    """ORPO from the SFT adapter, no reference: TRL's ORPOTrainer on Kiln's pairs computes, on a batch,
+    the chosen sequences' NLL minus beta x the mean log-sigmoid of the log odds ratio of the answers'
+    mean log-probabilities, those Kiln's evaluation scores (kiln.pair_eval); every stage runs."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.orpo import ORPOConfig
+
+    from kiln.dpo import load_policy
+    from kiln.orpo import orpo_trainer_class
+
+    summary = json.loads(dpo_run.path("tiny-orpo/train_summary.json").read_text())
+    assert summary["preference"]["method"] == "orpo" and summary["preference"]["reference"] == "none (orpo)"
+    assert "log_odds_ratio" in summary["preference"]["final_rewards"] and summary["steps"] == 4
+    pref = json.loads(dpo_run.path("tiny-orpo/metrics.json").read_text())["preference"]
+    assert pref["method"] == "orpo" and pref["tuned"]["pairs"] > 0 and pref["tuned"].get("reward_accuracy") is None
+    assert dpo_run.path("tiny-orpo/model/README.md").exists()
+
+    base_dir, sft = dpo_run.path("base/tiny"), dpo_run.path("tiny/adapter")
+    tokenized = next(dpo_run.path("data/pairs/tokenized").glob("tiny-*[!.json]"))
+    pairs = datasets.load_from_disk(str(tokenized))["train"].select(range(4)).select_columns(list(PAIR_COLUMNS))
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    args = ORPOConfig(
+        output_dir=str(dpo_run.workdir / "t3"), use_cpu=True, bf16=False, beta=0.2, max_length=192,
+        remove_unused_columns=False, report_to=[],
+    )  # fmt: skip
+    model = load_policy(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32), str(sft))
+    trainer = orpo_trainer_class()(model=model, args=args, train_dataset=pairs, processing_class=tok)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(trainer.model, batch))
+    rows = pairs.to_dict()
+    chosen, rejected = pair_log_probs(trainer.model.eval(), rows, tok.pad_token_id, 192)
+    n_c = torch.tensor([len(c) for c in rows["chosen_ids"]], dtype=torch.float64)
+    n_r = torch.tensor([len(r) for r in rows["rejected_ids"]], dtype=torch.float64)
+    lc, lr = torch.tensor(chosen) / n_c, torch.tensor(rejected) / n_r  # mean log-probability per token
+
+    def log1mexp(x):
+        return torch.log1p(-torch.exp(x))
+
+    log_odds = (lc - lr) - (log1mexp(lc) - log1mexp(lr))
+    # TRL's NLL term covers the whole chosen sequence, prompt included ("orpo chosen nll loss is
+    # computed over the full prompt and response", trl 1.15): every token after the first
+    token_logps = []
+    with torch.no_grad():
+        for p, c in zip(rows["prompt_ids"], rows["chosen_ids"], strict=True):
+            ids = torch.tensor([list(p) + list(c)])
+            logp = torch.log_softmax(trainer.model(input_ids=ids).logits[0, :-1].double(), -1)
+            token_logps.append(logp.gather(-1, ids[0, 1:, None]).squeeze(-1))
+    nll = -torch.cat(token_logps).mean()
+    expected = nll - 0.2 * torch.nn.functional.logsigmoid(log_odds).mean()
+    assert loss == pytest.approx(float(expected), rel=1e-4)
+
+
 def test_retraining_the_sft_experiment_retrains_the_dpo_one(dpo_run):
     original = copy.deepcopy(dpo_run.config)
     cfg = copy.deepcopy(original)
@@ -190,26 +290,28 @@ def test_kiln_trace_shows_a_pair_from_its_raw_record_to_its_split(dpo_run):
     assert f"chosen: {chosen!r}" in out.stdout and f"rejected: {rejected!r}" in out.stdout
 
 
-def test_resuming_restores_the_policy_and_keeps_the_reference(dpo_run):
-    """A DPO checkpoint holds the policy at its root and TRL's reference in ref/; transformers alone
-    loads only ref/ when it sees it (the policy stayed the SFT adapter on resume). Kiln's trainer
-    loads the policy from the root and keeps the reference the SFT adapter."""
+@pytest.mark.parametrize("method, dataset", [("dpo", "pairs"), ("kto", "labelled")])
+def test_resuming_restores_the_policy_and_keeps_the_reference(dpo_run, method, dataset):
+    """A DPO or KTO checkpoint holds the policy at its root and TRL's reference in ref/; transformers
+    alone loads only ref/ when it sees it (the policy stayed the SFT adapter on resume). Kiln's
+    trainers load the policy from the root and keep the reference the SFT adapter."""
+    import datasets
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-    from trl import DPOConfig
+    from trl import DPOConfig, KTOConfig
 
     from kiln.dpo import dpo_trainer_class, ensure_logprob_kernel, load_policy
+    from kiln.kto import kto_trainer_class
 
     ensure_logprob_kernel()
     base_dir, sft = dpo_run.path("base/tiny"), dpo_run.path("tiny/adapter")
-    ckpt = dpo_run.path("checkpoints/tiny-dpo/checkpoint-2")
-    pairs = next(dpo_run.path("data/pairs/tokenized").glob("tiny-*[!.json]"))
-    import datasets
-
-    train = datasets.load_from_disk(str(pairs))["train"].select(range(4)).select_columns(list(PAIR_COLUMNS))
-    args = DPOConfig(output_dir=str(dpo_run.workdir / "t2"), use_cpu=True, bf16=False, report_to=[])
+    ckpt = dpo_run.path(f"checkpoints/tiny-{method}/checkpoint-2")
+    rows = next(dpo_run.path(f"data/{dataset}/tokenized").glob("tiny-*[!.json]"))
+    train = datasets.load_from_disk(str(rows))["train"].select(range(4)).select_columns(list(PAIR_COLUMNS))
+    config, trainer_class = {"dpo": (DPOConfig, dpo_trainer_class), "kto": (KTOConfig, kto_trainer_class)}[method]
+    args = config(output_dir=str(dpo_run.workdir / "t2"), use_cpu=True, bf16=False, report_to=[])
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    trainer = dpo_trainer_class()(
+    trainer = trainer_class()(
         model=load_policy(base, str(sft)), args=args, train_dataset=train,
         processing_class=AutoTokenizer.from_pretrained(str(base_dir)), adapter_dtype=torch.float32,
     )  # fmt: skip
@@ -223,7 +325,7 @@ def test_resuming_restores_the_policy_and_keeps_the_reference(dpo_run):
         load_file(str(ckpt / "adapter_model.safetensors")),
         load_file(str(sft / "adapter_model.safetensors")),
     )
-    assert any(not torch.equal(policy[k], sft_saved[k]) for k in policy)  # two DPO steps moved it
+    assert any(not torch.equal(policy[k], sft_saved[k]) for k in policy)  # two steps moved it
     for k, p in weights("default", policy).items():
         assert torch.equal(p.detach(), policy[k]) and p.requires_grad and p.dtype == torch.float32, k
     for k, p in weights("ref", sft_saved).items():
@@ -294,3 +396,10 @@ def test_each_offered_dpo_loss_trains(dpo_run, tmp_path, loss_type, sft_weight):
     args = dpo_args(job, [])
     assert args.loss_type == ([loss_type, "sft"] if sft_weight else [loss_type])
     assert args.loss_weights == ([1.0, sft_weight] if sft_weight else None)
+
+
+def test_after_every_test_above_the_dpo_workflow_has_nothing_to_do(dpo_run):
+    """Last in the module: nothing the tests above did (reading the runs' files, dry runs with another
+    config) leaves the workflow out of date; a rerun plans no job."""
+    out = dpo_run.run(dry=True)
+    assert "Nothing to be done" in out.stdout + out.stderr, out.stdout[-3000:] + out.stderr[-3000:]

@@ -241,7 +241,10 @@ def test_a_dpo_experiment_validates_and_its_settings_are_typed():
             lambda c: c["experiments"]["tiny-dpo"]["training"].update(beta=0),
             "beta: 0 is less than or equal to the minimum",
         ),
-        (lambda c: c["experiments"]["tiny-dpo"]["training"].update(loss_type="kto"), "loss_type: 'kto' is not one of"),
+        (
+            lambda c: c["experiments"]["tiny-dpo"]["training"].update(loss_type="kto"),
+            "loss_type: 'kto' is not a loss of method dpo; use one of sigmoid, ipo, hinge, robust",
+        ),
         (
             lambda c: c["experiments"]["tiny-dpo"]["training"].update(loss_type="robust", label_smoothing=0.5),
             "robust loss needs 0 <= label_smoothing < 0.5",
@@ -252,7 +255,7 @@ def test_a_dpo_experiment_validates_and_its_settings_are_typed():
         ),
         (
             lambda c: c["experiments"]["tiny-dpo"]["tokenize"].update(packing=True),
-            "tokenize.packing: pairs are not packed",
+            "tokenize.packing: preference rows are not packed",
         ),
         (
             lambda c: c["datasets"]["pairs"]["sources"][0].update(format="messages"),
@@ -293,3 +296,65 @@ def test_from_experiment_must_be_sft_on_the_same_model():
     cfg["experiments"]["tiny-dpo"]["model"] = "tiny2"
     with pytest.raises(ConfigError, match="'tiny' trains model 'tiny', this experiment 'tiny2'"):
         validate(cfg)
+
+
+def _kto_config(**training) -> dict:
+    cfg = _dpo_config()
+    cfg["experiments"]["tiny-kto"] = copy.deepcopy(cfg["experiments"]["tiny-dpo"])
+    cfg["experiments"]["tiny-kto"]["training"].update(method="kto", loss_type="kto", **training)
+    return cfg
+
+
+def test_a_kto_experiment_validates_and_its_settings_are_typed():
+    cfg = validate(_kto_config(desirable_weight=1.2, undesirable_weight=0.8, beta=0.2))
+    t = cfg["experiments"]["tiny-kto"]["training"]
+    assert (t["method"], t["loss_type"], t["beta"], t["desirable_weight"], t["undesirable_weight"]) == (
+        "kto",
+        "kto",
+        0.2,
+        1.2,
+        0.8,
+    )
+    from kiln.preference import expected_kinds
+
+    # pairs (dpo and kto both train on them): only pairs; a kto-only dataset takes unpaired rows too
+    assert expected_kinds(cfg, "pairs") == ["preference"]
+    del cfg["experiments"]["tiny-dpo"]
+    assert expected_kinds(cfg, "pairs") == ["preference", "unpaired"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda t: t.update(loss_type="sigmoid"),
+            "training.loss_type: 'sigmoid' is not a loss of method kto; use one of kto, apo_zero_unpaired",
+        ),
+        (lambda t: t.update(sft_weight=1.0), "training.sft_weight: dpo only"),
+        (lambda t: t.update(per_device_batch_size=1), "training.per_device_batch_size: the kto loss estimates"),
+        (lambda t: t.update(desirable_weight=0), "desirable_weight: 0 is less than or equal to the minimum"),
+        (lambda t: t.pop("from_experiment"), "from_experiment: method 'kto' starts from an SFT experiment"),
+        (lambda t: t.update(backend="unsloth"), "training.backend: not available with method kto"),
+    ],
+    ids=["dpo-loss", "sft-weight", "batch-1", "weight-0", "no-source", "unsloth"],
+)
+def test_a_kto_experiment_that_cannot_work_is_refused_at_parse_time_in_one_line(change, message):
+    cfg = _kto_config()
+    change(cfg["experiments"]["tiny-kto"]["training"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_collect_tells_which_method_takes_a_row_of_another_kind(tmp_path):
+    unpaired = {"prompt": "Order: 2 kettles", "completion": "{}", "label": False}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(_pair("a", "b")) + "\n" + json.dumps(unpaired) + "\n")
+    src = SourceSpec(name="s", kind="local", path=str(path))
+    with pytest.raises(CollectError, match=r"row 2: an unpaired record .* train unpaired rows with method kto"):
+        collect_shard(src, "rows.jsonl", tmp_path / "raw.parquet", dataset="p", kinds=["preference"])
+    # a kto dataset takes both; a chat row is refused there, saying what kto needs
+    collect_shard(src, "rows.jsonl", tmp_path / "raw.parquet", dataset="p", kinds=["preference", "unpaired"])
+    path.write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    with pytest.raises(CollectError, match=r"row 1: a chat record .* trained with method kto, which needs answers"):
+        collect_shard(src, "rows.jsonl", tmp_path / "raw2.parquet", dataset="p", kinds=["preference", "unpaired"])

@@ -247,12 +247,19 @@ def preference_card_lines(metrics: Metrics) -> list[str]:
         "| model | preference accuracy | log-prob margin (nats) | reward margin vs SFT |",
         "|---|---|---|---|",
         *[
-            f"| {r['model']} | {r['preference accuracy']:.3f} | {r['log-prob margin (nats)']:.2f} "
+            f"| {r['model']} | {cell(r['preference accuracy'], '.3f')} | {cell(r['log-prob margin (nats)'], '.2f')} "
             f"| {cell(r['reward margin vs SFT'], '.3f')} |"
             for r in pref.rows()
         ],
         "",
     ]
+    if pref.unpaired is not None:
+        u = pref.unpaired
+        lines += [
+            f"Held-out unpaired answers ({u.desirable} desirable, {u.undesirable} undesirable): this model's "
+            f"reward against the SFT model has the label's sign for {u.label_accuracy:.3f} of them.",
+            "",
+        ]
     sft = (metrics.sft or {}).get(metrics.main)
     if sft is not None:
         tuned = metrics.value("tuned", metrics.main)

@@ -256,10 +256,12 @@ def _score_preferences(run: _Run, inputs: EvaluationInputs, metrics: dict) -> No
         )
 
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    # the implicit reward against the SFT model: for the methods trained with it as the reference
+    beta = None if trained.training.method == "orpo" else trained.training.beta
     metrics["preference"] = {
         "method": trained.training.method,
         "from_experiment": trained.training.from_experiment,
-        **score_pairs(load, inputs.pairs, pad, trained.tokenize.max_seq_len, trained.training.beta),
+        **score_pairs(load, inputs.pairs, pad, trained.tokenize.max_seq_len, beta),
     }
     sft = json.loads(Path(inputs.sft_metrics).read_text())
     keys = ["loss", *metrics["task_metrics"]]

@@ -322,6 +322,9 @@ def manifest_page(manifest: Manifest) -> str:
     if met.preference is not None:
         body += f"<h3>Held-out preference pairs ({met.preference.pairs}): base, SFT, {met.preference.method}</h3>"
         body += _table(met.preference.rows(), table_id="preference")
+        if met.preference.unpaired is not None:
+            body += "<h3>Held-out unpaired answers: the tuned model's reward against the SFT model's</h3>"
+            body += _table([met.preference.unpaired.to_dict()], table_id="unpaired")
         if met.sft:
             body += _table([{"model": "SFT", **met.sft}], table_id="sft-task")
     stages = [{"stage": k, **(v.to_dict() if v else {})} for k, v in m.stages.items()]

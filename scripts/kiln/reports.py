@@ -177,11 +177,22 @@ class PairScore(Record):
     """One model on the held-out preference pairs (kiln.pair_eval)."""
 
     pairs: int
-    preference_accuracy: float
-    mean_logp_margin: float
+    preference_accuracy: float | None = None  # None: no pair in the test split (kto, unpaired rows)
+    mean_logp_margin: float | None = None
     reward_accuracy: float | None = None  # the tuned model against its reference (the SFT model)
     mean_reward_margin: float | None = None
     beta: float | None = None
+
+
+class UnpairedScore(Record):
+    """The tuned model's implicit reward of held-out unpaired answers against their labels (kiln.pair_eval)."""
+
+    rows: int
+    desirable: int
+    undesirable: int
+    label_accuracy: float
+    mean_desirable_reward: float | None = None
+    mean_undesirable_reward: float | None = None
 
 
 class PreferenceScores(Record):
@@ -193,6 +204,7 @@ class PreferenceScores(Record):
     base: PairScore
     sft: PairScore
     tuned: PairScore
+    unpaired: UnpairedScore | None = None  # kto: held-out answers marked desirable or not
 
     def rows(self) -> list[dict]:
         """One row per model: what the manifest page, the card and README show."""

@@ -64,6 +64,9 @@ class _Settings:
 
 # TRL's DPO losses over one chosen-rejected pair that Kiln's tests train with (trl DPOConfig.loss_type)
 DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+# Methods that continue an SFT experiment's adapter with it as the reference (kiln.pref_train)
+PREFERENCE_METHODS = ("dpo", "kto", "orpo")
 
 ANSWER_TYPES = ("string", "integer", "number", "boolean", "date")
 
@@ -191,20 +194,33 @@ class TrainingSettings(_Settings):
     method: str = _f(
         "sft",
         "sft: supervised fine-tuning (TRL's SFTTrainer) | dpo: direct preference optimisation on pairs "
-        "(TRL's DPOTrainer), from the SFT adapter of from_experiment.",
-        ("sft", "dpo"),
+        "(TRL's DPOTrainer) | kto: Kahneman-Tversky optimisation on desirable/undesirable answers (TRL's "
+        "KTOTrainer) | orpo: odds-ratio preference optimisation on pairs, no reference (TRL's ORPOTrainer); "
+        "each starts from the SFT adapter of from_experiment.",
+        ("sft", *PREFERENCE_METHODS),
     )
     from_experiment: str = _f(
-        "", "dpo: the SFT experiment (same model) whose adapter training starts from and is the reference."
+        "",
+        "dpo, kto, orpo: the SFT experiment (same model) whose adapter training starts from (dpo, kto: "
+        "and the reference).",
     )
-    beta: float = _f(0.1, "dpo: how far from the reference the policy may move (higher: less).")
-    loss_type: str = _f("sigmoid", "dpo: TRL's loss, sigmoid (the DPO paper's), ipo, hinge or robust.", DPO_LOSSES)
+    beta: float = _f(
+        0.1, "dpo, kto: how far from the reference the policy may move (higher: less); orpo: the odds-ratio weight."
+    )
+    loss_type: str = _f(
+        "sigmoid",
+        "dpo: TRL's loss, sigmoid (the DPO paper's), ipo, hinge or robust; kto: kto (the KTO paper's) or "
+        "apo_zero_unpaired.",
+        DPO_LOSSES + KTO_LOSSES,
+    )
     label_smoothing: float = _f(0.0, "dpo: share of pairs assumed flipped (robust: below 0.5; sigmoid: cDPO).")
     sft_weight: float = _f(
         0.0,
         "dpo: weight of TRL's sft loss on the chosen answer added to the preference loss (RPO); keeps the "
         "chosen answer likely while the pair's margin grows. 0: off.",
     )
+    desirable_weight: float = _f(1.0, "kto: weight of the desirable (chosen) answers' loss.")
+    undesirable_weight: float = _f(1.0, "kto: weight of the undesirable (rejected) answers' loss.")
 
     @property
     def effective_batch(self) -> int:
@@ -223,18 +239,37 @@ class TrainingSettings(_Settings):
                 f"{where}.num_gpus: {n} processes can't share an effective batch of {self.effective_batch} "
                 "sequences (per_device_batch_size x gradient_accumulation_steps) evenly"
             )
-        if self.method == "sft" and self.from_experiment:
+        m = self.method
+        if m == "sft" and self.from_experiment:
             raise SpecError(
-                f"{where}.from_experiment: set for method 'sft'; it names the SFT experiment a dpo run starts "
-                "from (remove it, or set method: dpo)"
+                f"{where}.from_experiment: set for method 'sft'; it names the SFT experiment a dpo or kto run "
+                "starts from (remove it, or set method: dpo or kto)"
             )
-        if self.method == "dpo" and not self.from_experiment:
+        if m in PREFERENCE_METHODS and not self.from_experiment:
             raise SpecError(
-                f"{where}.from_experiment: method 'dpo' starts from an SFT experiment's adapter; name it "
+                f"{where}.from_experiment: method '{m}' starts from an SFT experiment's adapter; name it "
                 "(e.g. from_experiment: default)"
             )
-        if self.method == "dpo" and self.num_gpus > 1:
-            raise SpecError(f"{where}.num_gpus: method 'dpo' trains in one process (num_gpus 0 or 1)")
+        if m in PREFERENCE_METHODS and self.num_gpus > 1:
+            raise SpecError(f"{where}.num_gpus: method '{m}' trains in one process (num_gpus 0 or 1)")
+        losses = {"dpo": DPO_LOSSES, "kto": KTO_LOSSES}.get(m)
+        if losses and self.loss_type not in losses:
+            raise SpecError(
+                f"{where}.loss_type: '{self.loss_type}' is not a loss of method {m}; use one of {', '.join(losses)}"
+            )
+        if m in ("kto", "orpo") and self.sft_weight:
+            raise SpecError(f"{where}.sft_weight: dpo only ({m} has no such term in TRL); remove it")
+        if m == "orpo" and (self.loss_type != "sigmoid" or self.label_smoothing):
+            key = "loss_type" if self.loss_type != "sigmoid" else "label_smoothing"
+            raise SpecError(f"{where}.{key}: orpo has one loss (TRL's ORPOTrainer); remove it")
+        if m != "kto" and (self.desirable_weight != 1.0 or self.undesirable_weight != 1.0):
+            key = "desirable_weight" if self.desirable_weight != 1.0 else "undesirable_weight"
+            raise SpecError(f"{where}.{key}: kto only; remove it (or set method: kto)")
+        if m == "kto" and self.loss_type == "kto" and self.per_device_batch_size < 2:
+            raise SpecError(
+                f"{where}.per_device_batch_size: the kto loss estimates its KL term from the other answers of "
+                "a micro-batch (TRL's KTOTrainer); it needs at least 2"
+            )
         if self.loss_type == "robust" and not 0 <= self.label_smoothing < 0.5:
             raise SpecError(f"{where}.label_smoothing: the robust loss needs 0 <= label_smoothing < 0.5")
         if self.early_stopping_patience and self.eval_steps and self.save_steps % self.eval_steps:
