@@ -75,11 +75,30 @@ def collect(results: Path) -> list[dict]:
     return rows
 
 
+def table(result: dict) -> str:
+    """docs/preference.md's sweep table, rendered from the results file (a test holds the page to it)."""
+    lines = [
+        "| learning rate | sft_weight | beta | preference accuracy, SFT -> DPO | exact match, SFT -> DPO |",
+        "|---|---|---|---|---|",
+    ]
+    t = yaml.safe_load(EXAMPLE.read_text())["experiments"]["orders-dpo"]["training"]
+    shipped = (t["learning_rate"], t.get("sft_weight", 0.0), t["beta"])
+    for r in result["settings"]:
+        mark = " (shipped)" if (r["learning_rate"], r["sft_weight"], r["beta"]) == shipped else ""
+        acc, em = r["preference_accuracy"], r["exact_match"]
+        lines.append(
+            f"| {r['learning_rate']:g}{mark} | {r['sft_weight']:g} | {r['beta']:g} | {acc['sft']:.3f} -> "
+            f"{acc['tuned']:.3f} | {em['sft']:.3f} -> {em['dpo']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", required=True)
     ap.add_argument("--collect", action="store_true", help="only read an earlier run's results")
     ap.add_argument("--out", default="benchmarks/results/preference_sweep.json")
+    ap.add_argument("--note", default="", help="what the record should say about this run (kept in it)")
     args = ap.parse_args()
     folder = Path(args.folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,10 +110,9 @@ def main() -> None:
         cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "1"]
         subprocess.run([*cmd, "--configfile", "sweep.yaml", *targets], cwd=folder, check=True)
     rows = collect(folder / "results")
-    out = {"date": datetime.date.today().isoformat(), "machine": machine(), "settings": rows}
+    out = {"date": datetime.date.today().isoformat(), "machine": machine(), "note": args.note, "settings": rows}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    for r in rows:
-        print(json.dumps(r))
+    print(table(out))
 
 
 if __name__ == "__main__":

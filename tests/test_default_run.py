@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SNAKEMAKE
-from test_examples import MARGIN, PREFERENCE_MARGIN
+from test_examples import MARGIN, PREFERENCE_MARGIN, TASK_DROP
 
 
 def served_readme_example(workdir):
@@ -123,8 +123,8 @@ def test_default_run_beats_the_base_model(tmp_path):
 
     # The shipped preference example (README's command), from the same folder: DPO from the default
     # experiment trained above, which is reused (not retrained). Its DPO model must beat the SFT
-    # model on held-out preference accuracy by PREFERENCE_MARGIN; its exact match beside the SFT
-    # model's is recorded (README: the example's settings still cost the task).
+    # model on held-out preference accuracy by PREFERENCE_MARGIN without costing the task: its
+    # exact match on the same test rows at most TASK_DROP below the SFT model's.
     sft_adapter = results / "default" / "adapter" / "adapter_model.safetensors"
     before = sft_adapter.stat().st_mtime_ns
     proc = subprocess.run(
@@ -137,6 +137,6 @@ def test_default_run_beats_the_base_model(tmp_path):
     assert pref["from_experiment"] == "default" and pref["pairs"] >= 50, pref
     gain = pref["tuned"]["preference_accuracy"] - pref["sft"]["preference_accuracy"]
     assert gain >= PREFERENCE_MARGIN, pref
-    assert metrics["sft"]["same_rows"] and metrics["delta_tuned_minus_sft"]["exact_match"] is not None
+    assert metrics["sft"]["same_rows"] and metrics["delta_tuned_minus_sft"]["exact_match"] >= -TASK_DROP, metrics["sft"]
     assert metrics["base"]["scored_in"] == "default"  # same base, rows and settings: not generated twice
     assert metrics["published_check"]["ok"] and (results / "orders-dpo" / "model" / "README.md").exists()

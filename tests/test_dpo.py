@@ -185,6 +185,10 @@ def test_a_dpo_experiment_runs_every_stage_after_training(dpo_run):
     assert "gguf_q8_0" in metrics
     # the base on the SFT task: the SFT experiment's scores, same rows and settings, not generated again
     assert metrics["base"]["scored_in"] == "tiny" and metrics["base"]["exact_match"] == sft["base"]["exact_match"]
+    # served as any model: `kiln serve` on the DPO model's GGUF answers a schema-bound request
+    from test_families import served_json
+
+    assert served_json(dpo_run, "tiny-dpo")
 
 
 def test_a_kto_experiment_trains_from_the_sft_adapter_and_runs_every_stage(dpo_run):
