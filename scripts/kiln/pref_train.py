@@ -1,9 +1,9 @@
-"""The preference-tuning recipe (issue 27): kiln.train's phases around TRL's DPOTrainer (method dpo)
-or KTOTrainer (method kto).
+"""The preference-tuning recipe (issue 27): kiln.train's phases around TRL's DPOTrainer (method dpo),
+KTOTrainer (kto) or ORPOTrainer (orpo).
 
 What differs from SFT: the model is the SFT experiment's adapter on the 4-bit base, trainable, with
-a frozen copy of it as the reference (kiln.dpo.load_policy); the data are tokenized preference
-rows; the trainer is TRL's DPOTrainer (kiln.dpo) or KTOTrainer (kiln.kto). Resume, checkpoints
+a frozen copy of it as the reference for dpo and kto (kiln.dpo.load_policy; orpo has none); the data
+are tokenized preference rows; the trainer is TRL's (kiln.dpo, kiln.kto, kiln.orpo). Resume, checkpoints
 recorded complete before rotation, the step log, the adapter and its experiment.json are
 kiln.train's, unchanged: the result is an adapter of the same shape on the same base, so merge,
 export, serving and the audit read it like any other.
