@@ -106,29 +106,16 @@ def resume_policy(model, checkpoint: str) -> None:
 
 @functools.cache
 def dpo_trainer_class():
-    """TRL's DPOTrainer with the corrections Kiln's SFTTrainer has (kiln.trainer), on pre-tokenized pairs."""
+    """TRL's DPOTrainer with Kiln's corrections (kiln.trainer.PreferenceCorrections), on pre-tokenized pairs."""
     from trl import DPOTrainer
 
-    from kiln.trainer import (
-        _cast_adapters,
-        _deterministic_target_modules,
-        _one_cpu_kernel,
-        _save_recorded_then_rotate,
-        _use_readable_progress,
-    )
+    from kiln.trainer import PreferenceCorrections
 
-    class KilnDPOTrainer(DPOTrainer):
+    class KilnDPOTrainer(PreferenceCorrections, DPOTrainer):
         """- pairs arrive tokenized by Kiln's tokenize stage (``_prepare_dataset`` passes them on);
-        - TRL casts QLoRA adapters to bfloat16 whatever the compute dtype (``adapter_dtype`` undoes it);
-        - one CPU kernel for 4-bit layers, sorted target modules, checkpoints recorded complete
-          before rotation, no TRL model card in the checkpoint folder (as kiln.trainer says why)."""
-
-        def __init__(self, *args, adapter_dtype=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            _deterministic_target_modules(self.model)
-            _one_cpu_kernel(self.model)
-            _use_readable_progress(self)
-            _cast_adapters(self.model, adapter_dtype)
+        - the policy resumes from the checkpoint's root (``resume_policy``);
+        - TRL casts QLoRA adapters to bfloat16 whatever the compute dtype (``adapter_dtype`` undoes it),
+          and the rest of PreferenceCorrections."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if all(c in dataset.column_names for c in PAIR_COLUMNS):
@@ -138,40 +125,20 @@ def dpo_trainer_class():
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             resume_policy(model or self.model, resume_from_checkpoint)
 
-        def create_model_card(self, *args, **kwargs):
-            """Not written (kiln.trainer's KilnSFTTrainer.create_model_card says why)."""
-
-        def _save_checkpoint(self, model, trial):
-            _save_recorded_then_rotate(self, super()._save_checkpoint, model, trial)
-
     return KilnDPOTrainer
 
 
 def dpo_args(job, report_to: list[str]):
     """TRL's DPOConfig for a kiln.pref_train.PreferenceJob after its setup phase."""
-    import torch
     from trl import DPOConfig
 
-    from kiln.trainer import schedule_args
+    from kiln.trainer import preference_args
 
     s = job.s
     return DPOConfig(
-        **schedule_args(job),
-        prediction_loss_only=True,
-        seed=s.seed,
-        data_seed=s.seed,
-        bf16=job.dtype == torch.bfloat16,
-        fp16=job.dtype == torch.float16,
-        use_cpu=not job.cuda,
-        max_length=job.tokenize.max_seq_len,
-        beta=s.beta,
+        **preference_args(job, report_to),
         # RPO: the preference loss plus TRL's sft loss on the chosen answer, weighted (training.sft_weight)
         loss_type=[s.loss_type, "sft"] if s.sft_weight else [s.loss_type],
         loss_weights=[1.0, s.sft_weight] if s.sft_weight else None,
         label_smoothing=s.label_smoothing,
-        include_num_input_tokens_seen=True,
-        report_to=report_to,
-        run_name=job.experiment,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
     )

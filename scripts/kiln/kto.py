@@ -60,31 +60,16 @@ def with_kl_completions(ds, batch_size: int):
 
 @functools.cache
 def kto_trainer_class():
-    """TRL's KTOTrainer with the corrections Kiln's other trainers have, on Kiln's tokenized rows."""
+    """TRL's KTOTrainer with Kiln's corrections (kiln.trainer.PreferenceCorrections), on Kiln's tokenized rows."""
     from trl import KTOTrainer
 
     from kiln.dpo import resume_policy
-    from kiln.trainer import (
-        _cast_adapters,
-        _deterministic_target_modules,
-        _one_cpu_kernel,
-        _save_recorded_then_rotate,
-        _use_readable_progress,
-    )
+    from kiln.trainer import PreferenceCorrections
 
-    class KilnKTOTrainer(KTOTrainer):
+    class KilnKTOTrainer(PreferenceCorrections, KTOTrainer):
         """- rows arrive tokenized by Kiln's tokenize stage (``_prepare_dataset`` turns them into KTO's
           labelled answers and adds TRL's KL completions);
-        - the adapter's dtype, one CPU kernel, sorted target modules, checkpoints recorded complete
-          before rotation, the policy resumed from the checkpoint's root, no TRL model card (kiln.dpo
-          and kiln.trainer say why)."""
-
-        def __init__(self, *args, adapter_dtype=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            _deterministic_target_modules(self.model)
-            _one_cpu_kernel(self.model)
-            _use_readable_progress(self)
-            _cast_adapters(self.model, adapter_dtype)
+        - the policy resumes from the checkpoint's root (kiln.dpo.resume_policy)."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if not all(c in dataset.column_names for c in PAIR_COLUMNS):
@@ -97,39 +82,19 @@ def kto_trainer_class():
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             resume_policy(model or self.model, resume_from_checkpoint)
 
-        def create_model_card(self, *args, **kwargs):
-            """Not written (kiln.trainer's KilnSFTTrainer.create_model_card says why)."""
-
-        def _save_checkpoint(self, model, trial):
-            _save_recorded_then_rotate(self, super()._save_checkpoint, model, trial)
-
     return KilnKTOTrainer
 
 
 def kto_args(job, report_to: list[str]):
     """TRL's KTOConfig for a kiln.pref_train.PreferenceJob after its setup phase."""
-    import torch
     from trl import KTOConfig
 
-    from kiln.trainer import schedule_args
+    from kiln.trainer import preference_args
 
     s = job.s
     return KTOConfig(
-        **schedule_args(job),
-        prediction_loss_only=True,
-        seed=s.seed,
-        data_seed=s.seed,
-        bf16=job.dtype == torch.bfloat16,
-        fp16=job.dtype == torch.float16,
-        use_cpu=not job.cuda,
-        max_length=job.tokenize.max_seq_len,
-        beta=s.beta,
+        **preference_args(job, report_to),
         loss_type=s.loss_type,
         desirable_weight=s.desirable_weight,
         undesirable_weight=s.undesirable_weight,
-        include_num_input_tokens_seen=True,
-        report_to=report_to,
-        run_name=job.experiment,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
     )

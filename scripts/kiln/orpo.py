@@ -36,65 +36,26 @@ def orpo_row(row: dict, max_length: int) -> dict:
 
 @functools.cache
 def orpo_trainer_class():
-    """TRL's ORPOTrainer with the corrections Kiln's other trainers have, on Kiln's tokenized pairs."""
+    """TRL's ORPOTrainer with Kiln's corrections (kiln.trainer.PreferenceCorrections), on Kiln's tokenized pairs."""
     from trl.experimental.orpo import ORPOTrainer
 
-    from kiln.trainer import (
-        _cast_adapters,
-        _deterministic_target_modules,
-        _one_cpu_kernel,
-        _save_recorded_then_rotate,
-        _use_readable_progress,
-    )
+    from kiln.trainer import PreferenceCorrections
 
-    class KilnORPOTrainer(ORPOTrainer):
-        """- pairs arrive tokenized by Kiln's tokenize stage (``tokenize_row`` lays them out);
-        - the adapter's dtype, one CPU kernel, sorted target modules, checkpoints recorded complete
-          before rotation, no TRL model card (kiln.trainer says why)."""
-
-        def __init__(self, *args, adapter_dtype=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            _deterministic_target_modules(self.model)
-            _one_cpu_kernel(self.model)
-            _use_readable_progress(self)
-            _cast_adapters(self.model, adapter_dtype)
+    class KilnORPOTrainer(PreferenceCorrections, ORPOTrainer):
+        """Pairs arrive tokenized by Kiln's tokenize stage (``tokenize_row`` lays them out)."""
 
         def tokenize_row(self, feature, model=None):
             if "prompt_ids" in feature:
                 return orpo_row(feature, self.max_length)
             return super().tokenize_row(feature, model)
 
-        def create_model_card(self, *args, **kwargs):
-            """Not written (kiln.trainer's KilnSFTTrainer.create_model_card says why)."""
-
-        def _save_checkpoint(self, model, trial):
-            _save_recorded_then_rotate(self, super()._save_checkpoint, model, trial)
-
     return KilnORPOTrainer
 
 
 def orpo_args(job, report_to: list[str]):
     """TRL's ORPOConfig for a kiln.pref_train.PreferenceJob after its setup phase."""
-    import torch
     from trl.experimental.orpo import ORPOConfig
 
-    from kiln.trainer import schedule_args
+    from kiln.trainer import preference_args
 
-    s = job.s
-    return ORPOConfig(
-        **schedule_args(job),
-        prediction_loss_only=True,
-        seed=s.seed,
-        data_seed=s.seed,
-        bf16=job.dtype == torch.bfloat16,
-        fp16=job.dtype == torch.float16,
-        use_cpu=not job.cuda,
-        max_length=job.tokenize.max_seq_len,
-        beta=s.beta,
-        remove_unused_columns=False,
-        include_num_input_tokens_seen=True,
-        report_to=report_to,
-        run_name=job.experiment,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-    )
+    return ORPOConfig(**preference_args(job, report_to), remove_unused_columns=False)

@@ -214,6 +214,52 @@ def schedule_args(job) -> dict:
     )
 
 
+class PreferenceCorrections:
+    """Kiln's corrections for TRL's preference trainers, mixed in before one (kiln.dpo, kiln.kto,
+    kiln.orpo: ``class KilnDPOTrainer(PreferenceCorrections, DPOTrainer)``): the adapter's dtype
+    (``adapter_dtype``), one CPU kernel for 4-bit layers, sorted target modules, the readable
+    progress line, checkpoints recorded complete before rotation and no TRL model card in the
+    checkpoint folder, each as KilnSFTTrainer has it and says why."""
+
+    def __init__(self, *args, adapter_dtype=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        _deterministic_target_modules(self.model)
+        _one_cpu_kernel(self.model)
+        _use_readable_progress(self)
+        _cast_adapters(self.model, adapter_dtype)
+
+    def create_model_card(self, *args, **kwargs):
+        """Not written (KilnSFTTrainer.create_model_card says why)."""
+
+    def _save_checkpoint(self, model, trial):
+        _save_recorded_then_rotate(self, super()._save_checkpoint, model, trial)
+
+
+def preference_args(job, report_to: list[str]) -> dict:
+    """The config arguments TRL's DPOConfig, KTOConfig and ORPOConfig take alike, for a
+    kiln.pref_train.PreferenceJob after its setup phase: schedule_args and the run's dtype, device,
+    seed, sequence length, beta and logging. Each method's config adds its own."""
+    import torch
+
+    s = job.s
+    return dict(
+        **schedule_args(job),
+        prediction_loss_only=True,
+        seed=s.seed,
+        data_seed=s.seed,
+        bf16=job.dtype == torch.bfloat16,
+        fp16=job.dtype == torch.float16,
+        use_cpu=not job.cuda,
+        max_length=job.tokenize.max_seq_len,
+        beta=s.beta,
+        include_num_input_tokens_seen=True,
+        report_to=report_to,
+        run_name=job.experiment,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
 def sft_args(job, report_to: list[str]):
     """TRL's SFTConfig for a kiln.train.TrainingJob after its setup phase (settings, batch sizes, data)."""
     import torch
