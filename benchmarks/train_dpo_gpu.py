@@ -235,8 +235,9 @@ def cmd_all(args) -> None:
     sweep = SWEEP
     if args.settings:
         sweep = [(int(bs), ck == "1") for bs, ck in (x.split(":") for x in args.settings.split(","))]
-    for stack in args.stacks.split(","):
-        for bs, ck in sweep:
+    # Setting by setting, each stack in turn: a call cut short by its budget still compares like with like.
+    for bs, ck in sweep:
+        for stack in args.stacks.split(","):
             where = {"stack": stack, "micro_batch": bs, "checkpointing": ck}
             if time.monotonic() - start > args.budget:
                 emit(args.out, {"kind": "skipped", **where, "why": f"past the call's budget of {args.budget} s"})

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # kiln, as the rules' scripts import it
 WORK = Path(os.environ.get("KILN_BENCH_WORK", "/tmp/kiln-train-gpu"))
 TOKENIZER = REPO / "tests" / "fixtures" / "smollm2-tokenizer"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -85,6 +86,22 @@ SHAPES["qwen2.5-1.5b"] = {
     "intermediate_size": 8960,
     "num_hidden_layers": 28,
     "num_attention_heads": 12,
+}
+
+
+# issue 28's third shape: Llama-3-8B (no q/k/v biases: Unsloth fuses its LoRA projections itself)
+SHAPES["llama-3-8b"] = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "vocab_size": 128256,
 }
 
 
@@ -208,6 +225,11 @@ def cmd_loop(args) -> None:
 
         model, _ = unsloth_lora(path, args.seq, ckpt)
         FastLanguageModel.for_training(model)
+    fused = None
+    if args.lever == "kiln_fused":  # issue 28: kiln.fused_lora on the same Unsloth model
+        from kiln.fused_lora import install
+
+        fused = install(model)
     model.train()
     vocab = model.get_input_embeddings().weight.shape[0]
     forward_loss = lever_loss(model, args.lever, args.backend)
@@ -237,6 +259,7 @@ def cmd_loop(args) -> None:
             "checkpointing": ckpt,
             "n_params": n_params(args.shape),
             "card": card(),
+            "fused": fused,
         }
         try:
             if dev == "cuda":
@@ -265,6 +288,7 @@ def cmd_loop(args) -> None:
                 "step_s": dt / args.steps,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
                 "loss_last": losses[-1].item(),
+                "losses": [float(x) for x in losses],  # same seed and data: runs compare step by step
                 "wall_s": time.time() - t_start,
             },
         )
@@ -585,6 +609,8 @@ def cmd_kiln(args) -> None:
             "loss_last": summary["final_loss"],
             "losses": [[r["step"], r["loss"]] for r in steps if "loss" in r],
             "lm_head_loss": summary.get("lm_head_loss"),
+            "lora_gemms": summary.get("lora_gemms"),
+            "lora_gemms_fused": summary.get("lora_gemms_fused"),
             "lm_head_loss_reason": summary.get("lm_head_loss_reason"),
             "attention": summary.get("attention"),  # packed rows: the kernel, why, the isolation check
             "eval_loss": summary.get("eval_loss"),
@@ -815,6 +841,29 @@ PLAN["f7"] = [
 ]
 
 
+# issue 28: Kiln's fused LoRA GEMMs (kiln.fused_lora), one call per shape: the plain Unsloth loop at
+# its best setting of the fair sweep (no checkpointing, the largest micro-batch that fits) beside the
+# same loop with the fused GEMMs installed (same seed and data: loss curves compared step by step;
+# tolerance set before the run: within 0.5% relative at every step) and Kiln's stage with
+# lora_gemms: fused and with separate.
+def fused_race(shape: str, bs: str, steps: str = "10") -> list[list[str]]:
+    loop = ["loop", "--backend", "unsloth", "--ckpt", "off", "--shape", shape, "--bs", bs, "--steps", steps]
+    short = '{"max_steps": 15, "lora_gemms": "%s"}'
+    return [
+        ["matmul"],
+        ["make", "--shape", shape],
+        [*loop, "--name", f"unsloth_nockpt_{shape}"],
+        [*loop, "--name", f"unsloth_nockpt_fused_{shape}", "--lever", "kiln_fused"],
+        ["kiln", "--name", f"kiln_stage_fused_{shape}", "--shape", shape, "--set", short % "fused"],
+        ["kiln", "--name", f"kiln_stage_separate_{shape}", "--shape", shape, "--set", short % "separate"],
+    ]
+
+
+PLAN["g1"] = fused_race("qwen2.5-0.5b", "64")
+PLAN["g2"] = fused_race("qwen2.5-1.5b", "32")
+PLAN["g3"] = fused_race("llama-3-8b", "8")
+
+
 # issue 23: the honest race. Packed training that keeps documents apart (Kiln's collator and a varlen
 # kernel), beside Kiln unpacked and Unsloth + TRL's SFTTrainer with its own packing, swept over its
 # micro-batch with checkpointing off and on, and at its documented default (2 x 4, checkpointing);
@@ -871,7 +920,7 @@ def main() -> None:
     for name in ("all", "matmul", "make", "loop", "sft", "kiln", "table"):
         p = sub.add_parser(name)
         p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
-    sub.choices["all"].add_argument("--part", default="1", help="1, 2, 3, f1..f8, p1..p3, all, or a comma list")
+    sub.choices["all"].add_argument("--part", default="1", help="1, 2, 3, f1..f8, p1..p3, g1..g3, all, or a comma list")
     sub.choices["make"].add_argument("--shape", nargs="+", required=True)
     for name in ("loop", "sft", "kiln"):
         p = sub.choices[name]
@@ -881,7 +930,8 @@ def main() -> None:
         p.add_argument("--warmup", type=int, default=5)
     loop = sub.choices["loop"]
     loop.add_argument("--backend", choices=["hf", "unsloth"], required=True)
-    loop.add_argument("--lever", choices=["none", "liger_flce", "expandable_segments"], default="none")
+    levers = ["none", "liger_flce", "expandable_segments", "kiln_fused"]
+    loop.add_argument("--lever", choices=levers, default="none")
     loop.add_argument("--profile", action="store_true", help="profile 3 more steps after the timed ones")
     for name in ("loop", "sft"):
         p = sub.choices[name]

@@ -4,6 +4,8 @@ Run on the lent GPU machine; results of the full-size runs are in benchmarks/res
 """
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +131,56 @@ def test_a_packed_batch_loss_is_the_sum_of_its_documents_alone_on_cuda(packed_in
     assert r["packed"] == pytest.approx(r["alone"], rel=1e-5), r  # H200: 1e-7 (hf), 5e-7 (unsloth)
     assert abs(r["contaminated"] - r["alone"]) > 2e-4 * abs(r["alone"]), r  # H200: 8e-4 of it
     assert "varlen" in r["attention"]["kernel"] and r["isolation"]["isolated"], r
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_fused_lora_gemms_give_unsloths_loss_and_gradients_on_cuda(tmp_path, model_type):
+    """kiln.fused_lora on an Unsloth model (NF4, bf16), against the same model without it: the loss of a
+    batch and every LoRA gradient. Qwen2 (q/k/v biases: Unsloth runs PEFT's layers there) and Llama
+    (Unsloth's own fused LoRA kernels). Bars, set before the first run on a card: loss within 1e-3
+    relative, each gradient's error norm within 2% of its norm (bf16 rounding, additions reordered)."""
+    pytest.importorskip("unsloth")
+    import unsloth  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from unsloth import FastLanguageModel
+
+    from kiln import fused_lora
+
+    cfg = AutoConfig.for_model(
+        model_type, hidden_size=512, intermediate_size=1408, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=1024, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    for f in (Path(__file__).parent / "fixtures" / "smollm2-tokenizer").iterdir():  # Unsloth loads one
+        shutil.copy(f, tmp_path / "m" / f.name)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), max_seq_length=256, load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=16, use_gradient_checkpointing=False, random_state=0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )  # fmt: skip
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)  # B = 0 at init would leave A's gradients zero
+    ids = torch.randint(0, 49152, (4, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+
+    def loss_and_grads():
+        for p in params:
+            p.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float(), [p.grad.float().clone() for p in params]
+
+    model.train()
+    plain_loss, plain_grads = loss_and_grads()
+    done = fused_lora.install(model)
+    assert done["qkv"] == done["o"] == done["mlp"] == 2 and not done["left"], done
+    fused_loss, fused_grads = loss_and_grads()
+    print("FUSEDCHECK", model_type, float(plain_loss), float(fused_loss))
+    assert fused_loss == pytest.approx(float(plain_loss), rel=1e-3)
+    worst = max(float((a - b).norm() / b.norm()) for a, b in zip(fused_grads, plain_grads))
+    print("FUSEDCHECK worst gradient error", model_type, worst)
+    assert worst <= 0.02, worst

@@ -36,6 +36,7 @@ def test_tiny_pipeline_end_to_end(tiny_run):
     summary = json.loads(wf.path("tiny/train_summary.json").read_text())
     assert summary["steps"] == 4 and summary["tokens_trained"] > 0 and summary["backend"] == "hf"
     assert summary["compute_dtype"] == "float32" and summary["peak_memory"]["cpu_max_rss_mb"] > 0
+    assert summary["lora_gemms"] == "separate" and "the backend is hf" in summary["lora_gemms_reason"]
     assert wf.path("tiny/loss.png").read_bytes()[:4] == b"\x89PNG"
 
     # The adapter holds only LoRA weights, all float32 on the CPU path, and B moved away from its zero init.

@@ -184,6 +184,12 @@ class TrainingSettings(_Settings):
         "Lean step's LM head + loss: auto (liger on Unsloth + CUDA with liger-kernel) | model | liger.",
         ("auto", "model", "liger"),
     )
+    lora_gemms: str = _f(
+        "auto",
+        "fused: LoRA's A folded into the base GEMMs, q/k/v and gate/up one GEMM each (kiln.fused_lora) | "
+        "separate: the backend's own, one GEMM per projection | auto.",
+        ("auto", "fused", "separate"),
+    )
     eval_steps: int = _f(0, "Validation every eval_steps steps; 0 = never.")
     eval_samples: int = _f(64, "Validation rows per evaluation.")
     early_stopping_patience: int = _f(0, "Evaluations without improvement before stopping; 0 = off.")
@@ -272,6 +278,9 @@ class TrainingSettings(_Settings):
             )
         if self.loss_type == "robust" and not 0 <= self.label_smoothing < 0.5:
             raise SpecError(f"{where}.label_smoothing: the robust loss needs 0 <= label_smoothing < 0.5")
+        if self.lora_gemms == "fused" and (self.backend == "hf" or self.lora_dropout):
+            why = "backend: hf (it runs on Unsloth's decoder layers)" if self.backend == "hf" else "lora_dropout > 0"
+            raise SpecError(f"{where}.lora_gemms: fused can't run with {why}; set lora_gemms: auto or separate")
         if self.early_stopping_patience and self.eval_steps and self.save_steps % self.eval_steps:
             raise SpecError(
                 f"{where}.early_stopping_patience needs save_steps to be a multiple of eval_steps "

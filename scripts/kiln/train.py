@@ -102,6 +102,13 @@ class TrainingJob:
             self.s.lm_head_loss, self.backend, lean=not self.s.step_metrics
         )
         log.info("LM head + loss: %s (%s)", self.head_loss, self.head_loss_reason)
+        from kiln import fused_lora  # torch-level code: imported when a job runs, as torch itself
+
+        self.gemms, self.gemms_reason = fused_lora.resolve_lora_gemms(
+            self.s.lora_gemms, self.backend, self.s.lora_dropout
+        )
+        log.info("LoRA GEMMs: %s (%s)", self.gemms, self.gemms_reason)
+        self.fused = None
         if self.backend == "unsloth":
             import unsloth  # noqa: F401  (patches transformers and TRL: must come before them, this process only)
         self.dtype = compute_dtype(self.s.compute_dtype)
@@ -127,6 +134,11 @@ class TrainingJob:
         transformers.set_seed(self.s.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths.base_dir)
         self.model, self.peft_config = self._load_model()
+        if self.gemms == "fused":
+            from kiln.fused_lora import install
+
+            self.fused = install(self.model)
+            log.info("fused LoRA GEMMs on %s", self.fused)
         self._load_data(datasets.load_from_disk(self.paths.tokenized_dir))
         self._size_batches()
 
@@ -349,6 +361,9 @@ class TrainingJob:
             else {**self.attention.to_dict(), "isolation": self.isolation, "varlen_calls": varlen_calls()},
             "lm_head_loss": self.head_loss,
             "lm_head_loss_reason": self.head_loss_reason,
+            "lora_gemms": self.gemms,
+            "lora_gemms_reason": self.gemms_reason,
+            "lora_gemms_fused": self.fused,  # per kind, the decoder layers whose projections were fused
             "wall_time_s": round(time.perf_counter() - self.t_start, 1),
             "train_runtime_s": round(self.result.metrics["train_runtime"], 1) if self.result.metrics else None,
             "first_loss": losses[0] if losses else None,
