@@ -57,11 +57,20 @@ def lora_config(s: TrainingSettings):
     )
 
 
-def bnb_config(dtype):
+def bnb_config(dtype, storage=None):
+    """NF4 + double quantization, ``dtype`` compute. ``storage``: the dtype the packed 4-bit values are
+    held in (default uint8); FSDP shards only floating-point tensors, so an FSDP run stores them as
+    the compute dtype (the approach bitsandbytes and Answer.AI document for FSDP + QLoRA: the same
+    4-bit values, viewed as other bytes)."""
     from transformers import BitsAndBytesConfig
 
+    extra = {"bnb_4bit_quant_storage": storage} if storage is not None else {}
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        **extra,
     )
 
 
@@ -75,7 +84,7 @@ def load_hf(base_dir: str, s: TrainingSettings, dtype, attn_implementation: str 
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if s.quantization == "nf4":
-        kwargs["quantization_config"] = bnb_config(dtype)
+        kwargs["quantization_config"] = bnb_config(dtype, storage=dtype if s.parallel == "fsdp" else None)
     kwargs["device_map"] = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     return model, lora_config(s)

@@ -178,6 +178,12 @@ class TrainingSettings(_Settings):
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, slower).")
     auto_micro_batch: bool = _f(False, "CUDA: largest micro-batch that fits, effective batch kept.")
     num_gpus: int = _f(0, "GPUs the train job asks for; N >= 2 trains in N DDP processes.")
+    parallel: str = _f(
+        "ddp",
+        "With num_gpus >= 2: ddp (each process holds the whole 4-bit base) | fsdp (FSDP2: the base, the "
+        "adapter, its gradients and optimizer state sharded over the processes).",
+        ("ddp", "fsdp"),
+    )
     step_metrics: bool = _f(True, "TRL's per-step entropy / token accuracy (false: a lean step).")
     lm_head_loss: str = _f(
         "auto",
@@ -245,6 +251,8 @@ class TrainingSettings(_Settings):
                 f"{where}.num_gpus: {n} processes can't share an effective batch of {self.effective_batch} "
                 "sequences (per_device_batch_size x gradient_accumulation_steps) evenly"
             )
+        if self.parallel == "fsdp" and n < 2:
+            raise SpecError(f"{where}.parallel: fsdp shards over several processes; set num_gpus >= 2 (or ddp)")
         m = self.method
         if m == "sft" and self.from_experiment:
             raise SpecError(

@@ -109,6 +109,7 @@ class TrainingJob:
         )
         log.info("LoRA GEMMs: %s (%s)", self.gemms, self.gemms_reason)
         self.fused = None
+        self.fsdp = False  # build_trainer says (training.parallel: fsdp on several processes)
         if self.backend == "unsloth":
             import unsloth  # noqa: F401  (patches transformers and TRL: must come before them, this process only)
         self.dtype = compute_dtype(self.s.compute_dtype)
@@ -256,6 +257,19 @@ class TrainingJob:
             callbacks=([step_logger(self.ckpt / STEP_LOG, self.start_step)] if self.main else [])
             + ([EarlyStoppingCallback(s.early_stopping_patience)] if self.early else []),
         )
+        if s.parallel == "fsdp" and world > 1 and not self.cuda:
+            cpu_fsdp(self.trainer)
+        self.fsdp = self.trainer.is_fsdp_enabled
+        if self.fsdp:
+            plugin = self.trainer.accelerator.state.fsdp_plugin
+            log.info(
+                "FSDP%s over %d processes: %s units, state dict %s, base stored as %s",
+                plugin.fsdp_version,
+                world,
+                plugin.auto_wrap_policy.__name__ if callable(plugin.auto_wrap_policy) else plugin.auto_wrap_policy,
+                plugin.state_dict_type,
+                self.dtype,
+            )
         self.isolation = None
         if self.packed:  # before any step: never a silent contaminated run
             vocab = self.trainer.model.get_input_embeddings().weight.shape[0]
@@ -269,6 +283,9 @@ class TrainingJob:
         else:
             self.result = self.trainer.train(resume_from_checkpoint=self.resume)
         self.peaks = [peak_memory_mb()]
+        # FSDP: the whole model's state gathered onto the main process (a collective: every process
+        # takes part), from which save() keeps the adapter; {} elsewhere, None without FSDP
+        self.full_state = self.trainer.accelerator.get_state_dict(self.trainer.model) if self.fsdp else None
         if self.state is not None:
             from accelerate.utils import gather_object
 
@@ -310,7 +327,7 @@ class TrainingJob:
         # The absolute path loads from any directory (Kiln itself uses `base_model_relpath`).
         for peft_config in getattr(self.trainer.model, "peft_config", {}).values():
             peft_config.base_model_name_or_path = str(Path(self.paths.base_dir).resolve())
-        self.trainer.model.save_pretrained(adapter, safe_serialization=True)
+        self.trainer.model.save_pretrained(adapter, safe_serialization=True, state_dict=self.full_state)
         self.tokenizer.save_pretrained(adapter)
         self.trained = TrainedAdapter(
             experiment=self.experiment,
@@ -352,6 +369,7 @@ class TrainingJob:
             else estimated_tokens(self.train_ds, trainer.state.epoch or 0.0),
             "tokens_trained_estimated": lean,
             "processes": world,
+            "parallel": ("fsdp" if self.fsdp else "ddp") if world > 1 else None,
             "micro_batch": self.micro,
             "gradient_accumulation_steps": self.accum,
             "effective_batch": world * self.micro * self.accum,
@@ -389,6 +407,24 @@ class TrainingJob:
             summary["wall_time_s"],
         )
         return summary
+
+
+def cpu_fsdp(trainer) -> None:
+    """FSDP on CPU processes (gloo), what the CPU tests run: accelerate enables its FSDP plugin only for
+    GPU-like process groups (AcceleratorState leaves MULTI_CPU as plain DDP), while PyTorch's FSDP2
+    (``fully_shard``) runs on CPU tensors with gloo. The state is switched to FSDP with the plugin the
+    Trainer built from its arguments; from there the Trainer's own FSDP path runs unchanged (accelerate's
+    ``fsdp2_prepare_model``, FSDP checkpoints and their resume, the full state dict at save)."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    # AcceleratorState copies PartialState's fields each time it is made: both say FSDP
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    trainer.is_fsdp_enabled = True
 
 
 def train(*args, **kwargs) -> dict:

@@ -297,4 +297,22 @@ def sft_args(job, report_to: list[str]):
         gradient_checkpointing_kwargs={"use_reentrant": False} if world > 1 else None,
         # CPU DDP: keep the process state made above (its plain "cpu" device, see there).
         accelerator_config={"use_configured_state": True} if world > 1 and not cuda else None,
+        **fsdp_args(job),
     )
+
+
+def fsdp_args(job) -> dict:
+    """training.parallel: fsdp -> Trainer's FSDP2 through accelerate: each decoder layer (the model's
+    ``_no_split_modules``: TRANSFORMER_BASED_WRAP) and, by transformers' PEFT policy, each LoRA layer a unit; parameters
+    resharded after each forward; the adapter gathered whole when saved (FULL_STATE_DICT)."""
+    if job.s.parallel != "fsdp" or job.world < 2:
+        return {}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    }
