@@ -273,3 +273,57 @@ def test_fsdp_on_two_processes_trains_like_one_and_resumes(tiny_run, tmp_path):
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
     again = [json.loads(x) for x in Path(specs[2]["paths"].step_log_out).read_text().splitlines()]
     assert [r["loss"] for r in again if "loss" in r] == pytest.approx(loss2, rel=1e-6)
+
+
+def test_two_machines_on_one_host_train_like_one_process(tiny_run, tmp_path):
+    """Two "nodes" on this machine: two launchers (`accelerate launch --num_machines 2`, machine ranks
+    0 and 1, one process each) meeting at one rendezvous on 127.0.0.1, the way one launcher per node
+    runs under SLURM (kiln.launch.Machines.from_slurm). The tiny model trains as one process with the
+    same effective batch does (2e-3, the DDP test's bar); only machine 0 writes and returns the summary."""
+    import threading
+
+    from kiln.launch import Machines, _free_port
+
+    cfg = tiny_run.config["experiments"]["tiny"]
+    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
+    settings = {
+        **training_settings(),
+        **cfg["training"],
+        "max_steps": 3,
+        "per_device_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "eval_steps": 0,
+        "save_steps": 100,
+        "lora_dropout": 0.0,
+    }
+
+    def spec(name, n):
+        (tmp_path / name).mkdir()
+        return dict(
+            paths=train_paths(tokenized, tiny_run.path("base/tiny"), tmp_path / name),
+            settings=TrainingSettings.from_dict({**settings, "num_gpus": n}),
+            tokenize=TokenizeSettings(max_seq_len=192),
+            data_fingerprints={"train": "x"},
+            experiment=name,
+            threads=1,
+        )
+
+    one = train(**spec("one", 1))
+    job, port, results = spec("two", 2), _free_port(), {}
+
+    def machine(rank):
+        results[rank] = launch(job, 2, allow_cpu=True, machines=Machines(2, rank, "127.0.0.1", port))
+
+    second = threading.Thread(target=machine, args=(1,))
+    second.start()
+    machine(0)
+    second.join(timeout=600)
+    assert results[1] is None and results[0]["processes"] == 2 and results[0]["effective_batch"] == 8
+    losses = {
+        name: [json.loads(x)["loss"] for x in (tmp_path / name / "s.jsonl").read_text().splitlines() if '"loss"' in x]
+        for name in ("one", "two")
+    }
+    assert len(losses["two"]) == 3 and losses["one"] == pytest.approx(losses["two"], rel=2e-3), losses
+    assert one["tokens_trained"] == results[0]["tokens_trained"]
+    with pytest.raises(ValueError, match="training.num_gpus is 3, which 2 machines can't share evenly"):
+        launch(job, 3, allow_cpu=True, machines=Machines(2, 0))

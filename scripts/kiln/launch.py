@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -52,20 +53,56 @@ def _from_json(job: dict) -> dict:
     }
 
 
-def launch(job: dict, processes: int, log_file: str | None = None, allow_cpu: bool = False) -> dict:
-    """``train(**job)`` in ``processes`` DDP processes through ``accelerate launch``; the summary.
+@dataclass(frozen=True)
+class Machines:
+    """Where the processes of one training run are: ``count`` machines (nodes), this launcher on
+    machine ``rank``, the rendezvous at ``address``:``port`` (machine 0's). One machine: the defaults."""
+
+    count: int = 1
+    rank: int = 0
+    address: str = "127.0.0.1"
+    port: int | None = None
+
+    @classmethod
+    def from_slurm(cls, env=os.environ) -> Machines:
+        """The machines of the SLURM allocation this job step runs in (one launcher per node, started
+        by ``srun --ntasks-per-node 1``): SLURM_JOB_NUM_NODES, SLURM_NODEID, the first host of
+        SLURM_JOB_NODELIST as the rendezvous, the port from the job id (the same on every node)."""
+        count = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+        if count < 2:
+            return cls()
+        hosts = subprocess.run(
+            ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
+        ).stdout.split()
+        return cls(count, int(env["SLURM_NODEID"]), hosts[0], 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+
+
+def launch(
+    job: dict, processes: int, log_file: str | None = None, allow_cpu: bool = False, machines: Machines | None = None
+) -> dict | None:
+    """``train(**job)`` in ``processes`` DDP (or FSDP) processes through ``accelerate launch``; the summary.
 
     One process per GPU of this job (CUDA_VISIBLE_DEVICES, as SLURM sets it). ``allow_cpu``: run
     the processes on CPU with gloo where there is no CUDA (what the tests do: the same code path).
+    ``machines``: several nodes, ``processes`` in all, this launcher starting its share (one launcher
+    per node, each called with its own rank); the summary comes back on machine 0 (None elsewhere).
     """
     import torch
 
+    machines = machines or Machines()
+    if processes % machines.count:
+        raise ValueError(
+            f"training.num_gpus is {processes}, which {machines.count} machines can't share evenly; "
+            f"use a multiple of {machines.count}"
+        )
+    here = processes // machines.count
     have = torch.cuda.device_count()
-    if have < processes and not (allow_cpu and have == 0):
+    if have < here and not (allow_cpu and have == 0):
         raise RuntimeError(
-            f"training.num_gpus is {processes} but this job sees {have} CUDA device(s) "
-            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run it where {processes} "
-            "GPUs are visible (the rule asks a cluster for them as resource `gpu`) or lower training.num_gpus"
+            f"training.num_gpus is {processes} ({here} on each of {machines.count} machine(s)) but this job sees "
+            f"{have} CUDA device(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            f"run it where {here} GPUs are visible on each machine (the rule asks a cluster for them as resource "
+            "`gpu`) or lower training.num_gpus"
         )
     work = Path(tempfile.mkdtemp(prefix="kiln-launch-"))
     spec_file = work / "train.json"
@@ -78,9 +115,13 @@ def launch(job: dict, processes: int, log_file: str | None = None, allow_cpu: bo
         "--num_processes",
         str(processes),
         "--num_machines",
-        "1",
+        str(machines.count),
+        "--machine_rank",
+        str(machines.rank),
+        "--main_process_ip",
+        machines.address,
         "--main_process_port",
-        str(_free_port()),
+        str(machines.port or _free_port()),
         "--mixed_precision",
         "no",  # the trainer sets bf16 itself from the compute dtype
         "--dynamo_backend",
@@ -88,7 +129,7 @@ def launch(job: dict, processes: int, log_file: str | None = None, allow_cpu: bo
         str(Path(__file__).resolve().parent / "ddp" / "worker.py"),
         str(spec_file),
     ]
-    log.info("launching %d processes: %s", processes, " ".join(cmd))
+    log.info("launching %d of %d processes: %s", here, processes, " ".join(cmd))
     rc = subprocess.run(cmd, check=False).returncode
     shutil.rmtree(work, ignore_errors=True)
     if rc:
@@ -96,6 +137,8 @@ def launch(job: dict, processes: int, log_file: str | None = None, allow_cpu: bo
             f"accelerate launch of {processes} training processes exited with status {rc}; "
             f"each process's error is printed above{f' and in {log_file}' if log_file else ''}"
         )
+    if machines.rank:
+        return None
     return json.loads(Path(job["paths"].summary_path).read_text())
 
 
