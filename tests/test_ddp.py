@@ -327,3 +327,16 @@ def test_two_machines_on_one_host_train_like_one_process(tiny_run, tmp_path):
     assert one["tokens_trained"] == results[0]["tokens_trained"]
     with pytest.raises(ValueError, match="training.num_gpus is 3, which 2 machines can't share evenly"):
         launch(job, 3, allow_cpu=True, machines=Machines(2, 0))
+
+
+def test_the_machines_of_a_slurm_allocation(tmp_path, monkeypatch):
+    """kiln.launch.Machines.from_slurm: one node is one machine; on several, this node's id, the first
+    host (from scontrol, faked here: CI's cluster has one node) and a port every node derives alike."""
+    from kiln.launch import Machines
+
+    assert Machines.from_slurm({"SLURM_JOB_NUM_NODES": "1"}) == Machines()
+    (tmp_path / "scontrol").write_text("#!/bin/sh\n[ \"$3\" = 'gpu[3-4]' ] && printf 'gpu3\\ngpu4\\n'\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    env = {"SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[3-4]", "SLURM_JOB_ID": "1234"}
+    assert Machines.from_slurm(env) == Machines(2, 1, "gpu3", 21234)
