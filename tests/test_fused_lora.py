@@ -14,7 +14,7 @@ from kiln import fused_lora
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32: only the order of additions differs
 
 
-def _tiny(tmp_path, model_type: str):
+def _tiny(tmp_path, model_type: str, quantized: bool = True):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -26,18 +26,18 @@ def _tiny(tmp_path, model_type: str):
     )  # fmt: skip
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / model_type)
-    base = AutoModelForCausalLM.from_pretrained(
-        tmp_path / model_type, dtype=torch.float32, quantization_config=bnb_config(torch.float32)
-    )
+    q = {"quantization_config": bnb_config(torch.float32)} if quantized else {}  # else quantization: none
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / model_type, dtype=torch.float32, **q)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, lora_dropout=0.0)
     model = get_peft_model(base, lora)
     model.train()  # as in training (in eval mode with no grad, bitsandbytes runs a bf16 CPU kernel instead)
     return model
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
+@pytest.fixture(scope="module", params=["qwen2", "llama", "llama-16bit-base"])
 def model(request, tmp_path_factory):
-    return _tiny(tmp_path_factory.mktemp("fused"), request.param)
+    """The Qwen2 and Llama layouts on an NF4 base, and Llama on an unquantized base (quantization: none)."""
+    return _tiny(tmp_path_factory.mktemp("fused"), request.param.split("-")[0], "16bit" not in request.param)
 
 
 def _lora_params(projs):
@@ -71,7 +71,8 @@ def _upstream(*shapes):
 
 def test_the_tiny_layers_are_what_the_fused_path_takes(model):
     layer = fused_lora.decoder_layers(model)[0]
-    assert layer.self_attn.q_proj.get_base_layer().weight.__class__.__name__ == "Params4bit"
+    quantized = getattr(model.config, "quantization_config", None) is not None
+    assert (layer.self_attn.q_proj.get_base_layer().weight.__class__.__name__ == "Params4bit") == quantized
     for proj in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
         assert fused_lora.plain_lora(proj) == "default"
     has_bias = layer.self_attn.q_proj.get_base_layer().bias is not None
