@@ -190,7 +190,9 @@ def test_install_leaves_layers_it_cannot_compute_exactly(tmp_path):
 def test_lora_gemms_resolves_with_its_reason(monkeypatch):
     """training.lora_gemms: separate always runs; auto says why it keeps the backend's own; fused where
     it can't run fails at once naming what to change."""
-    resolve = fused_lora.resolve_lora_gemms
+    from kiln import backends
+
+    resolve = backends.resolve_lora_gemms
     assert resolve("separate", "unsloth", 0.0) == ("separate", "training.lora_gemms: separate")
     assert resolve("fused", "unsloth", 0.0) == ("fused", "training.lora_gemms: fused")
     gemms, why = resolve("auto", "hf", 0.0)
@@ -198,7 +200,7 @@ def test_lora_gemms_resolves_with_its_reason(monkeypatch):
     with pytest.raises(ValueError, match=r"lora_gemms: fused can't run here: .*lora_dropout > 0.*set auto or separate"):
         resolve("fused", "unsloth", 0.1)
     for measured in (False, True):
-        monkeypatch.setattr(fused_lora, "AUTO_FUSED", measured)
+        monkeypatch.setattr(backends, "AUTO_FUSED", measured)
         assert resolve("auto", "unsloth", 0.0)[0] == ("fused" if measured else "separate")
 
 

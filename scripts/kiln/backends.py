@@ -117,3 +117,39 @@ def load_for_training(backend: str, base_dir: str, settings, dtype, max_seq_len:
     if backend == "unsloth":
         return load_unsloth(base_dir, settings, dtype, max_seq_len)
     return load_hf(base_dir, settings, dtype, attn_implementation)
+
+
+# ---- training.lora_gemms: kiln.fused_lora on Unsloth ------------------------------------------------
+
+# What auto picks on Unsloth: set from the device measurement (benchmarks/train_gpu.py --part g*,
+# docs/scaling.md); until a card has shown the fused path faster at the same loss, auto keeps Unsloth's.
+AUTO_FUSED = False
+
+
+def resolve_lora_gemms(choice: str, backend: str, lora_dropout: float) -> tuple[str, str]:
+    """training.lora_gemms resolved for this run: ("fused" or "separate", why)."""
+    if choice == "separate":
+        return "separate", "training.lora_gemms: separate"
+    where = []
+    if backend != "unsloth":
+        where.append(f"the backend is {backend} (the fused GEMMs go where Unsloth's decoder layers call them)")
+    if lora_dropout:
+        where.append("lora_dropout > 0 (the fused functions have no dropout)")
+    if where:
+        if choice == "fused":
+            raise ValueError(f"training.lora_gemms: fused can't run here: {'; '.join(where)} (set auto or separate)")
+        return "separate", "the backend's own: " + "; ".join(where)
+    if choice == "fused":
+        return "fused", "training.lora_gemms: fused"
+    if AUTO_FUSED:
+        return "fused", "auto: Unsloth on a CUDA card, plain LoRA (faster at the same loss: docs/scaling.md)"
+    return "separate", "auto: Unsloth's own (the fused GEMMs are not yet measured faster on a card: docs/scaling.md)"
+
+
+def install_fused_lora(model) -> dict:
+    """kiln.fused_lora.install on a loaded Unsloth model (torch-level code, imported only here); what it fused."""
+    from kiln.fused_lora import install
+
+    done = install(model)
+    log.info("fused LoRA GEMMs on %s", done)
+    return done

@@ -218,7 +218,8 @@ class FusedLoRAMLP(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, X, gu: Group, down: Group, gA, gB, uA, uB, dA, dB):
+    def forward(ctx, X, gu: Group, down: Group, *ab):
+        gA, gB, uA, uB, dA, dB = ab  # gate's, up's and down's LoRA A and B
         X2 = _flat(X)
         dtype = X2.dtype
         fwd, bwd, _ = swiglu_kernels(X2.device)
@@ -364,30 +365,3 @@ def install(model) -> dict:
             else:
                 done["left"].append(f"layer {i}: MLP activation is not SiLU")
     return done
-
-
-# ---- training.lora_gemms ---------------------------------------------------------------------------------
-
-# What auto picks on Unsloth: set from the device measurement (benchmarks/train_gpu.py --part g*,
-# docs/scaling.md); until a card has shown the fused path faster at the same loss, auto keeps Unsloth's.
-AUTO_FUSED = False
-
-
-def resolve_lora_gemms(choice: str, backend: str, lora_dropout: float) -> tuple[str, str]:
-    """training.lora_gemms resolved for this run: ("fused" or "separate", why)."""
-    if choice == "separate":
-        return "separate", "training.lora_gemms: separate"
-    where = []
-    if backend != "unsloth":
-        where.append(f"the backend is {backend} (the fused GEMMs go where Unsloth's decoder layers call them)")
-    if lora_dropout:
-        where.append("lora_dropout > 0 (the fused functions have no dropout)")
-    if where:
-        if choice == "fused":
-            raise ValueError(f"training.lora_gemms: fused can't run here: {'; '.join(where)} (set auto or separate)")
-        return "separate", "the backend's own: " + "; ".join(where)
-    if choice == "fused":
-        return "fused", "training.lora_gemms: fused"
-    if AUTO_FUSED:
-        return "fused", "auto: Unsloth on a CUDA card, plain LoRA (measured faster at the same loss: docs/scaling.md)"
-    return "separate", "auto: Unsloth's own (the fused GEMMs are not yet measured faster on a card: docs/scaling.md)"

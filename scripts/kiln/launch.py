@@ -99,7 +99,9 @@ def launch(
     have = torch.cuda.device_count()
     if have < here and not (allow_cpu and have == 0):
         raise RuntimeError(
-            f"training.num_gpus is {processes} ({here} on each of {machines.count} machine(s)) but this job sees "
+            f"training.num_gpus is {processes}"
+            + (f" ({here} on each of {machines.count} machines)" if machines.count > 1 else "")
+            + " but this job sees "
             f"{have} CUDA device(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
             f"run it where {here} GPUs are visible on each machine (the rule asks a cluster for them as resource "
             "`gpu`) or lower training.num_gpus"

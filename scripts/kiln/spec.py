@@ -179,10 +179,7 @@ class TrainingSettings(_Settings):
     auto_micro_batch: bool = _f(False, "CUDA: largest micro-batch that fits, effective batch kept.")
     num_gpus: int = _f(0, "GPUs the train job asks for; N >= 2 trains in N DDP processes.")
     parallel: str = _f(
-        "ddp",
-        "With num_gpus >= 2: ddp (each process holds the whole 4-bit base) | fsdp (FSDP2: the base, the "
-        "adapter, its gradients and optimizer state sharded over the processes).",
-        ("ddp", "fsdp"),
+        "ddp", "num_gpus >= 2: ddp (each process holds the whole model) | fsdp (FSDP2: sharded).", ("ddp", "fsdp")
     )
     step_metrics: bool = _f(True, "TRL's per-step entropy / token accuracy (false: a lean step).")
     lm_head_loss: str = _f(
@@ -192,8 +189,7 @@ class TrainingSettings(_Settings):
     )
     lora_gemms: str = _f(
         "auto",
-        "fused: LoRA's A folded into the base GEMMs, q/k/v and gate/up one GEMM each (kiln.fused_lora) | "
-        "separate: the backend's own, one GEMM per projection | auto.",
+        "fused (kiln.fused_lora: a GEMM per input) | separate (per projection) | auto.",
         ("auto", "fused", "separate"),
     )
     eval_steps: int = _f(0, "Validation every eval_steps steps; 0 = never.")

@@ -1,22 +1,18 @@
 """QLoRA training recipe: tokenized data + base model -> LoRA adapter, step log, loss curve.
 
-Phases (TrainingJob): setup (backend, processes, resume point, model, data, batch sizes) ->
-build_trainer -> fit -> save -> summarize; ``train()`` runs them in order.
+Phases (TrainingJob), run in order by ``train()``: setup -> build_trainer -> fit -> save -> summarize.
 
-Supports: NF4 4-bit base weights with double quantization (or none: plain LoRA), PEFT LoRA on
-configured modules, TRL SFTTrainer on pre-tokenized data (loss on assistant tokens via the
-``assistant_masks`` column), periodic validation, early stopping, seeded runs and checkpoints.
+Supports: an NF4 base (or none: plain LoRA), PEFT LoRA, TRL's SFTTrainer on pre-tokenized data (loss
+on the ``assistant_masks`` tokens), periodic validation, early stopping, seeded runs, checkpoints.
 
-Saves: the adapter (safetensors + adapter_config.json) with ``experiment.json`` beside it (the
-dataset, model, tokenize and training settings that made it, and what training resolved: backend,
-compute dtype, quantization, base model; everything merge, evaluate and the manifest need), a
-JSONL step log, a loss PNG and a summary (tokens, wall time, peak memory).
+Saves: the adapter with ``experiment.json`` beside it (data, model, settings and what training
+resolved: everything merge, evaluate and the manifest need), a step log, a loss PNG, a summary.
 
-Resume: checkpoints live in a folder Snakemake does not own, keyed by a fingerprint of the inputs
-(data, base weights, settings, code). A rerun with the same key resumes from the newest complete
-checkpoint (kiln.checkpoints); a different key sets the old ones aside (with a message).
+Resume: checkpoints live outside Snakemake's outputs, keyed by the inputs (data, base weights, settings,
+code): the same key resumes from the newest complete one (kiln.checkpoints), another sets them aside.
 
-Several GPUs: kiln.launch runs this recipe in N DDP processes; only the main process writes.
+Several GPUs: kiln.launch runs this recipe in N processes (DDP, or FSDP: kiln.parallel); only the
+main process writes. On Unsloth the LoRA GEMMs may be Kiln's fused ones (kiln.fused_lora).
 """
 
 from __future__ import annotations
@@ -30,13 +26,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.backends import load_for_training, resolve_backend
+from kiln.backends import install_fused_lora, load_for_training, resolve_backend, resolve_lora_gemms
 from kiln.checkpoints import prepare_checkpoints, run_key
 from kiln.codedeps import code_files
 from kiln.dtypes import compute_dtype
 from kiln.losses import liger_sum_loss, resolve_head_loss
 from kiln.microbatch import auto_micro_batch, split_batch
 from kiln.packing import PackedCollator, check_isolation, plan_attention, varlen_calls
+from kiln.parallel import enable_fsdp, gathered_state
 from kiln.provenance import peak_memory_mb
 from kiln.spec import TokenizeSettings, TrainingSettings
 from kiln.steplog import STEP_LOG, estimated_tokens, plot_loss, step_logger
@@ -102,14 +99,9 @@ class TrainingJob:
             self.s.lm_head_loss, self.backend, lean=not self.s.step_metrics
         )
         log.info("LM head + loss: %s (%s)", self.head_loss, self.head_loss_reason)
-        from kiln import fused_lora  # torch-level code: imported when a job runs, as torch itself
-
-        self.gemms, self.gemms_reason = fused_lora.resolve_lora_gemms(
-            self.s.lora_gemms, self.backend, self.s.lora_dropout
-        )
+        self.gemms, self.gemms_reason = resolve_lora_gemms(self.s.lora_gemms, self.backend, self.s.lora_dropout)
         log.info("LoRA GEMMs: %s (%s)", self.gemms, self.gemms_reason)
-        self.fused = None
-        self.fsdp = False  # build_trainer says (training.parallel: fsdp on several processes)
+        self.fused, self.fsdp = None, False  # fsdp: build_trainer says (training.parallel: fsdp)
         if self.backend == "unsloth":
             import unsloth  # noqa: F401  (patches transformers and TRL: must come before them, this process only)
         self.dtype = compute_dtype(self.s.compute_dtype)
@@ -136,10 +128,7 @@ class TrainingJob:
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths.base_dir)
         self.model, self.peft_config = self._load_model()
         if self.gemms == "fused":
-            from kiln.fused_lora import install
-
-            self.fused = install(self.model)
-            log.info("fused LoRA GEMMs on %s", self.fused)
+            self.fused = install_fused_lora(self.model)
         self._load_data(datasets.load_from_disk(self.paths.tokenized_dir))
         self._size_batches()
 
@@ -257,19 +246,7 @@ class TrainingJob:
             callbacks=([step_logger(self.ckpt / STEP_LOG, self.start_step)] if self.main else [])
             + ([EarlyStoppingCallback(s.early_stopping_patience)] if self.early else []),
         )
-        if s.parallel == "fsdp" and world > 1 and not self.cuda:
-            cpu_fsdp(self.trainer)
-        self.fsdp = self.trainer.is_fsdp_enabled
-        if self.fsdp:
-            plugin = self.trainer.accelerator.state.fsdp_plugin
-            log.info(
-                "FSDP%s over %d processes: %s units, state dict %s, base stored as %s",
-                plugin.fsdp_version,
-                world,
-                plugin.auto_wrap_policy.__name__ if callable(plugin.auto_wrap_policy) else plugin.auto_wrap_policy,
-                plugin.state_dict_type,
-                self.dtype,
-            )
+        self.fsdp = enable_fsdp(self.trainer, s.parallel, world, self.dtype)
         self.isolation = None
         if self.packed:  # before any step: never a silent contaminated run
             vocab = self.trainer.model.get_input_embeddings().weight.shape[0]
@@ -283,9 +260,7 @@ class TrainingJob:
         else:
             self.result = self.trainer.train(resume_from_checkpoint=self.resume)
         self.peaks = [peak_memory_mb()]
-        # FSDP: the whole model's state gathered onto the main process (a collective: every process
-        # takes part), from which save() keeps the adapter; {} elsewhere, None without FSDP
-        self.full_state = self.trainer.accelerator.get_state_dict(self.trainer.model) if self.fsdp else None
+        self.full_state = gathered_state(self.trainer) if self.fsdp else None  # FSDP: for save(), all processes
         if self.state is not None:
             from accelerate.utils import gather_object
 
@@ -407,24 +382,6 @@ class TrainingJob:
             summary["wall_time_s"],
         )
         return summary
-
-
-def cpu_fsdp(trainer) -> None:
-    """FSDP on CPU processes (gloo), what the CPU tests run: accelerate enables its FSDP plugin only for
-    GPU-like process groups (AcceleratorState leaves MULTI_CPU as plain DDP), while PyTorch's FSDP2
-    (``fully_shard``) runs on CPU tensors with gloo. The state is switched to FSDP with the plugin the
-    Trainer built from its arguments; from there the Trainer's own FSDP path runs unchanged (accelerate's
-    ``fsdp2_prepare_model``, FSDP checkpoints and their resume, the full state dict at save)."""
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    state = trainer.accelerator.state
-    if state.distributed_type != DistributedType.MULTI_CPU:
-        return
-    # AcceleratorState copies PartialState's fields each time it is made: both say FSDP
-    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
-    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
-    trainer.is_fsdp_enabled = True
 
 
 def train(*args, **kwargs) -> dict:

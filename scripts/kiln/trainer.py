@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kiln.checkpoints import mark_complete
 from kiln.losses import hidden_states_then_head_loss, labelled_positions_loss, takes_logits_to_keep
+from kiln.parallel import fsdp_args
 
 
 def _fused_loss_available() -> bool:
@@ -297,22 +298,5 @@ def sft_args(job, report_to: list[str]):
         gradient_checkpointing_kwargs={"use_reentrant": False} if world > 1 else None,
         # CPU DDP: keep the process state made above (its plain "cpu" device, see there).
         accelerator_config={"use_configured_state": True} if world > 1 and not cuda else None,
-        **fsdp_args(job),
+        **fsdp_args(job.s.parallel, world),
     )
-
-
-def fsdp_args(job) -> dict:
-    """training.parallel: fsdp -> Trainer's FSDP2 through accelerate: each decoder layer (the model's
-    ``_no_split_modules``: TRANSFORMER_BASED_WRAP) and, by transformers' PEFT policy, each LoRA layer a unit; parameters
-    resharded after each forward; the adapter gathered whole when saved (FULL_STATE_DICT)."""
-    if job.s.parallel != "fsdp" or job.world < 2:
-        return {}
-    return {
-        "fsdp": True,
-        "fsdp_config": {
-            "version": 2,
-            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "reshard_after_forward": True,
-            "state_dict_type": "FULL_STATE_DICT",
-        },
-    }
