@@ -89,37 +89,34 @@ def test_the_workflow_asks_the_cluster_for_the_gpus(workflow_factory):
     assert "training.num_gpus is 2 but this job sees 0 CUDA device(s)" in log, log[-2000:]
 
 
+def _job(tiny_run, folder: Path, processes: int, **training) -> dict:
+    """kiln.train.train's arguments for the tiny run's data and base, outputs under ``folder`` (made):
+    the tiny experiment's training settings, 4 x 2 over 4 steps, with ``training`` on top."""
+    folder.mkdir()
+    base = {**training_settings(), **tiny_run.config["experiments"]["tiny"]["training"]}
+    base |= {"max_steps": 4, "per_device_batch_size": 4, "gradient_accumulation_steps": 2, "logging_steps": 1}
+    return dict(
+        paths=train_paths(
+            next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]")), tiny_run.path("base/tiny"), folder
+        ),
+        settings=TrainingSettings.from_dict({**base, "lora_dropout": 0.0, "num_gpus": processes, **training}),
+        tokenize=TokenizeSettings(max_seq_len=192),
+        data_fingerprints={"train": "x"},
+        experiment=folder.name,
+        threads=1,
+    )
+
+
 def test_two_processes_train_like_one(tiny_run, tmp_path):
     """Same data, seed and effective batch on 1 and on 2 (CPU) processes: the same losses, one adapter.
 
     Every optimizer step sees the same 8 sequences either way (4 x 2 accumulation on one process,
     4 x 1 on each of two), so only summation order differs.
     """
-    cfg = tiny_run.config["experiments"]["tiny"]
-    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
-    settings = {
-        **training_settings(),
-        **cfg["training"],
-        "max_steps": 4,
-        "per_device_batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "logging_steps": 1,
-        "eval_steps": 2,
-        "save_steps": 2,
-        "lora_dropout": 0.0,
-    }
     runs, specs = {}, {}
     for n in (1, 2):
         d = tmp_path / f"p{n}"
-        spec = dict(
-            paths=train_paths(tokenized, tiny_run.path("base/tiny"), d),
-            settings=TrainingSettings.from_dict({**settings, "num_gpus": n}),
-            tokenize=TokenizeSettings(max_seq_len=192),
-            data_fingerprints={"train": "x"},
-            experiment=f"p{n}",
-            threads=1,
-        )
-        d.mkdir()
+        spec = _job(tiny_run, d, n, eval_steps=2, save_steps=2)
         if n == 1:
             summary = train(**spec)
         else:
@@ -221,31 +218,10 @@ def test_fsdp_on_two_processes_trains_like_one_and_resumes(tiny_run, tmp_path):
     relative (the DDP test's bar, set before this test first ran), an adapter saved whole (plain
     tensors, the same keys and shapes) that merge reads like any other, and a resume from a
     checkpoint after a lost step that logs the same losses again."""
-    cfg = tiny_run.config["experiments"]["tiny"]
-    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
-    settings = {
-        **training_settings(),
-        **cfg["training"],
-        "max_steps": 4,
-        "per_device_batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "logging_steps": 1,
-        "eval_steps": 0,
-        "save_steps": 2,
-        "lora_dropout": 0.0,
-    }
     runs, specs = {}, {}
     for n, parallel in ((1, "ddp"), (2, "fsdp")):
         d = tmp_path / f"p{n}"
-        d.mkdir()
-        spec = dict(
-            paths=train_paths(tokenized, tiny_run.path("base/tiny"), d),
-            settings=TrainingSettings.from_dict({**settings, "num_gpus": n, "parallel": parallel}),
-            tokenize=TokenizeSettings(max_seq_len=192),
-            data_fingerprints={"train": "x"},
-            experiment=f"p{n}",
-            threads=1,
-        )
+        spec = _job(tiny_run, d, n, eval_steps=0, save_steps=2, parallel=parallel)
         summary = train(**spec) if n == 1 else launch(spec, n, log_file=str(d / "train.log"), allow_cpu=True)
         steps = [json.loads(x) for x in Path(spec["paths"].step_log_out).read_text().splitlines()]
         runs[n] = summary, [r["loss"] for r in steps if "loss" in r], d / "adapter"
@@ -284,29 +260,8 @@ def test_two_machines_on_one_host_train_like_one_process(tiny_run, tmp_path):
 
     from kiln.launch import Machines, _free_port
 
-    cfg = tiny_run.config["experiments"]["tiny"]
-    tokenized = next(tiny_run.path("data/orders/tokenized").glob("tiny-*[!.json]"))
-    settings = {
-        **training_settings(),
-        **cfg["training"],
-        "max_steps": 3,
-        "per_device_batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "eval_steps": 0,
-        "save_steps": 100,
-        "lora_dropout": 0.0,
-    }
-
     def spec(name, n):
-        (tmp_path / name).mkdir()
-        return dict(
-            paths=train_paths(tokenized, tiny_run.path("base/tiny"), tmp_path / name),
-            settings=TrainingSettings.from_dict({**settings, "num_gpus": n}),
-            tokenize=TokenizeSettings(max_seq_len=192),
-            data_fingerprints={"train": "x"},
-            experiment=name,
-            threads=1,
-        )
+        return _job(tiny_run, tmp_path / name, n, max_steps=3, eval_steps=0, save_steps=100)
 
     one = train(**spec("one", 1))
     job, port, results = spec("two", 2), _free_port(), {}
